@@ -1,0 +1,73 @@
+"""The ``dgrpo`` command: parses arguments and hands over to the module that does the work.
+
+Each sub-command lives in the module that owns it and contributes two functions:
+``add_*_arguments(parser)`` and ``run_*(args) -> int``. Those modules import heavy
+libraries (Megatron, vLLM) inside ``run_*`` only, so ``dgrpo --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Callable, Sequence
+
+# name -> (module, add-arguments function, run function, one-line help)
+_COMMANDS: dict[str, tuple[str, str, str, str]] = {
+    "quickstart": ("megatron_dgrpo.quickstart", "add_quickstart_arguments", "run_quickstart",
+                   "the CPU quickstart (no network, no downloaded weights)"),
+    "convert": ("megatron_dgrpo.models.cli", "add_convert_arguments", "run_convert",
+                "convert checkpoints between Hugging Face and Megatron layouts"),
+}
+
+# name -> {sub-name: (module, add-arguments function, run function, one-line help)}
+_COMMAND_GROUPS: dict[str, tuple[str, dict[str, tuple[str, str, str, str]]]] = {
+    "data": ("LongBlocks data: generate, prepare", {
+        "synth": ("megatron_dgrpo.data.cli", "add_synth_arguments", "run_synth",
+                  "generate LongBlocks-style long-context tasks with checkable answers"),
+    }),
+}
+
+
+def _attach(subparsers, name: str, spec: tuple[str, str, str, str]) -> None:
+    module_name, add_name, run_name, help_text = spec
+    module = importlib.import_module(module_name)
+    parser = subparsers.add_parser(name, help=help_text, description=help_text)
+    getattr(module, add_name)(parser)
+    run: Callable[[argparse.Namespace], int] = getattr(module, run_name)
+    parser.set_defaults(_run=run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full ``dgrpo`` argument parser."""
+    from megatron_dgrpo import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="dgrpo", description="Long-context post-training (SFT, KD, GRPO, OPD, dGRPO) "
+                                  "on Megatron-core.")
+    parser.add_argument("--version", action="version", version=f"megatron-dgrpo {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, spec in _COMMANDS.items():
+        _attach(commands, name, spec)
+    for group, (help_text, members) in _COMMAND_GROUPS.items():
+        group_parser = commands.add_parser(group, help=help_text, description=help_text)
+        group_commands = group_parser.add_subparsers(dest="subcommand", metavar="SUBCOMMAND",
+                                                     required=True)
+        for name, spec in members.items():
+            _attach(group_commands, name, spec)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``dgrpo`` console script; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except (ValueError, FileExistsError, FileNotFoundError) as exc:
+        # Bad input: one clear line, no traceback.
+        print(f"dgrpo {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Rollout engines: the interface, sampling, and the embedded Megatron engine."""

@@ -1,0 +1,128 @@
+"""The embedded engine: batched sampling straight from the trainer's Megatron model.
+
+It needs no second copy of the weights and no weight sync, so it is the default where
+vLLM is absent and the reference the vLLM engine is checked against. It uses Megatron's
+static KV cache (``StaticInferenceContext``): one prefill over the common prompt prefix,
+then one token per step. Prompts of different lengths share a batch without padding
+masks: until a row's prompt is exhausted, its next input is its own prompt token (teacher
+forcing) instead of a sampled one, so every row sees exactly its causal prefix.
+
+Runs on every rank of a tensor-parallel group (all ranks call ``generate`` with the same
+arguments); the sampled tokens are broadcast from the group's first rank so the ranks
+never diverge. Pipeline parallelism is not supported here (PP=1).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Sequence
+
+import torch
+
+from megatron_dgrpo.rollout.engine import Rollout, RolloutBatch, SamplingParams
+from megatron_dgrpo.rollout.sampling import sample_next
+
+
+class EmbeddedEngine:
+    """Sample from a live Megatron ``GPTModel`` (PP=1, any TP).
+
+    Args:
+        model: the (unwrapped) GPTModel; its training mode is restored after ``generate``.
+        decode: token ids -> text; needed for ``stop_strings`` and to fill ``Rollout.text``.
+    """
+
+    def __init__(self, model: torch.nn.Module, decode: Callable[[list[int]], str] | None = None):
+        from megatron.core import parallel_state
+
+        if parallel_state.get_pipeline_model_parallel_world_size() != 1:
+            raise ValueError("the embedded engine needs pipeline_parallel=1; "
+                             "use the vLLM engine with pipeline-parallel trainers")
+        self.model = model
+        self.decode = decode
+        self._tp_group = parallel_state.get_tensor_model_parallel_group()
+        self._tp_src = parallel_state.get_tensor_model_parallel_src_rank()
+        self._tp_size = parallel_state.get_tensor_model_parallel_world_size()
+
+    def _logits(self, tokens: torch.Tensor, first_position: int, context) -> torch.Tensor:
+        """Last-position logits [B, V] (float32, full vocabulary) for input ``tokens`` [B, S]."""
+        positions = torch.arange(first_position, first_position + tokens.shape[1])
+        positions = positions.unsqueeze(0).expand(tokens.shape[0], -1)
+        output = self.model(tokens, positions, None, inference_context=context,
+                            runtime_gather_output=True)
+        context.sequence_len_offset += tokens.shape[1]
+        return output[:, -1].float()
+
+    def _same_on_all_tp_ranks(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self._tp_size > 1:
+            torch.distributed.broadcast(tokens, src=self._tp_src, group=self._tp_group)
+        return tokens
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> RolloutBatch:
+        """Sample ``params.n`` completions per prompt; see :class:`RolloutEngine`."""
+        from megatron.core.inference.contexts import StaticInferenceContext
+
+        params.validate()
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("generate needs at least one prompt, and no prompt may be empty")
+        if params.stop_strings and self.decode is None:
+            raise ValueError("stop_strings need a decode function (EmbeddedEngine(decode=...))")
+
+        start = time.perf_counter()
+        rows = [list(p) for p in prompts for _ in range(params.n)]
+        prompt_lengths = torch.tensor([len(r) for r in rows])
+        total = int(prompt_lengths.max()) + params.max_new_tokens
+        tokens = torch.zeros(len(rows), total, dtype=torch.long)
+        for i, row in enumerate(rows):
+            tokens[i, :len(row)] = torch.tensor(row)
+        responses: list[list[int]] = [[] for _ in rows]
+        logprobs: list[list[float]] = [[] for _ in rows]
+        finish: list[str | None] = [None] * len(rows)
+        stop_ids = set(params.stop_token_ids)
+        generator = torch.Generator().manual_seed(params.seed)
+
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            context = StaticInferenceContext(len(rows), total)
+            common = int(prompt_lengths.min())
+            logits = self._logits(tokens[:, :common], 0, context)
+            context.enable_decode_mode()
+            for position in range(common, total):
+                sampled, sampled_logprobs = sample_next(
+                    logits, params.temperature, params.top_k, params.top_p, generator)
+                sampled = self._same_on_all_tp_ranks(sampled)
+                in_prompt = position < prompt_lengths
+                tokens[:, position] = torch.where(in_prompt, tokens[:, position], sampled)
+                for i in torch.nonzero(~in_prompt).flatten().tolist():
+                    if finish[i] is None:
+                        finish[i] = self._append(i, int(sampled[i]), float(sampled_logprobs[i]),
+                                                 responses, logprobs, params, stop_ids)
+                if all(f is not None for f in finish) or position + 1 == total:
+                    break
+                logits = self._logits(tokens[:, position:position + 1], position, context)
+        finally:
+            self.model.train(was_training)
+
+        rollouts = [
+            Rollout(prompt_index=i // params.n, prompt_ids=rows[i], response_ids=responses[i],
+                    logprobs=logprobs[i], finish_reason=finish[i] or "length",
+                    text=self.decode(responses[i]) if self.decode else None)
+            for i in range(len(rows))
+        ]
+        return RolloutBatch(rollouts=rollouts, seconds=time.perf_counter() - start)
+
+    def _append(self, row: int, token: int, logprob: float, responses, logprobs,
+                params: SamplingParams, stop_ids: set[int]) -> str | None:
+        """Record one sampled token; return the finish reason if the row is now done."""
+        responses[row].append(token)
+        logprobs[row].append(logprob)
+        if token in stop_ids:
+            return "stop"
+        if params.stop_strings:
+            text = self.decode(responses[row])
+            if any(s in text for s in params.stop_strings):
+                return "stop"
+        if len(responses[row]) >= params.max_new_tokens:
+            return "length"
+        return None

@@ -1,0 +1,99 @@
+"""Run a function on N real processes joined in a gloo process group.
+
+Used by tests (and usable from scripts) to check tensor-, pipeline-, context- and
+data-parallel behaviour with real ranks instead of faked ones::
+
+    def body(rank, world_size, x):
+        ...                     # torch.distributed is initialised here
+        return some_picklable_value
+
+    results = run_distributed(body, world_size=2, args=(x,))   # [value_rank0, value_rank1]
+
+``fn`` must be importable by a fresh interpreter (a module-level function), because the
+workers are started with the ``spawn`` method. Each worker gets ``MASTER_ADDR``,
+``MASTER_PORT``, ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` set as torchrun would, and
+an initialised default process group; it is destroyed when ``fn`` returns.
+A failure on any rank is re-raised in the caller with that rank's traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class DistributedWorkerError(RuntimeError):
+    """A rank raised; the message carries that rank's traceback."""
+
+
+def _worker(rank: int, world_size: int, port: int, backend: str, fn: Callable,
+            args: Sequence[Any], results: "mp.Queue") -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+        WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
+    )
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group(backend, rank=rank, world_size=world_size)
+        value = fn(rank, world_size, *args)
+        results.put((rank, True, value))
+    except BaseException:  # report everything, including assertion failures
+        results.put((rank, False, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_distributed(fn: Callable[..., Any], world_size: int, args: Sequence[Any] = (),
+                    backend: str = "gloo", timeout_s: float = 600.0) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned processes.
+
+    Returns the per-rank return values, indexed by rank. Raises
+    :class:`DistributedWorkerError` if any rank raised, or if a rank died or the run
+    took longer than ``timeout_s`` seconds.
+    """
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, backend, fn, args, results))
+             for r in range(world_size)]
+    for proc in procs:
+        proc.start()
+    collected: dict[int, Any] = {}
+    failures: list[str] = []
+    try:
+        for _ in range(world_size):
+            try:
+                rank, ok, value = results.get(timeout=timeout_s)
+            except Exception as exc:  # queue.Empty: a rank hung or died without reporting
+                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+                raise DistributedWorkerError(
+                    f"no result from some ranks within {timeout_s:.0f}s; "
+                    f"ranks that exited abnormally: {dead}") from exc
+            if ok:
+                collected[rank] = value
+            else:
+                failures.append(f"--- rank {rank} ---\n{value}")
+                break  # other ranks are likely blocked in a collective
+    finally:
+        for proc in procs:
+            proc.join(timeout=5 if failures else 60)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+    if failures:
+        raise DistributedWorkerError("a rank failed:\n" + "\n".join(failures))
+    return [collected[r] for r in range(world_size)]

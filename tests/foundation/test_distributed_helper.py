@@ -1,0 +1,34 @@
+"""run_distributed: real gloo ranks, results by rank, failures carry the rank's traceback."""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from megatron_dgrpo.testing.distributed import DistributedWorkerError, run_distributed
+
+pytestmark = pytest.mark.multiproc
+
+
+def _sum_of_ranks(rank, world_size, scale):
+    value = torch.tensor([float(rank) * scale])
+    dist.all_reduce(value)
+    return rank, world_size, value.item(), dist.get_backend()
+
+
+def _fail_on_rank_one(rank, world_size):
+    if rank == 1:
+        raise AssertionError("rank one disagrees")
+    return rank
+
+
+def test_ranks_join_one_gloo_group_and_results_come_back_in_rank_order():
+    results = run_distributed(_sum_of_ranks, 3, args=(2.0,))
+    assert [r[0] for r in results] == [0, 1, 2]
+    assert all(r[1] == 3 and r[3] == "gloo" for r in results)
+    assert all(r[2] == 2.0 * (0 + 1 + 2) for r in results)
+
+
+def test_a_failing_rank_is_reported_with_its_traceback():
+    with pytest.raises(DistributedWorkerError, match="rank 1") as info:
+        run_distributed(_fail_on_rank_one, 2)
+    assert "rank one disagrees" in str(info.value)
