@@ -28,29 +28,33 @@ class EmbeddedEngine:
 
     Args:
         model: the (unwrapped) GPTModel; its training mode is restored after ``generate``.
+        vocab_size: the tokenizer's vocabulary size; logits of the padding rows Megatron adds
+            to the output layer (up to the padded size) are never sampled.
         decode: token ids -> text; needed for ``stop_strings`` and to fill ``Rollout.text``.
     """
 
-    def __init__(self, model: torch.nn.Module, decode: Callable[[list[int]], str] | None = None):
+    def __init__(self, model: torch.nn.Module, vocab_size: int,
+                 decode: Callable[[list[int]], str] | None = None):
         from megatron.core import parallel_state
 
         if parallel_state.get_pipeline_model_parallel_world_size() != 1:
             raise ValueError("the embedded engine needs pipeline_parallel=1; "
                              "use the vLLM engine with pipeline-parallel trainers")
         self.model = model
+        self.vocab_size = vocab_size
         self.decode = decode
         self._tp_group = parallel_state.get_tensor_model_parallel_group()
         self._tp_src = parallel_state.get_tensor_model_parallel_src_rank()
         self._tp_size = parallel_state.get_tensor_model_parallel_world_size()
 
     def _logits(self, tokens: torch.Tensor, first_position: int, context) -> torch.Tensor:
-        """Last-position logits [B, V] (float32, full vocabulary) for input ``tokens`` [B, S]."""
+        """Last-position logits [B, V] (float32, unpadded vocabulary) for ``tokens`` [B, S]."""
         positions = torch.arange(first_position, first_position + tokens.shape[1])
         positions = positions.unsqueeze(0).expand(tokens.shape[0], -1)
         output = self.model(tokens, positions, None, inference_context=context,
                             runtime_gather_output=True)
         context.sequence_len_offset += tokens.shape[1]
-        return output[:, -1].float()
+        return output[:, -1, :self.vocab_size].float()
 
     def _same_on_all_tp_ranks(self, tokens: torch.Tensor) -> torch.Tensor:
         if self._tp_size > 1:
