@@ -12,9 +12,11 @@ places that assume a CUDA device even when nothing is placed on one:
    generator state per stream with the same seeding rule (data-parallel seed, tensor-parallel
    seed = seed + 2718 + tp_rank, ...), so ``fork()`` gives per-TP-rank streams as on GPU.
 3. ``device="cuda"`` literals: the pipeline schedules allocate their token counter on CUDA
-   (even at PP=1), and the default causal mask (used when ``attention_mask`` is None) is built
-   on CUDA. Here the schedules module sees a ``torch`` whose tensor factories map a CUDA
-   device to CPU, and the causal-mask helpers build on CPU.
+   (even at PP=1), the optimizer wrappers and the local multi-tensor gradient norm their
+   scalar buffers, and the
+   default causal mask (used when ``attention_mask`` is None) is built on CUDA. Here those
+   modules see a ``torch`` whose tensor factories map a CUDA device to CPU, and the
+   causal-mask helpers build on CPU.
 4. Tied embeddings with PP > 1: ``LanguageModule.setup_embeddings_and_output_layer`` moves
    the last stage's copy of the word embeddings with ``weight.data.cuda()`` before the
    all-reduce that syncs it with the first stage. Here ``Tensor.cuda`` leaves the tensor on
@@ -23,7 +25,9 @@ places that assume a CUDA device even when nothing is placed on one:
 Settings that must stay off on CPU are not patched but checked where the model config is
 built (:mod:`megatron_dgrpo.models.provider`): ``gradient_accumulation_fusion``,
 ``persist_layer_norm``, ``apply_rope_fusion``, ``batch_p2p_sync`` (it calls
-``torch.cuda.synchronize()``), sequence and context parallelism (TE only).
+``torch.cuda.synchronize()``), sequence and context parallelism (TE only), the distributed
+optimizer (it refuses CPU tensors) and gradient clipping in Megatron's optimizer (it asserts
+CUDA tensor types; use ``clip_grad=0.0``).
 
 :func:`adapt_megatron_for_cpu` applies all of this only when CUDA is absent, and is
 idempotent. Call it before building a model or initialising model parallelism.
@@ -156,8 +160,11 @@ def adapt_megatron_for_cpu() -> bool:
     if _applied:
         return True
 
+    from megatron.core import utils as core_utils
     from megatron.core.fusions import fused_softmax
     from megatron.core.models.common.language_module.language_module import LanguageModule
+    from megatron.core.optimizer import clip_grads
+    from megatron.core.optimizer import optimizer as optimizer_wrappers
     from megatron.core.pipeline_parallel import schedules
     from megatron.core.tensor_parallel import random as mp_random
     from megatron.core.transformer import utils as transformer_utils
@@ -168,7 +175,9 @@ def adapt_megatron_for_cpu() -> bool:
     mp_random._CUDA_RNG_STATE_TRACKER = tracker_class()
     mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
 
-    schedules.torch = _CudaLiteralsOnCpu(torch)
+    cpu_factories = _CudaLiteralsOnCpu(torch)
+    for module in (schedules, optimizer_wrappers, clip_grads, core_utils):
+        module.torch = cpu_factories
     for module in (transformer_utils, fused_softmax):
         module.get_default_causal_mask = _default_causal_mask_cpu
         module.get_sliding_window_causal_mask = _sliding_window_causal_mask_cpu

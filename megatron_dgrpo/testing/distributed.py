@@ -19,6 +19,8 @@ A failure on any rank is re-raised in the caller with that rank's traceback.
 from __future__ import annotations
 
 import os
+import pickle
+import queue
 import socket
 import traceback
 from typing import Any, Callable, Sequence
@@ -49,7 +51,9 @@ def _worker(rank: int, world_size: int, port: int, backend: str, fn: Callable,
     try:
         dist.init_process_group(backend, rank=rank, world_size=world_size)
         value = fn(rank, world_size, *args)
-        results.put((rank, True, value))
+        # Plain pickle, by value: torch's queue pickler would pass tensors through shared
+        # memory that disappears when this process exits.
+        results.put((rank, True, pickle.dumps(value)))
     except BaseException:  # report everything, including assertion failures
         results.put((rank, False, traceback.format_exc()))
     finally:
@@ -78,13 +82,13 @@ def run_distributed(fn: Callable[..., Any], world_size: int, args: Sequence[Any]
         for _ in range(world_size):
             try:
                 rank, ok, value = results.get(timeout=timeout_s)
-            except Exception as exc:  # queue.Empty: a rank hung or died without reporting
+            except queue.Empty as exc:  # a rank hung, or died without reporting
                 dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
                 raise DistributedWorkerError(
                     f"no result from some ranks within {timeout_s:.0f}s; "
                     f"ranks that exited abnormally: {dead}") from exc
             if ok:
-                collected[rank] = value
+                collected[rank] = pickle.loads(value)  # our own child's bytes, not a file
             else:
                 failures.append(f"--- rank {rank} ---\n{value}")
                 break  # other ranks are likely blocked in a collective

@@ -70,3 +70,24 @@ def test_cpu_adaptation_on_two_tensor_parallel_ranks():
 def test_backend_choice_follows_cuda():
     from megatron_dgrpo.parallel.cpu import default_backend
     assert default_backend() == ("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def _optimizer_literals(rank, world_size):
+    from megatron_dgrpo.parallel.cpu import adapt_megatron_for_cpu
+
+    adapt_megatron_for_cpu()
+    from megatron.core import utils as core_utils
+    from megatron.core.optimizer import clip_grads
+    from megatron.core.optimizer import optimizer as optimizer_wrappers
+    devices = {m.__name__: m.torch.tensor([1.0], device="cuda").device.type
+               for m in (optimizer_wrappers, clip_grads, core_utils)}
+    # The module's own calls take the same path: the local multi-tensor L2 norm.
+    norm, _ = core_utils.local_multi_tensor_l2_norm(
+        2048, torch.zeros(1, dtype=torch.int), [[torch.tensor([3.0, 4.0])]], False)
+    return devices, norm.item()
+
+
+def test_optimizer_and_grad_norm_buffers_land_on_cpu():
+    [(devices, norm)] = run_distributed(_optimizer_literals, 1)
+    assert set(devices.values()) == {"cpu"}
+    assert norm == 5.0
