@@ -18,6 +18,8 @@ _COMMANDS: dict[str, tuple[str, str, str, str]] = {
                    "the CPU quickstart (no network, no downloaded weights)"),
     "convert": ("megatron_dgrpo.models.cli", "add_convert_arguments", "run_convert",
                 "convert checkpoints between Hugging Face and Megatron layouts"),
+    "report": ("megatron_dgrpo.report", "add_report_arguments", "run_report",
+               "render a run's metrics as PNG curves and a Markdown summary"),
 }
 
 # name -> {sub-name: (module, add-arguments function, run function, one-line help)}
