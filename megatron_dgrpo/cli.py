@@ -18,6 +18,8 @@ _COMMANDS: dict[str, tuple[str, str, str, str]] = {
                    "the CPU quickstart (no network, no downloaded weights)"),
     "convert": ("megatron_dgrpo.models.cli", "add_convert_arguments", "run_convert",
                 "convert checkpoints between Hugging Face and Megatron layouts"),
+    "eval": ("megatron_dgrpo.eval_cli", "add_eval_arguments", "run_eval",
+             "score a checkpoint per task family x length x needle depth (embedded engine)"),
     "report": ("megatron_dgrpo.report", "add_report_arguments", "run_report",
                "render a run's metrics as PNG curves and a Markdown summary"),
 }
@@ -27,6 +29,8 @@ _COMMAND_GROUPS: dict[str, tuple[str, dict[str, tuple[str, str, str, str]]]] = {
     "data": ("LongBlocks data: generate, prepare", {
         "synth": ("megatron_dgrpo.data.cli", "add_synth_arguments", "run_synth",
                   "generate LongBlocks-style long-context tasks with checkable answers"),
+        "prepare": ("megatron_dgrpo.data.cli", "add_prepare_arguments", "run_prepare",
+                    "filter and tokenize LongBlocks parquet into shards"),
     }),
 }
 

@@ -1,0 +1,168 @@
+"""Argument parsing and entry points for ``dgrpo data synth``, ``dgrpo data prepare`` and the data
+side of ``dgrpo eval``.
+
+The ``dgrpo`` console script adds these arguments to its sub-parsers and calls ``run_*``, which
+return a process exit code (0 success, 2 bad arguments or refused output). ``dgrpo eval`` owns
+the model: it adds :func:`add_eval_data_arguments` to its parser, builds a
+``generate(prompts) -> responses`` callable from ``--checkpoint`` and calls
+:func:`evaluate_from_args`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from typing import TYPE_CHECKING
+
+from .output import OutputExistsError
+from .synth import SynthConfig, parse_length
+
+if TYPE_CHECKING:
+    from .evaluate import EvalTable, Generate
+
+
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def add_synth_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``dgrpo data synth``."""
+    parser.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    parser.add_argument("--num", type=int, required=True, help="number of examples")
+    parser.add_argument("--lengths", default="1k,4k,16k", help="document lengths in tokens, e.g. 1k,4k,16k")
+    parser.add_argument(
+        "--tasks",
+        default="multihop,grounding,synthesis,document",
+        help="task or family names, comma-separated",
+    )
+    parser.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths in [0, 1]")
+    parser.add_argument("--hops", default="1,2,3,4", help="multi-hop chain lengths (1..4)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--tokenizer",
+        default=None,
+        help="HF tokenizer dir or sentencepiece .model to count tokens (default: approximation)",
+    )
+    parser.add_argument("--shard-size", type=int, default=1000, help="examples per parquet shard")
+    parser.add_argument("--workers", type=int, default=1, help="generator processes")
+
+
+def _progress():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        transient=not sys.stderr.isatty(),
+    )
+
+
+def run_synth(args: argparse.Namespace) -> int:
+    """Generate synthetic data as configured by :func:`add_synth_arguments`."""
+    from .synth.writer import write_synth_dataset
+
+    try:
+        config = SynthConfig(
+            num_examples=args.num,
+            lengths=tuple(parse_length(x) for x in _csv(args.lengths)),
+            tasks=tuple(_csv(args.tasks)),
+            depths=tuple(float(x) for x in _csv(args.depths)),
+            hops=tuple(int(x) for x in _csv(args.hops)),
+            seed=args.seed,
+            tokenizer=args.tokenizer,
+        )
+        config.validate()
+        with _progress() as progress:
+            bar = progress.add_task("synth", total=config.num_examples)
+            shards = write_synth_dataset(
+                config,
+                args.out,
+                args.shard_size,
+                args.workers,
+                on_shard_done=lambda n: progress.advance(bar, n),
+            )
+    except (OutputExistsError, ValueError) as error:
+        print(f"dgrpo data synth: error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {config.num_examples} examples in {len(shards)} shards to {args.out}")
+    return 0
+
+
+def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``dgrpo data prepare`` (LongBlocks parquet -> filtered, tokenized shards)."""
+    parser.add_argument("--data", nargs="+", required=True, help="LongBlocks parquet files or directories")
+    parser.add_argument("--tokenizer", required=True, help="HF tokenizer dir or sentencepiece .model")
+    parser.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    parser.add_argument("--split", default="train", choices=("train", "validation", "all"))
+    parser.add_argument("--validation-fraction", type=float, default=0.01)
+    parser.add_argument(
+        "--languages", default="", help="comma-separated language codes to keep (default all)"
+    )
+    parser.add_argument("--sources", default="", help="comma-separated sources to keep (default all)")
+    parser.add_argument("--min-prompt-tokens", type=int, default=0)
+    parser.add_argument("--max-prompt-tokens", type=int, default=32768)
+    parser.add_argument("--shard-size", type=int, default=1000, help="examples per output shard")
+
+
+def run_prepare(args: argparse.Namespace) -> int:
+    """Filter and tokenize LongBlocks shards as configured by :func:`add_prepare_arguments`."""
+    from .chat import load_chat_tokenizer
+    from .longblocks import LongBlocksConfig
+    from .prepare import prepare_longblocks
+
+    try:
+        config = LongBlocksConfig(
+            paths=tuple(args.data),
+            split=args.split,
+            validation_fraction=args.validation_fraction,
+            languages=tuple(_csv(args.languages)),
+            sources=tuple(_csv(args.sources)),
+            min_prompt_tokens=args.min_prompt_tokens,
+            max_prompt_tokens=args.max_prompt_tokens,
+        )
+        config.validate()
+        summary = prepare_longblocks(config, load_chat_tokenizer(args.tokenizer), args.out, args.shard_size)
+    except (OutputExistsError, ValueError) as error:
+        print(f"dgrpo data prepare: error: {error}", file=sys.stderr)
+        return 2
+    print(
+        json.dumps(
+            {"kept": summary.kept, "skipped": dict(summary.skipped), "filtered": dict(summary.filtered)}
+        )
+    )
+    return 0
+
+
+def add_eval_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """The data options of ``dgrpo eval`` (the caller adds ``--checkpoint`` and engine options)."""
+    parser.add_argument(
+        "--data", nargs="+", required=True, help="parquet files or directories to evaluate on"
+    )
+    parser.add_argument("--tokenizer", required=True, help="HF tokenizer dir or sentencepiece .model")
+    parser.add_argument("--report-dir", required=True, help="new directory for scores.md/json, heatmap.png")
+    parser.add_argument("--batch-size", type=int, default=16, help="prompts per generate() call")
+    parser.add_argument("--max-prompt-tokens", type=int, default=131072)
+    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N usable rows")
+
+
+def evaluate_from_args(args: argparse.Namespace, generate: Generate) -> EvalTable:
+    """Load ``--data``, generate with ``generate(prompts) -> responses``, write and return the table."""
+    from .chat import load_chat_tokenizer
+    from .evaluate import evaluate
+    from .longblocks import LongBlocksConfig, LongBlocksLoader
+    from .output import check_output_dir
+
+    if args.limit is not None and args.limit <= 0:
+        raise ValueError(f"--limit must be positive, got {args.limit}")
+    check_output_dir(args.report_dir)
+    config = LongBlocksConfig(paths=tuple(args.data), split="all", max_prompt_tokens=args.max_prompt_tokens)
+    loader = LongBlocksLoader(config, load_chat_tokenizer(args.tokenizer))
+    examples = itertools.islice(loader, args.limit) if args.limit else loader
+    table = evaluate(examples, generate, out_dir=args.report_dir, batch_size=args.batch_size)
+    print(table.to_markdown())
+    print(f"LongBlocks rows: {loader.summary.format()}")
+    return table

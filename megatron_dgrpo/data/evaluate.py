@@ -1,0 +1,254 @@
+"""Evaluation: score generations per task family x length bucket x needle depth (RULER-style).
+
+Generation is a callable ``generate(prompts: list[str]) -> list[str]`` taking chat-formatted prompt
+texts, so any engine plugs in (the embedded Megatron engine, vLLM, or a test oracle). Scores come
+from :class:`~.rewards.RewardConfig` (per-task reward, answer extraction) and are reported as
+percentages (mean reward x 100).
+
+Outputs of :func:`write_report`: ``scores.json`` (every cell with its count and mean),
+``scores.md`` (family x length table with averages, then depth x length), ``heatmap.png``
+(depth x length, one panel per family plus "all"), ``predictions.jsonl`` (one line per item:
+its keys, reference, response and score, for error analysis). ``all`` rows and columns pool the items
+(a micro-average), weighting each cell by its number of items. Rows without synthetic metadata
+(public LongBlocks data) are grouped as family ``longblocks:<source>``, bucketed by prompt length
+to the next power of two, with depth ``n/a``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .longblocks import LongBlocksExample
+from .output import atomic_output_dir, check_output_dir
+from .rewards import RewardConfig
+from .synth.length import format_length, parse_length
+
+Generate = Callable[[list[str]], list[str]]
+ALL = "all"
+NO_DEPTH = "n/a"
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    """One prompt to answer and where it falls in the breakdown."""
+
+    id: str
+    prompt: str
+    reference: str
+    task: str | None
+    family: str
+    length_bucket: str
+    depth: str
+
+
+@dataclass(frozen=True)
+class ScoredItem:
+    item: EvalItem
+    response: str
+    score: float
+
+
+def length_bucket_of(num_tokens: int) -> str:
+    """Next power of two at or above ``num_tokens`` as a label, e.g. 3000 -> ``"4k"``."""
+    return format_length(1 << max(0, math.ceil(math.log2(max(1, num_tokens)))))
+
+
+def eval_item(example: LongBlocksExample) -> EvalItem:
+    """The breakdown keys of a loaded example (synthetic metadata if present)."""
+    meta = example.metadata
+    depth = meta.get("needle_depth_target")
+    return EvalItem(
+        id=example.id,
+        prompt=example.prompt,
+        reference=example.reference_answer,
+        task=meta.get("task"),
+        family=meta.get("task_family") or f"longblocks:{example.source}",
+        length_bucket=meta.get("length_bucket") or length_bucket_of(example.num_prompt_tokens),
+        depth=NO_DEPTH if depth is None else f"{depth:g}",
+    )
+
+
+def score_items(
+    items: Iterable[EvalItem], generate: Generate, rewards: RewardConfig, batch_size: int = 16
+) -> list[ScoredItem]:
+    """Generate in batches of ``batch_size`` prompts and score every response."""
+    rewards.validate()
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    scored: list[ScoredItem] = []
+    batch: list[EvalItem] = []
+
+    def flush() -> None:
+        responses = generate([i.prompt for i in batch])
+        if len(responses) != len(batch):
+            raise ValueError(f"generate returned {len(responses)} responses for {len(batch)} prompts")
+        for item, response in zip(batch, responses):
+            scored.append(ScoredItem(item, response, rewards.score(response, item.reference, item.task)))
+        batch.clear()
+
+    for item in items:
+        batch.append(item)
+        if len(batch) == batch_size:
+            flush()
+    if batch:
+        flush()
+    return scored
+
+
+def _bucket_sort_key(label: str) -> tuple[int, str]:
+    try:
+        return (parse_length(label), label)
+    except ValueError:  # "all" and any non-numeric label sort last
+        return (1 << 62, label)
+
+
+def _depth_sort_key(label: str) -> float:
+    return float(label) if label != NO_DEPTH else 2.0
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One table cell: ``count`` items, mean reward x 100 (``all`` in a key means pooled over it)."""
+
+    family: str
+    length_bucket: str
+    depth: str
+    count: int
+    score: float  # mean reward x 100
+
+
+class EvalTable:
+    """Mean scores over every (family, length bucket, depth) cell, with ``all`` marginals."""
+
+    def __init__(self, scored: list[ScoredItem]) -> None:
+        self.scored = scored
+        sums: dict[tuple[str, str, str], list[float]] = defaultdict(lambda: [0.0, 0])
+        for s in scored:
+            for family in (s.item.family, ALL):
+                for length in (s.item.length_bucket, ALL):
+                    for depth in (s.item.depth, ALL):
+                        entry = sums[(family, length, depth)]
+                        entry[0] += s.score
+                        entry[1] += 1
+        self.cells = {
+            key: Cell(*key, count=int(n), score=100.0 * total / n) for key, (total, n) in sums.items()
+        }
+        self.families = sorted({s.item.family for s in scored})
+        self.lengths = sorted({s.item.length_bucket for s in scored}, key=_bucket_sort_key)
+        self.depths = sorted({s.item.depth for s in scored}, key=_depth_sort_key)
+
+    def score(self, family: str = ALL, length_bucket: str = ALL, depth: str = ALL) -> float | None:
+        """Mean score x 100 of a cell, or None if the cell is empty."""
+        cell = self.cells.get((family, length_bucket, depth))
+        return cell.score if cell else None
+
+    def to_json(self) -> str:
+        cells = sorted(
+            self.cells.values(), key=lambda c: (c.family, _bucket_sort_key(c.length_bucket), c.depth)
+        )
+        return json.dumps(
+            {
+                "families": self.families,
+                "length_buckets": self.lengths,
+                "depths": self.depths,
+                "cells": [asdict(c) for c in cells],
+            },
+            indent=2,
+        )
+
+    def _grid(self, title: str, rows: list[str], row_key: Callable[[str], tuple[str, str]]) -> list[str]:
+        columns = [*self.lengths, ALL]
+        lines = [f"| {title} | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+        for row in rows:
+            values = []
+            for length in columns:
+                family, depth = row_key(row)
+                value = self.score(family, length, depth)
+                values.append("-" if value is None else f"{value:.1f}")
+            lines.append(f"| {row} | " + " | ".join(values) + " |")
+        return lines
+
+    def to_markdown(self) -> str:
+        """Family x length (RULER style) then depth x length; cells are mean reward x 100."""
+        lines = ["### Score by task family and context length", ""]
+        lines += self._grid("family", [*self.families, ALL], lambda f: (f, ALL))
+        lines += ["", "### Score by needle depth and context length", ""]
+        lines += self._grid("depth", [*self.depths, ALL], lambda d: (ALL, d))
+        return "\n".join(lines) + "\n"
+
+    def save_heatmap(self, path: str | Path) -> None:
+        """Depth (rows) x length (columns) heatmaps, one panel per family and one for all."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        panels = [*self.families, ALL]
+        figure, axes = plt.subplots(
+            1, len(panels), figsize=(2.6 * len(panels) + 1.0, 3.6), squeeze=False, layout="constrained"
+        )
+        for column, (axis, family) in enumerate(zip(axes[0], panels)):
+            grid = [[self.score(family, length, depth) for length in self.lengths] for depth in self.depths]
+            values = [[math.nan if v is None else v for v in row] for row in grid]
+            image = axis.imshow(values, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
+            for row_index, row in enumerate(grid):
+                for col_index, value in enumerate(row):
+                    if value is not None:
+                        axis.text(col_index, row_index, f"{value:.0f}", ha="center", va="center", fontsize=8)
+            axis.set_title(family)
+            axis.set_xticks(range(len(self.lengths)), self.lengths)
+            axis.set_yticks(range(len(self.depths)), self.depths if column == 0 else [])
+            axis.set_xlabel("context length")
+        axes[0][0].set_ylabel("needle depth")
+        figure.colorbar(image, ax=axes[0].tolist(), label="score")
+        figure.savefig(path, dpi=100)
+        plt.close(figure)
+
+
+def _keys_without_prompt(item: EvalItem) -> dict:
+    """The item's fields minus its (possibly 100K-token) prompt."""
+    return {key: value for key, value in asdict(item).items() if key != "prompt"}
+
+
+def write_report(table: EvalTable, out_dir: str | Path) -> dict[str, Path]:
+    """Write ``scores.json``, ``scores.md`` and ``heatmap.png`` as a new directory ``out_dir``.
+
+    The directory appears complete or not at all; an existing non-empty one is refused.
+    """
+    names = {"json": "scores.json", "markdown": "scores.md", "heatmap": "heatmap.png",
+             "predictions": "predictions.jsonl"}
+    with atomic_output_dir(out_dir) as tmp:
+        (tmp / names["json"]).write_text(table.to_json())
+        (tmp / names["predictions"]).write_text("".join(
+            json.dumps({**_keys_without_prompt(s.item), "response": s.response, "score": s.score}) + "\n"
+            for s in table.scored))
+        (tmp / names["markdown"]).write_text(table.to_markdown())
+        table.save_heatmap(tmp / names["heatmap"])
+    return {kind: Path(out_dir) / name for kind, name in names.items()}
+
+
+def evaluate(
+    examples: Iterable[LongBlocksExample],
+    generate: Generate,
+    rewards: RewardConfig | None = None,
+    out_dir: str | Path | None = None,
+    batch_size: int = 16,
+) -> EvalTable:
+    """Score ``examples`` (e.g. a :class:`~.longblocks.LongBlocksLoader` with ``split="all"``).
+
+    With ``out_dir`` the report is written there (see :func:`write_report`); an existing non-empty
+    ``out_dir`` is refused before anything is generated.
+    """
+    if out_dir is not None:
+        check_output_dir(out_dir)
+    table = EvalTable(
+        score_items((eval_item(e) for e in examples), generate, rewards or RewardConfig(), batch_size)
+    )
+    if out_dir is not None:
+        write_report(table, out_dir)
+    return table

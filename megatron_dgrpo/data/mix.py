@@ -1,0 +1,136 @@
+"""Mix long-context and short-context data by token share, deterministically and resumably.
+
+The rule needs no random numbers: the next item comes from the long source whenever the long
+share of tokens drawn so far is at or below ``long_share`` (default 0.9, the paper's best trade-off),
+otherwise from the short source. After N tokens the realized share is within
+``max_item_tokens / N`` of the target. Each source is opened as ``open(epoch, position)`` and
+yields items from ``position`` on; when it runs out the next epoch starts at position 0 (sources may
+reshuffle per epoch). The whole state is a few integers, returned by :meth:`state_dict` for the
+training checkpoint; :meth:`load_state_dict` resumes exactly where the saved mixer stood.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+SourceOpener = Callable[[int, int], Iterable[T]]
+SOURCES = ("long", "short")
+_END = object()
+
+
+@dataclass
+class MixConfig:
+    """``long_share``: target fraction of training tokens drawn from the long-context source."""
+
+    long_share: float = 0.9
+
+    def validate(self) -> None:
+        if not 0.0 <= self.long_share <= 1.0:
+            raise ValueError(f"mix.long_share must be in [0, 1], got {self.long_share}")
+
+
+@dataclass(frozen=True)
+class MixedItem(Generic[T]):
+    """An item and the source (``"long"`` or ``"short"``) it came from."""
+
+    item: T
+    source: str
+
+
+class ListSource(Generic[T]):
+    """A source over an in-memory list, reshuffled every epoch with a seeded permutation."""
+
+    def __init__(self, items: list[T], seed: int = 0, shuffle: bool = True) -> None:
+        self.items, self.seed, self.shuffle = items, seed, shuffle
+
+    def __call__(self, epoch: int, position: int) -> Iterator[T]:
+        order = list(range(len(self.items)))
+        if self.shuffle:
+            random.Random(f"{self.seed}:{epoch}").shuffle(order)
+        return (self.items[i] for i in order[position:])
+
+
+class _Cursor:
+    def __init__(self, name: str, opener: SourceOpener) -> None:
+        self.name, self.opener = name, opener
+        self.epoch = self.position = self.tokens = 0
+        self._iterator: Iterator | None = None
+
+    def next_item(self):
+        """The next item, starting the next epoch when the current one is exhausted."""
+        if self._iterator is None:
+            self._iterator = iter(self.opener(self.epoch, self.position))
+        item = next(self._iterator, _END)
+        if item is _END:
+            if self.position == 0:
+                raise ValueError(f"the {self.name} source yields no items in epoch {self.epoch}")
+            self.epoch, self.position = self.epoch + 1, 0
+            self._iterator = iter(self.opener(self.epoch, 0))
+            item = next(self._iterator, _END)
+            if item is _END:
+                raise ValueError(f"the {self.name} source yields no items in epoch {self.epoch}")
+        self.position += 1
+        return item
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position, "tokens": self.tokens}
+
+    def restore(self, state: dict[str, int]) -> None:
+        self.epoch, self.position, self.tokens = state["epoch"], state["position"], state["tokens"]
+        self._iterator = None
+
+
+class TokenShareMixer(Generic[T]):
+    """Infinite iterator of :class:`MixedItem`; ``num_tokens(item)`` measures an item in tokens."""
+
+    def __init__(
+        self,
+        long_source: SourceOpener,
+        short_source: SourceOpener,
+        num_tokens: Callable[[T], int],
+        config: MixConfig | None = None,
+    ) -> None:
+        self.config = config or MixConfig()
+        self.config.validate()
+        self.num_tokens = num_tokens
+        self._cursors = {"long": _Cursor("long", long_source), "short": _Cursor("short", short_source)}
+
+    def _pick(self) -> str:
+        share = self.config.long_share
+        long_tokens, short_tokens = self._cursors["long"].tokens, self._cursors["short"].tokens
+        if share == 1.0 or (share > 0.0 and long_tokens <= share * (long_tokens + short_tokens)):
+            return "long"
+        return "short"
+
+    def __iter__(self) -> TokenShareMixer[T]:
+        return self
+
+    def __next__(self) -> MixedItem[T]:
+        cursor = self._cursors[self._pick()]
+        item = cursor.next_item()
+        cursor.tokens += self.num_tokens(item)
+        return MixedItem(item, cursor.name)
+
+    @property
+    def long_token_share(self) -> float:
+        """Fraction of tokens drawn so far that came from the long source (0.0 before any draw)."""
+        total = sum(c.tokens for c in self._cursors.values())
+        return self._cursors["long"].tokens / total if total else 0.0
+
+    def state_dict(self) -> dict:
+        return {
+            "long_share": self.config.long_share,
+            **{name: c.state() for name, c in self._cursors.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["long_share"] != self.config.long_share:
+            raise ValueError(
+                f"mix.long_share is {self.config.long_share} but the checkpoint used {state['long_share']}"
+            )
+        for name in SOURCES:
+            self._cursors[name].restore(state[name])

@@ -1,0 +1,229 @@
+"""Outcome rewards: a registry of answer-vs-reference scores, each a float in [0, 1].
+
+============== ===================================================================================
+name           score of an extracted answer against the reference
+============== ===================================================================================
+exact_match    1 if the normalized strings are equal (normalization below), else 0
+token_f1       F1 of the normalized token multisets (SQuAD-style)
+set_f1         F1 of the sets of normalized items; items are split on ``;`` ``,`` newlines,
+               ``&`` and the word "and"
+numeric_match  1 if the first number of each side agrees (relative tolerance 1e-6); commas are
+               thousands separators ("1,234"), units and currency signs are ignored, the words
+               zero..twenty count; a reference with no number falls back to exact_match
+abstention     1 if the answer abstains ("unanswerable", "not mentioned", "does not say", ...)
+               exactly when the reference does, else 0
+rouge_l        ROUGE-L F-measure (``rouge-score`` package) over the normalized tokens
+============== ===================================================================================
+
+Normalization: Unicode NFKC, case-folded, punctuation and symbols become spaces, the English
+articles a/an/the are dropped, whitespace collapses. Tokens are whitespace-separated words, except
+that CJK ideographs, kana and hangul count one token per character. Two empty sides score 1, one
+empty side scores 0. :class:`RewardConfig` picks a reward per task and applies the answer-extraction
+convention of :mod:`.answers` to the response first.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from rouge_score import rouge_scorer
+
+from .answers import AnswerFormat, extract_answer
+
+RewardFn = Callable[[str, str], float]
+REWARDS: dict[str, RewardFn] = {}
+
+DEFAULT_TASK_REWARDS = {
+    "multihop": "exact_match",
+    "counterfactual": "exact_match",
+    "unanswerable": "abstention",
+    "list_items": "set_f1",
+    "count_items": "numeric_match",
+    "sum_values": "numeric_match",
+    "section_lookup": "numeric_match",
+    "event_order": "exact_match",
+}
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af"
+_TOKEN = re.compile(rf"[{_CJK}]|[^\s{_CJK}]+")
+_NUMBER = re.compile(r"(?<![\d.])[-+]?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)?(?:\.\d+)?")
+_NUMBER_WORDS = {
+    w: i
+    for i, w in enumerate(
+        "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+        "sixteen seventeen eighteen nineteen twenty".split()
+    )
+}
+_ITEM_SPLIT = re.compile(r"[;,\n&]|\band\b", re.IGNORECASE)
+_ABSTENTIONS = (
+    "unanswerable",
+    "cannot be answered",
+    "can not be answered",
+    "cannot answer",
+    "not answerable",
+    "no answer",
+    "not mentioned",
+    "not stated",
+    "not specified",
+    "not provided",
+    "not given",
+    "does not say",
+    "does not mention",
+    "does not state",
+    "does not specify",
+    "does not contain",
+    "does not provide",
+    "doesn t say",
+    "doesn t mention",
+    "doesn t state",
+    "doesn t specify",
+    "doesn t contain",
+    "doesn t provide",
+    "no information",
+    "insufficient information",
+    "not enough information",
+    "unknown",
+    "cannot determine",
+    "cannot be determined",
+    "not in document",
+    "i don t know",
+    "i do not know",
+)
+
+
+def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
+    """Decorator adding a ``(answer, reference) -> float in [0, 1]`` function to :data:`REWARDS`."""
+
+    def add(fn: RewardFn) -> RewardFn:
+        REWARDS[name] = fn
+        return fn
+
+    return add
+
+
+def normalize_text(text: str) -> str:
+    """The normalization described in the module docstring."""
+    text = unicodedata.normalize("NFKC", text).casefold()
+    text = "".join(" " if unicodedata.category(ch)[0] in "PS" else ch for ch in text)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def text_tokens(text: str) -> list[str]:
+    """Normalized tokens of ``text``."""
+    return _TOKEN.findall(normalize_text(text))
+
+
+def _f1(common: int, predicted: int, expected: int) -> float:
+    if predicted == 0 and expected == 0:
+        return 1.0
+    if common == 0:
+        return 0.0
+    precision, recall = common / predicted, common / expected
+    return 2 * precision * recall / (precision + recall)
+
+
+@register_reward("exact_match")
+def exact_match(answer: str, reference: str) -> float:
+    return float(normalize_text(answer) == normalize_text(reference))
+
+
+@register_reward("token_f1")
+def token_f1(answer: str, reference: str) -> float:
+    predicted, expected = Counter(text_tokens(answer)), Counter(text_tokens(reference))
+    common = sum((predicted & expected).values())
+    return _f1(common, sum(predicted.values()), sum(expected.values()))
+
+
+def split_items(text: str) -> set[str]:
+    """The set of normalized, non-empty items of a list answer."""
+    return {item for item in (normalize_text(part) for part in _ITEM_SPLIT.split(text)) if item}
+
+
+@register_reward("set_f1")
+def set_f1(answer: str, reference: str) -> float:
+    predicted, expected = split_items(answer), split_items(reference)
+    return _f1(len(predicted & expected), len(predicted), len(expected))
+
+
+def first_number(text: str) -> float | None:
+    """The first number in ``text`` (see numeric_match for the rules), or None."""
+    text = unicodedata.normalize("NFKC", text)
+    for match in _NUMBER.finditer(text):
+        digits = match.group().replace(",", "")
+        if any(ch.isdigit() for ch in digits):
+            return float(digits)
+    for word in re.findall(r"[a-z]+", text.casefold()):
+        if word in _NUMBER_WORDS:
+            return float(_NUMBER_WORDS[word])
+    return None
+
+
+@register_reward("numeric_match")
+def numeric_match(answer: str, reference: str) -> float:
+    expected = first_number(reference)
+    if expected is None:
+        return exact_match(answer, reference)
+    predicted = first_number(answer)
+    if predicted is None:
+        return 0.0
+    return float(abs(predicted - expected) <= 1e-6 * max(1.0, abs(expected)))
+
+
+def is_abstention(text: str) -> bool:
+    """Whether ``text`` declines to answer (phrases listed in ``_ABSTENTIONS``)."""
+    normalized = f" {normalize_text(text)} "
+    return any(f" {phrase} " in normalized for phrase in _ABSTENTIONS)
+
+
+@register_reward("abstention")
+def abstention(answer: str, reference: str) -> float:
+    return float(is_abstention(answer) == is_abstention(reference))
+
+
+class _RougeTokenizer:
+    """Adapter giving rouge-score our Unicode-aware tokens (its own drops non-ASCII text)."""
+
+    def tokenize(self, text: str) -> list[str]:
+        return text_tokens(text)
+
+
+_ROUGE = rouge_scorer.RougeScorer(["rougeL"], tokenizer=_RougeTokenizer())
+
+
+@register_reward("rouge_l")
+def rouge_l(answer: str, reference: str) -> float:
+    if not text_tokens(answer) and not text_tokens(reference):
+        return 1.0
+    return float(_ROUGE.score(reference, answer)["rougeL"].fmeasure)
+
+
+@dataclass
+class RewardConfig:
+    """Which reward scores which task, and how answers are extracted from responses.
+
+    ``per_task`` maps task names (the ``task`` column of synthetic data) to reward names;
+    tasks not listed (e.g. public LongBlocks rows, whose task is unknown) use ``default``.
+    """
+
+    per_task: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_TASK_REWARDS))
+    default: str = "token_f1"
+    answer_format: AnswerFormat = field(default_factory=AnswerFormat)
+
+    def validate(self) -> None:
+        for task, name in {**self.per_task, "<default>": self.default}.items():
+            if name not in REWARDS:
+                option = "rewards.default" if task == "<default>" else f"rewards.per_task[{task!r}]"
+                raise ValueError(f"{option} = {name!r} is not a reward; known: {', '.join(sorted(REWARDS))}")
+        self.answer_format.validate()
+
+    def reward_name(self, task: str | None) -> str:
+        return self.per_task.get(task or "", self.default)
+
+    def score(self, response: str, reference: str, task: str | None = None) -> float:
+        """Extract the answer from ``response`` and score it against ``reference`` (float in [0, 1])."""
+        return REWARDS[self.reward_name(task)](extract_answer(response, self.answer_format), reference)

@@ -1,0 +1,69 @@
+"""``dgrpo eval``: score a Megatron checkpoint on LongBlocks-schema data with the embedded engine.
+
+    dgrpo eval --checkpoint CKPT --data DIR --tokenizer TOK --report-dir OUT
+               [--max-new-tokens 64] [--temperature 0] [--limit N] [--batch-size 16]
+
+Runs in one process (TP=1) on the machine's default device; writes the RULER-style tables
+(``scores.md``, ``scores.json``) and ``heatmap.png`` of :mod:`megatron_dgrpo.data.evaluate`.
+Prompts are chat-formatted by the data loader; generation stops at the end-of-turn marker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from megatron_dgrpo.data.chat import IM_END
+from megatron_dgrpo.data.cli import add_eval_data_arguments, evaluate_from_args
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="Megatron checkpoint directory")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    add_eval_data_arguments(parser)
+
+
+def _single_process_group() -> None:
+    """A world of one (gloo/NCCL) unless launched by torchrun, which sets these already."""
+    import torch.distributed as dist
+
+    from megatron_dgrpo.testing.distributed import free_port
+
+    if dist.is_initialized():
+        return
+    for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port())),
+                       ("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+        os.environ.setdefault(key, value)
+    if os.environ["WORLD_SIZE"] != "1":
+        raise ValueError("dgrpo eval runs in one process (TP=1); launch it without torchrun")
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from megatron_dgrpo.data.chat import load_chat_tokenizer
+    from megatron_dgrpo.models.config import ParallelConfig
+    from megatron_dgrpo.models.convert import MegatronCheckpoint, load_megatron_checkpoint_into
+    from megatron_dgrpo.models.provider import build_gpt_model, initialize_parallel
+    from megatron_dgrpo.rollout.embedded import EmbeddedEngine
+    from megatron_dgrpo.rollout.engine import SamplingParams
+
+    params = SamplingParams(temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+                            stop_strings=[IM_END])
+    params.validate()
+    config = MegatronCheckpoint(args.checkpoint).config
+    tokenizer = load_chat_tokenizer(args.tokenizer)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ValueError(f"tokenizer {args.tokenizer} has {tokenizer.vocab_size} tokens but the "
+                         f"model's vocabulary is {config.vocab_size}: they do not belong together")
+    _single_process_group()
+    initialize_parallel(ParallelConfig())
+    model = build_gpt_model(config, ParallelConfig())
+    load_megatron_checkpoint_into(model, args.checkpoint)
+    engine = EmbeddedEngine(model, config.vocab_size, decode=tokenizer.decode)
+
+    def generate(prompts: list[str]) -> list[str]:
+        batch = engine.generate([tokenizer.encode(p) for p in prompts], params)
+        return [r.text.split(IM_END, 1)[0] for r in batch.rollouts]
+
+    evaluate_from_args(args, generate)
+    return 0
