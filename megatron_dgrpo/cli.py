@@ -14,6 +14,8 @@ from typing import Callable, Sequence
 
 # name -> (module, add-arguments function, run function, one-line help)
 _COMMANDS: dict[str, tuple[str, str, str, str]] = {
+    "train": ("megatron_dgrpo.train.cli", "add_train_arguments", "run_train",
+              "train with sft, kd, grpo, opd or dgrpo from a YAML run config"),
     "quickstart": ("megatron_dgrpo.quickstart", "add_quickstart_arguments", "run_quickstart",
                    "the CPU quickstart (no network, no downloaded weights)"),
     "convert": ("megatron_dgrpo.models.cli", "add_convert_arguments", "run_convert",

@@ -11,10 +11,10 @@ Prompts are chat-formatted by the data loader; generation stops at the end-of-tu
 from __future__ import annotations
 
 import argparse
-import os
 
 from megatron_dgrpo.data.chat import IM_END
 from megatron_dgrpo.data.cli import add_eval_data_arguments, evaluate_from_args
+from megatron_dgrpo.parallel.launch import ensure_process_group_env
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,21 +22,6 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     add_eval_data_arguments(parser)
-
-
-def _single_process_group() -> None:
-    """A world of one (gloo/NCCL) unless launched by torchrun, which sets these already."""
-    import torch.distributed as dist
-
-    from megatron_dgrpo.testing.distributed import free_port
-
-    if dist.is_initialized():
-        return
-    for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port())),
-                       ("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
-        os.environ.setdefault(key, value)
-    if os.environ["WORLD_SIZE"] != "1":
-        raise ValueError("dgrpo eval runs in one process (TP=1); launch it without torchrun")
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -55,7 +40,8 @@ def run_eval(args: argparse.Namespace) -> int:
     if tokenizer.vocab_size > config.vocab_size:
         raise ValueError(f"tokenizer {args.tokenizer} has {tokenizer.vocab_size} tokens but the "
                          f"model's vocabulary is {config.vocab_size}: they do not belong together")
-    _single_process_group()
+    if ensure_process_group_env() != 1:
+        raise ValueError("dgrpo eval runs in one process (TP=1); launch it without torchrun")
     initialize_parallel(ParallelConfig())
     model = build_gpt_model(config, ParallelConfig())
     load_megatron_checkpoint_into(model, args.checkpoint)

@@ -1,0 +1,276 @@
+"""Typed model and parallel-layout configuration, with start-up validation.
+
+Two plain dataclasses (defaults and type hints only, so the YAML loader in
+:mod:`megatron_dgrpo.config` can build them from dicts):
+
+* :class:`ModelConfig`: the architecture's hyper-parameters (Qwen3 first). Defaults are the
+  ``tiny-qwen3`` test model, so an empty ``model:`` section runs on a laptop CPU.
+* :class:`ParallelConfig`: how the model is laid out (TP, PP, CP, sequence parallel) and
+  which kernels it may use (Transformer Engine, FP8).
+
+Each has ``validate()`` raising ``ValueError``. Checks that need both (heads divisible by TP,
+layers by PP) live in :func:`validate_layout`, which the model provider calls at start-up.
+
+Vocabulary padding follows Megatron's convention: the embedding and output layer hold
+``padded_vocab_size(tp)`` rows, the vocabulary size rounded up to a multiple of
+``make_vocab_size_divisible_by * tp``, so every TP rank owns an equal slice. Rows at and past
+``vocab_size`` are padding: zero in converted checkpoints, and their logits must be masked
+by anything that normalises over the vocabulary.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+SUPPORTED_ARCHITECTURES = ("qwen3",)
+
+_HF_DTYPES = {"float32": "fp32", "bfloat16": "bf16"}
+
+
+@dataclass
+class ModelConfig:
+    """Hyper-parameters of a decoder-only transformer (Qwen3 family).
+
+    Attention: ``num_attention_heads`` query heads of size ``head_dim`` share
+    ``num_query_groups`` key/value heads (GQA); q and k are RMS-normalised per head
+    (``qk_layernorm``) before rotary embeddings with base ``rope_base``. MLP: SwiGLU with
+    ``ffn_hidden_size``. Norms: RMSNorm with ``norm_eps``. No biases.
+    """
+
+    architecture: str = "qwen3"
+    num_layers: int = 2
+    hidden_size: int = 64
+    ffn_hidden_size: int = 192
+    num_attention_heads: int = 4
+    num_query_groups: int = 2
+    head_dim: int = 32
+    vocab_size: int = 1024
+    max_position_embeddings: int = 4096
+    rope_base: float = 1_000_000.0
+    norm_eps: float = 1e-6
+    tie_word_embeddings: bool = True
+    qk_layernorm: bool = True
+    params_dtype: Literal["fp32", "bf16"] = "fp32"
+    make_vocab_size_divisible_by: int = 128
+
+    def validate(self) -> None:
+        """Raise ValueError if the hyper-parameters cannot describe a supported model."""
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(f"unsupported architecture {self.architecture!r}; "
+                             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                     "num_query_groups", "head_dim", "vocab_size", "max_position_embeddings",
+                     "make_vocab_size_divisible_by"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_attention_heads % self.num_query_groups:
+            raise ValueError(
+                f"model.num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"model.num_query_groups ({self.num_query_groups}) for grouped-query attention")
+        if self.architecture == "qwen3" and not self.qk_layernorm:
+            raise ValueError("model.qk_layernorm must be true for qwen3 (its q/k norms are "
+                             "part of the architecture and of the checkpoint)")
+        if self.rope_base <= 0 or self.norm_eps <= 0:
+            raise ValueError("model.rope_base and model.norm_eps must be > 0")
+        if self.params_dtype not in ("fp32", "bf16"):
+            raise ValueError(f"model.params_dtype must be 'fp32' or 'bf16', "
+                             f"got {self.params_dtype!r}")
+
+    def padded_vocab_size(self, tensor_parallel: int) -> int:
+        """Rows of the embedding/output layer at this TP size (Megatron's padding rule)."""
+        multiple = self.make_vocab_size_divisible_by * tensor_parallel
+        return -(-self.vocab_size // multiple) * multiple
+
+    @classmethod
+    def from_hf_config(cls, hf_config: Mapping[str, Any]) -> ModelConfig:
+        """Build from a Hugging Face ``config.json`` dict; ValueError if it is not Qwen3-shaped."""
+        return _model_config_from_hf(cls, hf_config)
+
+    def to_hf_config(self) -> dict[str, Any]:
+        """The Hugging Face ``config.json`` dict (transformers ``Qwen3ForCausalLM``)."""
+        return _model_config_to_hf(self)
+
+
+@dataclass
+class ParallelConfig:
+    """Model-parallel layout and kernel choice.
+
+    ``use_te``: ``"auto"`` uses Transformer Engine layers when TE and CUDA are present and
+    Megatron's local (plain torch) layers otherwise; ``True`` requires TE; ``False`` never
+    uses it. Context parallelism, sequence parallelism and FP8 need TE on CUDA.
+    """
+
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    context_parallel: int = 1
+    sequence_parallel: bool = False
+    use_te: bool | Literal["auto"] = "auto"
+    fp8: bool = False
+
+    def validate(self, runtime: Runtime | None = None) -> None:
+        """Raise ValueError if this layout cannot run on ``runtime`` (default: this machine)."""
+        for name in ("tensor_parallel", "pipeline_parallel", "context_parallel"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+        if self.use_te not in (True, False, "auto"):
+            raise ValueError(f"parallel.use_te must be true, false or 'auto', got {self.use_te!r}")
+        if self.sequence_parallel and self.tensor_parallel == 1:
+            raise ValueError("parallel.sequence_parallel needs tensor_parallel > 1")
+        runtime = runtime or Runtime.detect()
+        if self.use_te is True and not runtime.has_te_on_cuda:
+            raise ValueError(f"parallel.use_te=true needs Transformer Engine on CUDA; "
+                             f"this machine has {runtime.describe()}")
+        uses_te = self.uses_te(runtime)
+        needs_te = [what for what, wanted in (
+            ("context parallelism", self.context_parallel > 1),
+            ("sequence parallelism", self.sequence_parallel),
+            ("FP8", self.fp8)) if wanted]
+        if needs_te and not uses_te:
+            reason = ("parallel.use_te is false" if self.use_te is False
+                      else f"this machine has {runtime.describe()}")
+            raise ValueError(f"{' and '.join(needs_te)} needs Transformer Engine on CUDA; "
+                             f"{reason}")
+
+    def uses_te(self, runtime: Runtime | None = None) -> bool:
+        """Whether models are built with the Transformer Engine layer spec."""
+        runtime = runtime or Runtime.detect()
+        return bool(self.use_te) and runtime.has_te_on_cuda
+
+    @property
+    def model_parallel_size(self) -> int:
+        """Ranks holding one copy of the model: TP x PP x CP."""
+        return self.tensor_parallel * self.pipeline_parallel * self.context_parallel
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """What this process can use: CUDA, and Transformer Engine importable."""
+
+    cuda: bool
+    transformer_engine: bool
+
+    @property
+    def has_te_on_cuda(self) -> bool:
+        return self.cuda and self.transformer_engine
+
+    def describe(self) -> str:
+        cuda = "CUDA" if self.cuda else "no CUDA"
+        te = "Transformer Engine" if self.transformer_engine else "no Transformer Engine"
+        return f"{cuda} and {te}"
+
+    @staticmethod
+    @functools.lru_cache(maxsize=1)
+    def detect() -> Runtime:
+        import torch
+
+        if not torch.cuda.is_available():
+            return Runtime(cuda=False, transformer_engine=False)
+        try:  # on machines without CUDA libraries TE raises other errors than ImportError
+            import transformer_engine.pytorch  # noqa: F401
+        except Exception:  # noqa: BLE001
+            return Runtime(cuda=True, transformer_engine=False)
+        return Runtime(cuda=True, transformer_engine=True)
+
+
+def validate_layout(model: ModelConfig, parallel: ParallelConfig) -> None:
+    """Raise ValueError if ``model`` cannot be split as ``parallel`` asks."""
+    tp, pp = parallel.tensor_parallel, parallel.pipeline_parallel
+    if model.num_attention_heads % tp:
+        raise ValueError(f"model.num_attention_heads ({model.num_attention_heads}) is not "
+                         f"divisible by parallel.tensor_parallel ({tp})")
+    if model.num_query_groups % tp:
+        raise ValueError(f"model.num_query_groups ({model.num_query_groups}) is not divisible "
+                         f"by parallel.tensor_parallel ({tp})")
+    if model.ffn_hidden_size % tp:
+        raise ValueError(f"model.ffn_hidden_size ({model.ffn_hidden_size}) is not divisible "
+                         f"by parallel.tensor_parallel ({tp})")
+    if model.num_layers % pp:
+        raise ValueError(f"model.num_layers ({model.num_layers}) is not divisible by "
+                         f"parallel.pipeline_parallel ({pp})")
+
+
+_HF_REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings",
+                "rms_norm_eps")
+
+
+def _hf_rope_base(hf: Mapping[str, Any]) -> float:
+    """rope theta from either ``rope_parameters`` (transformers 5) or ``rope_theta`` (4.x)."""
+    parameters = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling")
+    rope_type = parameters.get("rope_type", (scaling or {}).get("rope_type", "default"))
+    if scaling or rope_type != "default":
+        raise ValueError(f"config.json asks for rope scaling ({scaling or parameters}); "
+                         f"only plain RoPE is supported")
+    theta = parameters.get("rope_theta", hf.get("rope_theta"))
+    if theta is None:
+        raise ValueError("config.json is missing rope_theta (or rope_parameters.rope_theta)")
+    return float(theta)
+
+
+def _model_config_from_hf(cls, hf: Mapping[str, Any]) -> ModelConfig:
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"unsupported architecture: config.json has model_type="
+                         f"{model_type!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    missing = [key for key in _HF_REQUIRED if hf.get(key) is None]
+    if missing:
+        raise ValueError(f"config.json is missing required field(s): {', '.join(missing)}")
+    unsupported = [f"{key}={hf[key]!r}" for key, fine in (
+        ("attention_bias", False), ("use_sliding_window", False), ("hidden_act", "silu"))
+        if key in hf and hf[key] != fine]
+    if unsupported:
+        raise ValueError(f"config.json uses unsupported option(s): {', '.join(unsupported)}")
+    hf_dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
+    if hf_dtype not in _HF_DTYPES:
+        raise ValueError(f"config.json dtype {hf_dtype!r} is not supported; "
+                         f"use one of {sorted(_HF_DTYPES)}")
+    config = cls(
+        architecture=model_type,
+        num_layers=int(hf["num_hidden_layers"]),
+        hidden_size=int(hf["hidden_size"]),
+        ffn_hidden_size=int(hf["intermediate_size"]),
+        num_attention_heads=int(hf["num_attention_heads"]),
+        num_query_groups=int(hf["num_key_value_heads"]),
+        head_dim=int(hf["head_dim"]),
+        vocab_size=int(hf["vocab_size"]),
+        max_position_embeddings=int(hf["max_position_embeddings"]),
+        rope_base=_hf_rope_base(hf),
+        norm_eps=float(hf["rms_norm_eps"]),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        qk_layernorm=True,
+        params_dtype=_HF_DTYPES[hf_dtype],
+    )
+    config.validate()
+    return config
+
+
+def _model_config_to_hf(config: ModelConfig) -> dict[str, Any]:
+    config.validate()
+    hf_dtype = {short: long for long, short in _HF_DTYPES.items()}[config.params_dtype]
+    return {
+        "architectures": ["Qwen3ForCausalLM"],
+        "model_type": config.architecture,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.ffn_hidden_size,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_query_groups,
+        "head_dim": config.head_dim,
+        "vocab_size": config.vocab_size,
+        "max_position_embeddings": config.max_position_embeddings,
+        "rms_norm_eps": config.norm_eps,
+        # transformers >= 5 reads rope_parameters; 4.x and vLLM's older paths read rope_theta.
+        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_base},
+        "rope_theta": config.rope_base,
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "use_sliding_window": False,
+        "dtype": hf_dtype,
+    }
+

@@ -1,0 +1,152 @@
+"""Build student and teacher models as Megatron-core ``GPTModel`` from typed configs.
+
+Typical use on every rank (``torchrun`` or :func:`megatron_dgrpo.testing.run_distributed`)::
+
+    initialize_parallel(parallel, seed=1234)
+    model = build_gpt_model(model_config, parallel)     # this rank's stage and TP shard
+    load_megatron_checkpoint_into(model, ckpt_dir)       # from megatron_dgrpo.models.convert
+
+The Transformer Engine layer spec is used when TE and CUDA are present (and
+``parallel.use_te`` allows it), Megatron's local (plain torch) spec otherwise. On machines
+without CUDA the CPU adaptations of :mod:`megatron_dgrpo.parallel.cpu` are applied and the
+fusion flags that need CUDA are switched off. The model's forward with
+``labels=None`` returns logits [batch, seq, padded_vocab / tp] on the last pipeline stage
+(columns at and past ``model.vocab_size`` are padding).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+from megatron_dgrpo.models.config import (
+    ModelConfig,
+    ParallelConfig,
+    Runtime,
+    validate_layout,
+)
+from megatron_dgrpo.parallel.cpu import adapt_megatron_for_cpu, default_backend
+
+_TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def validate_for_runtime(model: ModelConfig, parallel: ParallelConfig,
+                         runtime: Runtime | None = None) -> None:
+    """All start-up checks: each config alone, then the model against the layout."""
+    model.validate()
+    parallel.validate(runtime)
+    validate_layout(model, parallel)
+
+
+def transformer_config(model: ModelConfig, parallel: ParallelConfig,
+                       runtime: Runtime | None = None):
+    """The Megatron ``TransformerConfig`` for ``model`` laid out as ``parallel``."""
+    from megatron.core.transformer import TransformerConfig
+
+    runtime = runtime or Runtime.detect()
+    validate_for_runtime(model, parallel, runtime)
+    dtype = _TORCH_DTYPES[model.params_dtype]
+    on_cpu = not runtime.cuda
+    # Fused kernels and CUDA-only synchronisation must stay off on CPU (see parallel/cpu.py).
+    cpu_flags = {"gradient_accumulation_fusion": False, "persist_layer_norm": False,
+                 "apply_rope_fusion": False, "batch_p2p_sync": False} if on_cpu else {}
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.ffn_hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        kv_channels=model.head_dim,
+        qk_layernorm=model.qk_layernorm,
+        normalization="RMSNorm",
+        layernorm_epsilon=model.norm_eps,
+        gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=parallel.tensor_parallel,
+        pipeline_model_parallel_size=parallel.pipeline_parallel,
+        context_parallel_size=parallel.context_parallel,
+        sequence_parallel=parallel.sequence_parallel,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype is torch.bfloat16,
+        fp8="hybrid" if parallel.fp8 else None,
+        use_cpu_initialization=on_cpu,
+        **cpu_flags,
+    )
+
+
+def layer_spec(model: ModelConfig, parallel: ParallelConfig, runtime: Runtime | None = None):
+    """TE layer spec when TE and CUDA are usable, the local (torch) spec otherwise."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if parallel.uses_te(runtime):
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
+            qk_layernorm=model.qk_layernorm)
+    return gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=model.qk_layernorm,
+                                                    normalization="RMSNorm")
+
+
+def build_gpt_model(model: ModelConfig, parallel: ParallelConfig):
+    """This rank's ``GPTModel``: its pipeline stage, its TP shard (after initialize_parallel)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+
+    if not ps.model_parallel_is_initialized():
+        raise RuntimeError("call initialize_parallel(parallel_config) before build_gpt_model")
+    if (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
+            ps.get_context_parallel_world_size()) != (
+            parallel.tensor_parallel, parallel.pipeline_parallel, parallel.context_parallel):
+        raise ValueError("the initialised model-parallel groups do not match parallel config "
+                         f"(TP={parallel.tensor_parallel}, PP={parallel.pipeline_parallel}, "
+                         f"CP={parallel.context_parallel})")
+    return GPTModel(
+        config=transformer_config(model, parallel),
+        transformer_layer_spec=layer_spec(model, parallel),
+        vocab_size=model.padded_vocab_size(parallel.tensor_parallel),
+        max_sequence_length=model.max_position_embeddings,
+        pre_process=ps.is_pipeline_first_stage(),
+        post_process=ps.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=model.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=model.rope_base,
+        parallel_output=True,
+    )
+
+
+def initialize_parallel(parallel: ParallelConfig, seed: int = 1234) -> None:
+    """Set up torch.distributed (if needed), Megatron's model-parallel groups and RNG seeds.
+
+    Uses the ``torchrun`` environment (RANK, WORLD_SIZE, MASTER_ADDR, ...) when it has to
+    create the default process group; NCCL with CUDA, gloo without. On CPU, applies
+    :func:`~megatron_dgrpo.parallel.cpu.adapt_megatron_for_cpu` first.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    parallel.validate()
+    if not dist.is_initialized():
+        dist.init_process_group(backend=default_backend())
+    if dist.get_world_size() % parallel.model_parallel_size:
+        raise ValueError(f"world size {dist.get_world_size()} is not a multiple of "
+                         f"TP x PP x CP = {parallel.model_parallel_size}")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    adapt_megatron_for_cpu()
+    ps.initialize_model_parallel(tensor_model_parallel_size=parallel.tensor_parallel,
+                                 pipeline_model_parallel_size=parallel.pipeline_parallel,
+                                 context_parallel_size=parallel.context_parallel)
+    torch.manual_seed(seed)  # same CPU-initialised master weights on every TP rank
+    model_parallel_cuda_manual_seed(seed)
+
+
+def destroy_parallel() -> None:
+    """Tear down Megatron's model-parallel groups (the default process group stays)."""
+    from megatron.core import parallel_state as ps
+
+    ps.destroy_model_parallel()
