@@ -8,10 +8,16 @@ process: this fills in those variables for a one-rank group on 127.0.0.1.
 from __future__ import annotations
 
 import os
-
-from megatron_dgrpo.testing.distributed import free_port
+import socket
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def ensure_process_group_env() -> int:

@@ -12,7 +12,9 @@ data-parallel behaviour with real ranks instead of faked ones::
 ``fn`` must be importable by a fresh interpreter (a module-level function), because the
 workers are started with the ``spawn`` method. Each worker gets ``MASTER_ADDR``,
 ``MASTER_PORT``, ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` set as torchrun would, and
-an initialised default process group; it is destroyed when ``fn`` returns.
+an initialised default process group; it is destroyed when ``fn`` returns. The rendezvous
+store is opened by the caller before the workers start and held until they finish, so no
+other process can take its port in between.
 A failure on any rank is re-raised in the caller with that rank's traceback.
 """
 
@@ -21,20 +23,12 @@ from __future__ import annotations
 import os
 import pickle
 import queue
-import socket
 import traceback
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class DistributedWorkerError(RuntimeError):
@@ -49,7 +43,8 @@ def _worker(rank: int, world_size: int, port: int, backend: str, fn: Callable,
     )
     torch.set_num_threads(1)
     try:
-        dist.init_process_group(backend, rank=rank, world_size=world_size)
+        store = dist.TCPStore("127.0.0.1", port, is_master=False)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
         value = fn(rank, world_size, *args)
         # Plain pickle, by value: torch's queue pickler would pass tensors through shared
         # memory that disappears when this process exits.
@@ -71,7 +66,9 @@ def run_distributed(fn: Callable[..., Any], world_size: int, args: Sequence[Any]
     """
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = free_port()
+    store = dist.TCPStore("127.0.0.1", 0, world_size + 1, is_master=True,
+                          wait_for_workers=False)
+    port = store.port
     procs = [ctx.Process(target=_worker, args=(r, world_size, port, backend, fn, args, results))
              for r in range(world_size)]
     for proc in procs:
