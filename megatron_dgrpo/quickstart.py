@@ -91,8 +91,8 @@ def run_quickstart(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from megatron_dgrpo.models.convert import (
-        hf_to_megatron_checkpoint, megatron_to_hf_checkpoint, refuse_existing,
-        reshard_megatron_checkpoint)
+        hf_to_megatron_checkpoint, megatron_to_hf_checkpoint, reshard_megatron_checkpoint)
+    from megatron_dgrpo.outputs import refuse_existing
     from megatron_dgrpo.testing.distributed import run_distributed
 
     console = Console()

@@ -16,7 +16,7 @@ import json
 import sys
 from typing import TYPE_CHECKING
 
-from .output import OutputExistsError
+from ..outputs import OutputExistsError
 from .synth import SynthConfig, parse_length
 
 if TYPE_CHECKING:
@@ -154,11 +154,11 @@ def evaluate_from_args(args: argparse.Namespace, generate: Generate) -> EvalTabl
     from .chat import load_chat_tokenizer
     from .evaluate import evaluate
     from .longblocks import LongBlocksConfig, LongBlocksLoader
-    from .output import check_output_dir
+    from ..outputs import refuse_existing
 
     if args.limit is not None and args.limit <= 0:
         raise ValueError(f"--limit must be positive, got {args.limit}")
-    check_output_dir(args.report_dir)
+    refuse_existing(args.report_dir)
     config = LongBlocksConfig(paths=tuple(args.data), split="all", max_prompt_tokens=args.max_prompt_tokens)
     loader = LongBlocksLoader(config, load_chat_tokenizer(args.tokenizer))
     examples = itertools.islice(loader, args.limit) if args.limit else loader

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .longblocks import LongBlocksExample
-from .output import atomic_output_dir, check_output_dir
+from ..outputs import atomic_output_dir, refuse_existing
 from .rewards import RewardConfig
 from .synth.length import format_length, parse_length
 
@@ -245,7 +245,7 @@ def evaluate(
     ``out_dir`` is refused before anything is generated.
     """
     if out_dir is not None:
-        check_output_dir(out_dir)
+        refuse_existing(out_dir)
     table = EvalTable(
         score_items((eval_item(e) for e in examples), generate, rewards or RewardConfig(), batch_size)
     )

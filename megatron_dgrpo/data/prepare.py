@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 
 from .chat import ChatTokenizer
 from .longblocks import LoadSummary, LongBlocksConfig, LongBlocksExample, LongBlocksLoader
-from .output import atomic_output_dir
+from ..outputs import atomic_output_dir
 from .schema import TEACHER_COLUMNS
 
 PREPARED_SCHEMA = pa.schema(

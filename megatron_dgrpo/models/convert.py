@@ -15,18 +15,16 @@ Hugging Face layout: ``config.json`` plus ``model.safetensors`` or sharded
 
 Only safetensors are read (never pickles). Every writer builds its output in a temporary
 directory next to the destination and renames it into place at the end, so a failure leaves
-nothing behind; an existing destination is an error. Tensor values and dtypes are copied
+nothing behind; an existing non-empty destination is an error (:mod:`megatron_dgrpo.outputs`). Tensor values and dtypes are copied
 exactly: HF -> Megatron -> HF is bitwise, and re-sharding between TP/PP layouts is exact.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -38,6 +36,8 @@ from safetensors.torch import save_file
 from megatron_dgrpo.models import mapping
 from megatron_dgrpo.models.config import ModelConfig
 from megatron_dgrpo.models.mapping import StageParam
+from megatron_dgrpo.outputs import (
+    atomic_output_dir, commit_output_dir, refuse_existing, reserve_output_dir)
 
 FORMAT = "megatron-dgrpo-safetensors"
 FORMAT_VERSION = 1
@@ -58,43 +58,6 @@ class CheckpointError(ValueError):
 
 def shard_dir_name(tp_rank: int, pp_rank: int) -> str:
     return f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
-
-
-# ---------------------------------------------------------------------------------------
-# Atomic output directories
-
-
-def refuse_existing(out_dir: str | os.PathLike) -> None:
-    """FileExistsError if ``out_dir`` exists (checked before any work is done)."""
-    if Path(out_dir).exists():
-        raise FileExistsError(f"output directory {out_dir} already exists; choose a new path")
-
-
-def reserve_output_dir(out_dir: str | os.PathLike) -> Path:
-    """Check ``out_dir`` does not exist and create an empty temporary directory beside it."""
-    refuse_existing(out_dir)
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-
-
-def commit_output_dir(tmp: Path, out_dir: str | os.PathLike) -> None:
-    """Move a finished temporary directory into place (the only step that creates out_dir)."""
-    if Path(out_dir).exists():
-        raise FileExistsError(f"output directory {out_dir} appeared while writing")
-    os.rename(tmp, out_dir)
-
-
-@contextlib.contextmanager
-def atomic_output_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary directory that becomes ``out_dir`` only if the block succeeds."""
-    tmp = reserve_output_dir(out_dir)
-    try:
-        yield tmp
-        commit_output_dir(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
 
 
 # ---------------------------------------------------------------------------------------

@@ -35,8 +35,8 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from megatron_dgrpo.models.config import ModelConfig
-from megatron_dgrpo.models.convert import (
-    commit_output_dir, load_megatron_checkpoint_into, reserve_output_dir, save_megatron_model)
+from megatron_dgrpo.models.convert import load_megatron_checkpoint_into, save_megatron_model
+from megatron_dgrpo.outputs import commit_output_dir, reserve_output_dir
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"

@@ -129,7 +129,7 @@ def test_eval_command_data_side_writes_the_report_and_refuses_existing_output(
     import argparse
 
     from megatron_dgrpo.data.cli import add_eval_data_arguments, evaluate_from_args
-    from megatron_dgrpo.data.output import OutputExistsError
+    from megatron_dgrpo.outputs import OutputExistsError
 
     write_parquet(tmp_path / "data" / "a.parquet", [public_row(i) for i in range(5)], schema=PUBLIC_SCHEMA)
     parser = argparse.ArgumentParser()
@@ -154,6 +154,6 @@ def test_eval_command_data_side_writes_the_report_and_refuses_existing_output(
     assert [p["score"] for p in predictions] == [1.0, 0.0, 1.0]
     assert "prompt" not in predictions[0]
     assert "| longblocks:wiki |" in capsys.readouterr().out
-    with pytest.raises(OutputExistsError, match="refusing to overwrite"):
+    with pytest.raises(OutputExistsError, match="already exists and is not empty"):
         evaluate_from_args(parser.parse_args([*argv, "--report-dir", str(tmp_path / "report")]), generate)
     assert len(prompts_seen) == 3  # refused before generating anything

@@ -46,7 +46,7 @@ def test_synth_refuses_a_non_empty_output_and_leaves_it_untouched(tmp_path, caps
     out.mkdir()
     (out / "keep.txt").write_text("precious")
     assert synth(f"--out {out} --num 2 --lengths 256") == 2
-    assert "refusing to overwrite" in capsys.readouterr().err
+    assert "already exists and is not empty" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -6,7 +6,6 @@ the same metrics (timings aside) and end with bit-identical weights.
 """
 
 import dataclasses
-import json
 
 import pytest
 import torch

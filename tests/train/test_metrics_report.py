@@ -1,6 +1,5 @@
 """Metrics JSONL/TensorBoard logging, resume truncation, and the `dgrpo report` renderer."""
 
-import json
 
 import pytest
 

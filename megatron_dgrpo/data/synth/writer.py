@@ -1,6 +1,6 @@
 """Write synthetic examples as sharded parquet (public columns + task metadata), atomically.
 
-Shards go through :func:`~..output.atomic_output_dir`: a failed or interrupted run leaves no partial
+Shards go through :func:`megatron_dgrpo.outputs.atomic_output_dir`: a failed or interrupted run leaves no partial
 output, and an existing non-empty output directory is refused, never overwritten.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..output import atomic_output_dir
+from ...outputs import atomic_output_dir
 from ..schema import SYNTH_SCHEMA, TEACHER_COLUMNS
 from .generator import SynthConfig, SynthExample, SynthGenerator
 
