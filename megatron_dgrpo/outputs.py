@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 
 class OutputExistsError(FileExistsError):
@@ -59,3 +59,59 @@ def atomic_output_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def broadcast_from_rank0(value: Any) -> Any:
+    """``value`` as rank 0 has it, on every rank (any picklable object)."""
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def write_dir_from_all_ranks(out_dir: str | os.PathLike,
+                             write_rank_files: Callable[[Path], None],
+                             finalize: Callable[[Path], None]) -> Path:
+    """Collective all-or-nothing write of a directory that every rank contributes files to.
+
+    Rank 0 reserves a temporary directory; every rank calls ``write_rank_files(tmp)``; if no
+    rank failed, rank 0 calls ``finalize(tmp)`` (metadata written last) and renames ``tmp``
+    to ``out_dir``. Any failure, on any rank, raises ``OSError`` on every rank naming the
+    ranks and leaves nothing behind. Call on every rank of the default process group.
+    """
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    reserved: tuple[str | None, str | None] = (None, None)
+    if rank == 0:
+        try:
+            reserved = (str(reserve_output_dir(out_dir)), None)
+        except OSError as exc:
+            reserved = (None, str(exc))
+    tmp_name, error = broadcast_from_rank0(reserved)
+    if error:
+        raise OutputExistsError(error)
+    tmp = Path(tmp_name)
+    failure = None
+    try:
+        try:
+            write_rank_files(tmp)
+        except Exception as exc:  # reported on every rank below
+            error = f"rank {rank}: {exc}"
+        errors: list[str | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+        failure = "; ".join(e for e in errors if e)
+        if rank == 0 and not failure:
+            try:
+                finalize(tmp)
+                commit_output_dir(tmp, out_dir)
+            except OSError as exc:
+                failure = str(exc)
+        failure = broadcast_from_rank0(failure)
+    finally:
+        if rank == 0 and tmp.exists():
+            shutil.rmtree(tmp)
+    if failure:
+        raise OSError(f"writing {out_dir} failed: {failure}")
+    return Path(out_dir)

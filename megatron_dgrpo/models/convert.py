@@ -37,7 +37,7 @@ from megatron_dgrpo.models import mapping
 from megatron_dgrpo.models.config import ModelConfig
 from megatron_dgrpo.models.mapping import StageParam
 from megatron_dgrpo.outputs import (
-    atomic_output_dir, commit_output_dir, refuse_existing, reserve_output_dir)
+    OutputExistsError, atomic_output_dir, refuse_existing, write_dir_from_all_ranks)
 
 FORMAT = "megatron-dgrpo-safetensors"
 FORMAT_VERSION = 1
@@ -431,14 +431,6 @@ def load_megatron_checkpoint_into(model: torch.nn.Module, ckpt_dir: str | os.Pat
             target.copy_(shard)
 
 
-def _broadcast_from_rank0(value: Any) -> Any:
-    import torch.distributed as dist
-
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def save_megatron_model(model: torch.nn.Module, config: ModelConfig,
                         out_dir: str | os.PathLike,
                         hf_config: dict[str, Any] | None = None) -> Path:
@@ -447,53 +439,30 @@ def save_megatron_model(model: torch.nn.Module, config: ModelConfig,
     One data-parallel (and context-parallel) replica writes; the directory appears only once
     every shard is written. ``hf_config`` (optional) is kept for export to Hugging Face.
     """
-    import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
     tp, tp_rank, pp, pp_rank = _live_layout()
     info = MegatronCheckpointInfo(config, tp, pp, hf_config)
-    reserved: tuple[str | None, str | None] = (None, None)
-    if dist.get_rank() == 0:
-        try:
-            reserved = (str(reserve_output_dir(out_dir)), None)
-        except OSError as exc:
-            reserved = (None, str(exc))
-    tmp_name, error = _broadcast_from_rank0(reserved)
-    if error:
-        raise FileExistsError(error)
-    tmp = Path(tmp_name)
 
-    error = None
-    if ps.get_data_parallel_rank(with_context_parallel=True) == 0:
-        try:
-            weights = _live_weights(model, config, pp_rank, pp)
-            for name, (param, tensor) in weights.items():
-                expected = mapping.shard_shape(param, config, tp)
-                if tuple(tensor.shape) != expected:
-                    raise CheckpointError(f"{name} has shape {tuple(tensor.shape)}, "
-                                          f"expected {expected}")
-            shard_dir = tmp / shard_dir_name(tp_rank, pp_rank)
-            shard_dir.mkdir()
-            save_file({name: tensor.detach().cpu().contiguous()
-                       for name, (_, tensor) in weights.items()},
-                      shard_dir / "model.safetensors", metadata={"format": "pt"})
-        except Exception as exc:  # noqa: BLE001 - reported to rank 0, which cleans up
-            error = f"rank {dist.get_rank()}: {exc}"
-    errors: list[str | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(errors, error)
-    failure = "; ".join(e for e in errors if e)
+    def write_shard(tmp: Path) -> None:
+        if ps.get_data_parallel_rank(with_context_parallel=True) != 0:
+            return
+        weights = _live_weights(model, config, pp_rank, pp)
+        for name, (param, tensor) in weights.items():
+            expected = mapping.shard_shape(param, config, tp)
+            if tuple(tensor.shape) != expected:
+                raise CheckpointError(f"{name} has shape {tuple(tensor.shape)}, expected {expected}")
+        shard_dir = tmp / shard_dir_name(tp_rank, pp_rank)
+        shard_dir.mkdir()
+        save_file({name: tensor.detach().cpu().contiguous() for name, (_, tensor) in weights.items()},
+                  shard_dir / "model.safetensors", metadata={"format": "pt"})
 
-    if dist.get_rank() == 0:
-        try:
-            if not failure:
-                (tmp / METADATA_FILE).write_text(json.dumps(info.to_json(), indent=2) + "\n")
-                commit_output_dir(tmp, out_dir)
-        except OSError as exc:
-            failure = str(exc)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-    failure = _broadcast_from_rank0(failure)
-    if failure:
-        raise CheckpointError(f"saving {out_dir} failed: {failure}")
-    return Path(out_dir)
+    def write_metadata(tmp: Path) -> None:
+        (tmp / METADATA_FILE).write_text(json.dumps(info.to_json(), indent=2) + "\n")
+
+    try:
+        return write_dir_from_all_ranks(out_dir, write_shard, write_metadata)
+    except OutputExistsError:
+        raise
+    except OSError as exc:
+        raise CheckpointError(f"saving {out_dir} failed: {exc}") from exc

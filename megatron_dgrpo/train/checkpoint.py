@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 
 from megatron_dgrpo.models.config import ModelConfig
 from megatron_dgrpo.models.convert import load_megatron_checkpoint_into, save_megatron_model
-from megatron_dgrpo.outputs import commit_output_dir, reserve_output_dir
+from megatron_dgrpo.outputs import write_dir_from_all_ranks
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -126,18 +126,6 @@ def _rng_from_safetensors(path: Path) -> None:
 # Save / find / load
 
 
-def _broadcast(value: Any) -> Any:
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _agree_on_errors(error: str | None) -> str:
-    errors: list[str | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(errors, error)
-    return "; ".join(e for e in errors if e)
-
-
 def save_training_checkpoint(run_dir: str | os.PathLike, step: int, model: torch.nn.Module,
                              model_config: ModelConfig, optimizer: torch.optim.Optimizer,
                              trainer_state: dict[str, Any], keep_last: int = 2) -> Path:
@@ -147,41 +135,24 @@ def save_training_checkpoint(run_dir: str | os.PathLike, step: int, model: torch
     state, ...); it is returned by :func:`load_training_checkpoint`.
     """
     final = checkpoint_dir(run_dir, step)
-    reserved = (None, None)
-    if dist.get_rank() == 0:
-        try:
-            reserved = (str(reserve_output_dir(final)), None)
-        except OSError as exc:
-            reserved = (None, str(exc))
-    tmp_name, error = _broadcast(reserved)
-    if error:
-        raise FileExistsError(error)
-    tmp = Path(tmp_name)
-    try:
+
+    def write_rank_files(tmp: Path) -> None:
         save_megatron_model(model, model_config, tmp / "model")
-        error = None
-        try:
-            for kind, (tensors, meta) in (("optimizer", _optimizer_to_safetensors(optimizer)),
-                                          ("rng", _rng_to_safetensors())):
-                path = _rank_file(tmp, kind)
-                path.parent.mkdir(exist_ok=True)
-                save_file(tensors, str(path), metadata=meta)
-        except Exception as exc:  # reported on every rank below
-            error = f"rank {dist.get_rank()}: {exc}"
-        failure = _agree_on_errors(error)
-        if dist.get_rank() == 0 and not failure:
-            layout = {"world_size": dist.get_world_size()}
-            (tmp / STATE_FILE).write_text(json.dumps(
-                {"step": step, "layout": layout, "state": trainer_state}, indent=2) + "\n")
-            commit_output_dir(tmp, final)
-            _point_latest(Path(run_dir), final.name)
-            _prune(Path(run_dir), keep_last)
-        failure = _broadcast(failure)
-        if failure:
-            raise OSError(f"saving checkpoint {final} failed: {failure}")
-    finally:
-        if dist.get_rank() == 0 and tmp.exists():
-            shutil.rmtree(tmp)
+        for kind, (tensors, meta) in (("optimizer", _optimizer_to_safetensors(optimizer)),
+                                      ("rng", _rng_to_safetensors())):
+            path = _rank_file(tmp, kind)
+            path.parent.mkdir(exist_ok=True)
+            save_file(tensors, str(path), metadata=meta)
+
+    def write_state(tmp: Path) -> None:
+        layout = {"world_size": dist.get_world_size()}
+        (tmp / STATE_FILE).write_text(json.dumps(
+            {"step": step, "layout": layout, "state": trainer_state}, indent=2) + "\n")
+
+    write_dir_from_all_ranks(final, write_rank_files, write_state)
+    if dist.get_rank() == 0:
+        _point_latest(Path(run_dir), final.name)
+        _prune(Path(run_dir), keep_last)
     dist.barrier()
     return final
 

@@ -37,6 +37,7 @@ def test_convert_reshard_and_back_through_the_command_line(hf_dirs, tmp_path, to
 
 def test_bad_input_exits_with_status_2_and_one_line(hf_dirs, tmp_path, tool_main, capsys):
     (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "mine.txt").write_text("keep")
     status = tool_main(["hf-to-megatron", "--hf", str(hf_dirs[True]),
                         "--out", str(tmp_path / "taken")])
     assert status == 2
