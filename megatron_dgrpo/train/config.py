@@ -86,6 +86,7 @@ class RunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     student: ModelSource = field(default_factory=ModelSource)
     teacher: ModelSource | None = None
+    teacher_topk_cache: str | None = None  # `dgrpo teacher-cache` output, for kd with top-k KL
     loss: LossConfig = field(default_factory=LossConfig)
     sampling: SamplingParams = field(default_factory=lambda: SamplingParams(n=4))
     data: LongBlocksConfig = field(default_factory=LongBlocksConfig)
@@ -115,7 +116,11 @@ class RunConfig:
                              f"advantages, got {self.sampling.n}")
         student = self.student.model_config()
         validate_for_runtime(student, self.parallel, runtime)
-        if objective in TEACHER_OBJECTIVES:
+        if self.teacher_topk_cache is not None:
+            if objective != "kd" or self.loss.resolved_kl_estimator != "topk":
+                raise ValueError("teacher_topk_cache serves loss.objective=kd with "
+                                 "loss.kl_estimator=topk (cached sequences are fixed)")
+        elif objective in TEACHER_OBJECTIVES:
             if self.teacher is None:
                 raise ValueError(f"loss.objective={objective} needs a teacher section")
             teacher = self.teacher.model_config()
@@ -124,6 +129,10 @@ class RunConfig:
                 raise ValueError(
                     f"teacher vocabulary ({teacher.vocab_size}) differs from the student's "
                     f"({student.vocab_size}): token-level guidance needs one tokenizer")
+
+    def needs_teacher_model(self) -> bool:
+        """A live teacher runs unless a top-k cache stands in for it (KD)."""
+        return self.loss.objective in TEACHER_OBJECTIVES and self.teacher_topk_cache is None
 
     def needs_reference(self) -> bool:
         """A frozen copy of the initial student is the KL anchor of GRPO (and optionally dGRPO)."""

@@ -29,7 +29,8 @@ from megatron_dgrpo.parallel.context import all_reduce_metrics, global_sequence_
 from megatron_dgrpo.parallel.materialized import loss_from_logits
 from megatron_dgrpo.parallel.vocab import vocab_parallel_terms
 from megatron_dgrpo.rollout.engine import SamplingParams
-from megatron_dgrpo.train.config import ON_POLICY_OBJECTIVES, TEACHER_OBJECTIVES, RunConfig
+from megatron_dgrpo.teacher_cache import TeacherTopKCache
+from megatron_dgrpo.train.config import ON_POLICY_OBJECTIVES, RunConfig
 from megatron_dgrpo.train.sequences import SequenceBatch, build_sequences
 
 # Logit given to the rows Megatron adds to pad the vocabulary for TP: far below any real
@@ -112,7 +113,9 @@ class Trainer:
         self.student = self._build(self.model_config, config.student.init_from)
         self.reference = self._frozen_copy(self.student) if config.needs_reference() else None
         self.teacher = None
-        if objective in TEACHER_OBJECTIVES:
+        self.topk_cache = (TeacherTopKCache(config.teacher_topk_cache)
+                           if config.teacher_topk_cache is not None else None)
+        if config.needs_teacher_model():
             teacher_source = config.teacher
             self.teacher = self._build(teacher_source.model_config(), teacher_source.init_from)
             self.teacher.requires_grad_(False).eval()
@@ -187,6 +190,22 @@ class Trainer:
                 "rollout_seconds": rollouts.seconds,
                 "rollout_tokens": rollouts.num_generated_tokens}
 
+    def _cached_topk(self, examples: list[LongBlocksExample],
+                     batch: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher top-k ``[B, T, k]`` (ids, log-probs) from the cache, at the loss positions."""
+        k = self.topk_cache.k
+        indices = torch.zeros(*batch.loss_mask.shape, k, dtype=torch.long)
+        logp = torch.zeros(*batch.loss_mask.shape, k)
+        for row, example in enumerate(examples):
+            cached_ids, cached_logp = self.topk_cache.lookup(example.id)
+            positions = torch.nonzero(batch.loss_mask[row]).flatten()
+            if len(positions) != len(cached_ids):
+                raise ValueError(f"teacher cache has {len(cached_ids)} tokens for example "
+                                 f"{example.id!r}, the batch {len(positions)}: built with another "
+                                 "tokenizer or data?")
+            indices[row, positions], logp[row, positions] = cached_ids, cached_logp
+        return indices, logp
+
     def train_step(self) -> dict[str, float]:
         """One optimizer step; returns the step's metrics (identical on every rank)."""
         from megatron.core.distributed import finalize_model_grads
@@ -211,6 +230,9 @@ class Trainer:
         if self.teacher is not None:
             with torch.no_grad():
                 teacher_logits = self._logits(self.teacher, batch)
+        if self.topk_cache is not None:
+            token_batch.teacher_topk_indices, token_batch.teacher_topk_logp = \
+                self._cached_topk(data["examples"], batch)
         if "rewards" in data:
             advantages = group_advantages(data["rewards"], data["group"],
                                           loss_config.adv_scale_by_std, loss_config.adv_eps)

@@ -114,6 +114,7 @@ def test_interrupted_run_resumes_exactly(setup, objective):
     ({"parallel": {"tensor_parallel": 2, "context_parallel": 2}}, "ontext parallel"),
     ({"loss": {"objective": "grpo"}, "sampling": {"n": 1}}, "sampling.n >= 2"),
     ({"parallel": {"tensor_parallel": 3}}, "divisible"),
+    ({"teacher_topk_cache": "cache/"}, "teacher_topk_cache serves loss.objective=kd"),
 ])
 def test_bad_run_configs_are_refused_before_any_work(setup, change, message):
     config = {**_config(setup, "dgrpo", "never-created"), **change}
