@@ -35,18 +35,12 @@ def add_quickstart_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _hf_model(preset: str, seed: int):
-    import transformers
-
     from megatron_dgrpo.models.presets import get_preset
+    from megatron_dgrpo.testing.tiny_models import random_hf_qwen3
 
     config = get_preset(preset)
     config.params_dtype = "fp32"
-    torch.manual_seed(seed)
-    model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**config.to_hf_config()))
-    with torch.no_grad():  # larger weights than the default init: confident, tie-free logits
-        for param in model.parameters():
-            param.mul_(3.0)
-    return model.eval()
+    return random_hf_qwen3(config, seed)
 
 
 def _round_trip_identical(first: Path, second: Path) -> tuple[int, list[str]]:
@@ -66,7 +60,10 @@ def _megatron_side(rank: int, world_size: int, ckpt_dir: str, prompts, new_token
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
     from megatron_dgrpo.models.config import ParallelConfig
-    from megatron_dgrpo.models.convert import MegatronCheckpoint, load_megatron_checkpoint_into
+    from megatron_dgrpo.models.convert import (
+        MegatronCheckpoint,
+        load_megatron_checkpoint_into,
+    )
     from megatron_dgrpo.models.provider import build_gpt_model, initialize_parallel
     from megatron_dgrpo.rollout.embedded import EmbeddedEngine
     from megatron_dgrpo.rollout.engine import SamplingParams
@@ -91,7 +88,10 @@ def run_quickstart(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from megatron_dgrpo.models.convert import (
-        hf_to_megatron_checkpoint, megatron_to_hf_checkpoint, reshard_megatron_checkpoint)
+        hf_to_megatron_checkpoint,
+        megatron_to_hf_checkpoint,
+        reshard_megatron_checkpoint,
+    )
     from megatron_dgrpo.outputs import refuse_existing
     from megatron_dgrpo.testing.distributed import run_distributed
 

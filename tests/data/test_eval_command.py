@@ -24,20 +24,15 @@ def _dgrpo(*args):
 
 @pytest.fixture(scope="module")
 def eval_setup(tmp_path_factory, hf_tokenizer_dir):
-    import transformers
-
     from megatron_dgrpo.data.chat import load_chat_tokenizer
     from megatron_dgrpo.models.convert import hf_to_megatron_checkpoint
     from megatron_dgrpo.models.presets import get_preset
+    from megatron_dgrpo.testing.tiny_models import random_hf_qwen3
 
     root = tmp_path_factory.mktemp("eval")
     tokenizer = load_chat_tokenizer(hf_tokenizer_dir)
     config = dataclasses.replace(get_preset("tiny-qwen3"), vocab_size=tokenizer.vocab_size)
-    torch.manual_seed(0)
-    hf_model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**config.to_hf_config()))
-    with torch.no_grad():
-        for param in hf_model.parameters():
-            param.mul_(3.0)
+    hf_model = random_hf_qwen3(config, seed=0)
     hf_model.save_pretrained(root / "hf")
     hf_to_megatron_checkpoint(root / "hf", root / "ckpt")
     assert main(["data", "synth", "--out", str(root / "data"), "--num", "6", "--lengths", "256",

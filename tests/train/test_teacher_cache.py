@@ -34,21 +34,17 @@ def test_vocab_parallel_topk_equals_unsharded_float64():
 
 @pytest.fixture(scope="module")
 def teacher_setup(tmp_path_factory, hf_tokenizer_dir):
-    import transformers
 
     from megatron_dgrpo.cli import main
     from megatron_dgrpo.data.chat import load_chat_tokenizer
     from megatron_dgrpo.models.convert import hf_to_megatron_checkpoint
     from megatron_dgrpo.models.presets import get_preset
+    from megatron_dgrpo.testing.tiny_models import random_hf_qwen3
 
     root = tmp_path_factory.mktemp("cache")
     tokenizer = load_chat_tokenizer(hf_tokenizer_dir)
     config = dataclasses.replace(get_preset("small-qwen3"), vocab_size=tokenizer.vocab_size)
-    torch.manual_seed(1)
-    teacher = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**config.to_hf_config()))
-    with torch.no_grad():
-        for param in teacher.parameters():
-            param.mul_(3.0)
+    teacher = random_hf_qwen3(config, seed=1)
     teacher.save_pretrained(root / "hf")
     hf_to_megatron_checkpoint(root / "hf", root / "teacher")
     assert main(["data", "synth", "--out", str(root / "data"), "--num", "6", "--lengths", "256",
