@@ -395,23 +395,11 @@ def _live_layout() -> tuple[int, int, int, int]:
 
 def _live_weights(model: torch.nn.Module, config: ModelConfig,
                   pp_rank: int, pp: int) -> dict[str, tuple[StageParam, torch.Tensor]]:
-    """local-spec name -> (its parameter, the live tensor) for this rank's model.
-
-    Raises CheckpointError if the model's parameters are not those of ``config`` at this
-    pipeline stage. ``model`` is the unwrapped ``GPTModel`` (local or TE spec).
-    """
-    arch = mapping.get_mapping(config.architecture)
-    live = {mapping.from_te_name(name, arch): tensor
-            for name, tensor in model.state_dict(keep_vars=True).items()
-            if not name.endswith("_extra_state")}
-    expected = mapping.params_by_local_name(config, pp_rank, pp)
-    if set(live) != set(expected):
-        missing = sorted(set(expected) - set(live))
-        unexpected = sorted(set(live) - set(expected))
-        raise CheckpointError(f"model parameters do not match the {config.architecture} table "
-                              f"at pipeline stage {pp_rank}: missing {missing}, "
-                              f"unexpected {unexpected}")
-    return {name: (expected[name], tensor) for name, tensor in live.items()}
+    """:func:`.mapping.live_parameters`, failing with CheckpointError."""
+    try:
+        return mapping.live_parameters(model, config, pp_rank, pp)
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from exc
 
 
 def load_megatron_checkpoint_into(model: torch.nn.Module, ckpt_dir: str | os.PathLike) -> None:

@@ -225,6 +225,28 @@ def params_by_local_name(config: ModelConfig, pp_rank: int,
     return {p.local_name: p for p in stage_params(config, pp_rank, pipeline_parallel)}
 
 
+def live_parameters(model: torch.nn.Module, config: ModelConfig, pp_rank: int,
+                    pipeline_parallel: int) -> dict[str, tuple[StageParam, torch.Tensor]]:
+    """Local-spec name -> (its table entry, the live tensor) for one rank's ``GPTModel``.
+
+    ``model`` is the unwrapped model of pipeline stage ``pp_rank`` (local or TE spec).
+    Raises ValueError naming parameters the table does not know, or expects and are absent.
+    """
+    arch = get_mapping(config.architecture)
+    live = {from_te_name(name, arch): tensor
+            for name, tensor in model.state_dict(keep_vars=True).items()
+            if not name.endswith("_extra_state")}
+    expected = params_by_local_name(config, pp_rank, pipeline_parallel)
+    unknown, absent = sorted(set(live) - set(expected)), sorted(set(expected) - set(live))
+    if unknown:
+        raise ValueError(f"the {config.architecture} mapping does not know parameter(s) "
+                         f"{unknown} of pipeline stage {pp_rank}")
+    if absent:
+        raise ValueError(f"the model lacks parameter(s) {absent} that the {config.architecture} "
+                         f"mapping expects at pipeline stage {pp_rank}")
+    return {name: (expected[name], tensor) for name, tensor in live.items()}
+
+
 def all_params(config: ModelConfig, pipeline_parallel: int) -> list[StageParam]:
     """Parameters of all stages; a name may appear twice (tied embeddings over stages)."""
     return [p for pp_rank in range(pipeline_parallel)

@@ -82,22 +82,10 @@ def _layout() -> _Layout:
 
 def live_parameters(model: torch.nn.Module, config: ModelConfig,
                     pp_rank: int, pp: int) -> dict[str, torch.Tensor]:
-    """Local-spec name -> live tensor of this rank's model, checked against the table.
-
-    ValueError naming any parameter the mapping does not know (or expects and is absent).
-    """
-    arch = mapping.get_mapping(config.architecture)
-    live = {mapping.from_te_name(name, arch): tensor
-            for name, tensor in model.state_dict(keep_vars=True).items()
-            if not name.endswith("_extra_state")}
-    expected = {p.local_name for p in mapping.stage_params(config, pp_rank, pp)}
-    unknown, absent = sorted(set(live) - expected), sorted(expected - set(live))
-    if unknown or absent:
-        raise ValueError(f"refit: the {config.architecture} mapping does not know parameter(s) "
-                         f"{unknown} of pipeline stage {pp_rank}" if unknown else
-                         f"refit: the model lacks parameter(s) {absent} that the "
-                         f"{config.architecture} mapping expects at pipeline stage {pp_rank}")
-    return live
+    """Local-spec name -> live tensor of this rank's model, checked against the table
+    (ValueError naming any parameter the mapping does not know or misses)."""
+    return {name: tensor for name, (_, tensor)
+            in mapping.live_parameters(model, config, pp_rank, pp).items()}
 
 
 def _plan(config: ModelConfig, layout: _Layout,
