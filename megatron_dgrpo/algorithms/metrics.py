@@ -30,7 +30,7 @@ class LossMetrics:
         weight = torch.where(loss_mask, weights, 0.0).detach()
         summed = {name: (weight * torch.where(loss_mask, value.detach(), 0.0).to(weight.dtype)).sum()
                   for name, value in means.items()}
-        inf = torch.tensor(float("inf"), dtype=weight.dtype)
+        inf = torch.tensor(float("inf"), dtype=weight.dtype, device=weight.device)
         minima = {name: torch.where(loss_mask, value.detach().to(weight.dtype), inf).min()
                   if value.numel() else inf for name, value in extremes.items()}
         maxima = {name: torch.where(loss_mask, value.detach().to(weight.dtype), -inf).max()

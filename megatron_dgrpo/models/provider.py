@@ -105,7 +105,7 @@ def build_gpt_model(model: ModelConfig, parallel: ParallelConfig):
         raise ValueError("the initialised model-parallel groups do not match parallel config "
                          f"(TP={parallel.tensor_parallel}, PP={parallel.pipeline_parallel}, "
                          f"CP={parallel.context_parallel})")
-    return GPTModel(
+    gpt = GPTModel(
         config=transformer_config(model, parallel),
         transformer_layer_spec=layer_spec(model, parallel),
         vocab_size=model.padded_vocab_size(parallel.tensor_parallel),
@@ -117,6 +117,11 @@ def build_gpt_model(model: ModelConfig, parallel: ParallelConfig):
         rotary_base=model.rope_base,
         parallel_output=True,
     )
+    if Runtime.detect().cuda:
+        # Megatron creates some modules of the local spec (its torch norms) on the CPU even
+        # without use_cpu_initialization; its own trainer moves the model afterwards too.
+        gpt.cuda(torch.cuda.current_device())
+    return gpt
 
 
 def initialize_parallel(parallel: ParallelConfig, seed: int = 1234) -> None:

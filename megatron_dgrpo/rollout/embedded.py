@@ -49,7 +49,8 @@ class EmbeddedEngine:
 
     def _logits(self, tokens: torch.Tensor, first_position: int, context) -> torch.Tensor:
         """Last-position logits [B, V] (float32, unpadded vocabulary) for ``tokens`` [B, S]."""
-        positions = torch.arange(first_position, first_position + tokens.shape[1])
+        positions = torch.arange(first_position, first_position + tokens.shape[1],
+                                 device=tokens.device)
         positions = positions.unsqueeze(0).expand(tokens.shape[0], -1)
         output = self.model(tokens, positions, None, inference_context=context,
                             runtime_gather_output=True)
@@ -73,17 +74,19 @@ class EmbeddedEngine:
             raise ValueError("stop_strings need a decode function (EmbeddedEngine(decode=...))")
 
         start = time.perf_counter()
+        device = next(self.model.parameters()).device
         rows = [list(p) for p in prompts for _ in range(params.n)]
-        prompt_lengths = torch.tensor([len(r) for r in rows])
+        prompt_lengths = torch.tensor([len(r) for r in rows], device=device)
         total = int(prompt_lengths.max()) + params.max_new_tokens
         tokens = torch.zeros(len(rows), total, dtype=torch.long)
         for i, row in enumerate(rows):
             tokens[i, :len(row)] = torch.tensor(row)
+        tokens = tokens.to(device)
         responses: list[list[int]] = [[] for _ in rows]
         logprobs: list[list[float]] = [[] for _ in rows]
         finish: list[str | None] = [None] * len(rows)
         stop_ids = set(params.stop_token_ids)
-        generator = torch.Generator().manual_seed(params.seed)
+        generator = torch.Generator(device=device).manual_seed(params.seed)
 
         was_training = self.model.training
         self.model.eval()

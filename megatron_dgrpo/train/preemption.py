@@ -19,6 +19,8 @@ from types import FrameType
 import torch
 import torch.distributed as dist
 
+from megatron_dgrpo.parallel.cpu import collective_device
+
 DEFAULT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
@@ -47,5 +49,6 @@ class PreemptionGuard:
         """True if any rank received a signal (an all-reduce when torch.distributed is up)."""
         flag = torch.tensor([1.0 if self.received is not None else 0.0])
         if dist.is_available() and dist.is_initialized():
+            flag = flag.to(collective_device())
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())

@@ -24,16 +24,21 @@ class SequenceBatch:
     targets: Tensor
     loss_mask: Tensor
 
+    def to(self, device: torch.device | str) -> SequenceBatch:
+        """The same batch with every tensor on ``device``."""
+        return SequenceBatch(self.tokens.to(device), self.positions.to(device),
+                             self.targets.to(device), self.loss_mask.to(device))
+
     def per_token(self, values: Sequence[Sequence[float]], dtype=torch.float32) -> Tensor:
         """Scatter per-response-token values (e.g. engine log-probs) into ``[B, T]``
         at the loss positions; 0 elsewhere."""
-        out = torch.zeros(self.loss_mask.shape, dtype=dtype)
+        out = torch.zeros(self.loss_mask.shape, dtype=dtype, device=self.loss_mask.device)
         for row, row_values in enumerate(values):
             positions = torch.nonzero(self.loss_mask[row]).flatten()
             if len(positions) != len(row_values):
                 raise ValueError(f"row {row}: {len(row_values)} values for "
                                  f"{len(positions)} response tokens")
-            out[row, positions] = torch.tensor(list(row_values), dtype=dtype)
+            out[row, positions] = torch.tensor(list(row_values), dtype=dtype, device=out.device)
         return out
 
 
