@@ -1,0 +1,295 @@
+"""End-to-end GRPO/dGRPO step on CPU: our trainer vs TRL's ``GRPOTrainer`` on the same work.
+
+One workload for every run: a random Qwen3 (fp32, built with ``transformers`` and converted to
+Megatron with the project's converter, so both sides start from the same weights), the CPU
+quickstart's data (``dgrpo data synth``) and tokenizer (``dgrpo data tokenizer``), the same
+prompts as token ids in the same order, G completions per prompt of exactly
+``--new-tokens`` tokens each (no stop token on our side, ``min_new_tokens`` on TRL's), one
+optimizer step per rollout batch, Adam at a constant learning rate, no gradient clipping.
+
+Runs, each in a fresh process (so peak memory is its own):
+
+- ours, GRPO with ``kl_coef=0`` (no reference model) through ``Trainer.train_step``;
+- TRL, ``GRPOTrainer`` with ``beta=0`` and the matching loss (``benchmarks/trl_step.py``,
+  run in ``.venv-bench`` from ``tools/install_bench.sh``; skipped with a note if absent);
+- ours, dGRPO with a teacher of the student's size (TRL has no teacher-guided objective, so
+  this row has no TRL counterpart).
+
+Each run does one warm-up step, then ``--steps`` measured steps, with ``--threads`` torch
+threads (ours: split over ``--tp`` ranks). Reported per run: median seconds per step (the
+wall time of the whole step), split into rollout (sampling; ours also scores rewards here,
+TRL in its scoring phase, both negligible), scoring (what is computed before the loss: our
+old log-probs and teacher logits; TRL, with one optimizer step per batch, computes no
+log-probs here) and training (forward, loss, backward, optimizer step); median tokens/s,
+where a step's tokens = generated tokens + tokens of the training sequences (prompt +
+completion, no padding), identical on both sides by construction; CPU seconds per step (all
+threads, summed over ranks) and tokens per CPU second; and peak RSS (MiB, of the whole
+process, summed over ranks). Target: ours >= 1.5x TRL's tokens/s on GRPO. The runs are
+sequential, so other jobs on the machine skew the wall-time ratio: the load average at the
+end of each run is printed, and the CPU-time ratio is printed beside it.
+
+    tools/install_bench.sh                        # once: TRL in .venv-bench
+    .venv/bin/python benchmarks/e2e_step.py       # a few minutes on an idle 2-core machine
+    .venv/bin/python benchmarks/e2e_step.py --tp 2 --steps 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from trl_step import answer_length_parity  # stdlib-only module beside this one
+
+from megatron_dgrpo.models.config import ModelConfig
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH_PYTHON = REPO / ".venv-bench" / "bin" / "python"
+TARGET_RATIO = 1.5
+# ~13M parameters; vocabulary 1024 = the quickstart tokenizer's.
+BENCH_MODEL = ModelConfig(num_layers=4, hidden_size=512, ffn_hidden_size=1536,
+                          num_attention_heads=8, num_query_groups=4, head_dim=64,
+                          vocab_size=1024, max_position_embeddings=4096,
+                          tie_word_embeddings=True, params_dtype="fp32")
+REWARD_NAME = "bench_answer_length_parity"
+
+
+# ---------------------------------------------------------------- workload
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=3, help="measured steps after 1 warm-up")
+    parser.add_argument("--prompts", type=int, default=2, help="prompts per step")
+    parser.add_argument("--group", type=int, default=4, help="completions per prompt (G)")
+    parser.add_argument("--new-tokens", type=int, default=32, help="tokens per completion")
+    parser.add_argument("--prompt-length", default="256",
+                        help="length bucket of the synthetic tasks (dgrpo data synth --lengths)")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="torch threads per run (ours: split over the TP ranks)")
+    parser.add_argument("--tp", type=int, default=1, help="our tensor-parallel size (ranks)")
+    parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args()
+
+
+def prepare_assets(root: Path, args: argparse.Namespace) -> dict[str, str]:
+    """Tokenizer, data, HF student/teacher and their Megatron checkpoints under ``root``;
+    returns their paths by name."""
+    from megatron_dgrpo.cli import main as dgrpo
+    from megatron_dgrpo.models.convert import hf_to_megatron_checkpoint
+    from megatron_dgrpo.testing.tiny_models import random_hf_qwen3
+
+    paths = {name: str(root / name) for name in
+             ("tokenizer", "data", "student_hf", "teacher_hf", "student", "teacher")}
+    num_prompts = args.prompts * (args.steps + 1) + 4  # spare: ~1% of rows are validation
+    commands = (["data", "tokenizer", "--out", paths["tokenizer"],
+                 "--vocab-size", str(BENCH_MODEL.vocab_size)],
+                ["data", "synth", "--out", paths["data"], "--num", str(num_prompts),
+                 "--lengths", args.prompt_length, "--seed", str(args.seed)])
+    for command in commands:
+        if dgrpo(command) != 0:
+            raise RuntimeError(f"dgrpo {' '.join(command)} failed")
+    for role, seed in (("student", args.seed), ("teacher", args.seed + 1)):
+        random_hf_qwen3(BENCH_MODEL, seed, weight_scale=1.0).save_pretrained(paths[f"{role}_hf"])
+        hf_to_megatron_checkpoint(paths[f"{role}_hf"], paths[role])
+    return paths
+
+
+def step_prompts(paths: dict[str, str], args: argparse.Namespace) -> list[list[int]]:
+    """Prompt token ids of every step (warm-up first), in the order our trainer takes them."""
+    from megatron_dgrpo.data.chat import load_chat_tokenizer
+    from megatron_dgrpo.data.longblocks import LongBlocksConfig, LongBlocksLoader
+
+    loader = LongBlocksLoader(LongBlocksConfig(paths=[paths["data"]]),
+                              load_chat_tokenizer(paths["tokenizer"]))
+    prompts = [example.prompt_ids for example in loader]
+    needed = args.prompts * (args.steps + 1)
+    if len(prompts) < needed:
+        raise RuntimeError(f"the data has {len(prompts)} usable prompts, the run needs {needed}")
+    return prompts[:needed]
+
+
+def step_tokens(prompts: list[list[int]], args: argparse.Namespace) -> list[int]:
+    """Tokens of each step: generated (G x new tokens per prompt) + training sequences
+    (prompt + completion per completion)."""
+    per_step = [prompts[i:i + args.prompts] for i in range(0, len(prompts), args.prompts)]
+    return [sum(args.group * (2 * args.new_tokens + len(p)) for p in step) for step in per_step]
+
+
+def run_config(paths: dict[str, str], args: argparse.Namespace, objective: str,
+               run_dir: str) -> dict:
+    """Our RunConfig (as a dict) for ``objective`` on the shared workload."""
+    config = {
+        "run_dir": run_dir, "seed": args.seed, "steps": args.steps + 1,
+        "prompts_per_step": args.prompts, "tokenizer": paths["tokenizer"],
+        "parallel": {"tensor_parallel": args.tp},
+        "student": {"preset": None, "init_from": paths["student"]},
+        "loss": {"objective": objective, "kl_coef": 0.0 if objective == "grpo" else 0.04},
+        "sampling": {"n": args.group, "max_new_tokens": args.new_tokens, "temperature": 1.0},
+        "data": {"paths": [paths["data"]]},
+        "rewards": {"per_task": {}, "default": REWARD_NAME},
+        "optim": {"lr": args.lr, "clip_grad": 0.0},
+    }
+    if objective == "dgrpo":
+        config["teacher"] = {"preset": None, "init_from": paths["teacher"]}
+    return config
+
+
+# ---------------------------------------------------------------- the two sides
+
+
+def ours_worker(rank: int, world_size: int, config_dict: dict, threads: int) -> dict:
+    """Build our Trainer and run every step (on each rank of ``run_distributed``); returns
+    per-step records (wall and CPU seconds, generated tokens) and this rank's peak RSS (MiB)."""
+    from megatron_dgrpo.config import from_dict
+    from megatron_dgrpo.data.rewards import register_reward
+    from megatron_dgrpo.train.config import RunConfig
+    from megatron_dgrpo.train.loop import Trainer
+
+    torch.set_num_threads(max(1, threads // world_size))
+    register_reward(REWARD_NAME)(answer_length_parity)
+    config = from_dict(RunConfig, config_dict)  # validated here
+    trainer = Trainer(config)
+    records = []
+    for _ in range(config.steps):
+        start, cpu_start = time.perf_counter(), time.process_time()
+        metrics = trainer.train_step()
+        records.append({"step_s": time.perf_counter() - start,
+                        "cpu_s": time.process_time() - cpu_start,
+                        "rollout_s": metrics["time/rollout_s"],
+                        "scoring_s": metrics["time/scoring_s"],
+                        "train_s": metrics["time/train_s"],
+                        "generated_tokens": round(metrics["response/length_mean"]
+                                                  * config.prompts_per_step * config.sampling.n)})
+    return {"steps": records,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def run_ours(config_dict: dict, args: argparse.Namespace) -> dict:
+    """Our run on ``args.tp`` fresh processes; rank 0's records with CPU seconds and peak RSS
+    summed over ranks."""
+    from megatron_dgrpo.testing.distributed import run_distributed
+
+    results = run_distributed(ours_worker, args.tp, args=(config_dict, args.threads))
+    steps = [{**step, "cpu_s": sum(r["steps"][i]["cpu_s"] for r in results)}
+             for i, step in enumerate(results[0]["steps"])]
+    return {"steps": steps, "peak_rss_mib": sum(r["peak_rss_mib"] for r in results)}
+
+
+def run_trl(workload: dict, root: Path) -> dict | None:
+    """TRL's run in ``.venv-bench`` (None when that environment is missing)."""
+    if not BENCH_PYTHON.exists():
+        return None
+    workload_path, result_path = root / "workload.json", root / "trl_result.json"
+    workload_path.write_text(json.dumps(workload))
+    subprocess.run([str(BENCH_PYTHON), str(Path(__file__).with_name("trl_step.py")),
+                    "--workload", str(workload_path), "--out", str(result_path)], check=True)
+    result = json.loads(result_path.read_text())
+    per_step, group = workload["prompts_per_step"], workload["group"]
+    prompts = workload["prompt_ids"]
+    expected = [group * sum(map(len, prompts[i:i + per_step]))
+                for i in range(0, len(prompts), per_step)]
+    if [step["prompt_tokens"] for step in result["steps"]] != expected:
+        raise RuntimeError("TRL's steps did not take the prompts in our order")
+    return result
+
+
+# ---------------------------------------------------------------- report
+
+
+def summarize(result: dict, tokens: list[int], expected_generated: int) -> dict[str, float]:
+    """Medians over the measured steps (the first step is the warm-up), the run's peak RSS and
+    the 1-minute load average when it ended."""
+    steps = result["steps"]
+    if len(steps) != len(tokens):
+        raise RuntimeError(f"{len(steps)} steps recorded, {len(tokens)} expected")
+    wrong = [s["generated_tokens"] for s in steps if s["generated_tokens"] != expected_generated]
+    if wrong:
+        raise RuntimeError(f"steps generated {wrong} tokens, not {expected_generated}: "
+                           "the sides would not do the same work")
+    measured = list(zip(steps, tokens))[1:]
+    row = {key: statistics.median(s[key] for s, _ in measured)
+           for key in ("rollout_s", "scoring_s", "train_s", "step_s", "cpu_s")}
+    row["tokens_per_step"] = statistics.median(t for _, t in measured)
+    row["tokens_per_s"] = statistics.median(t / s["step_s"] for s, t in measured)
+    row["peak_rss_mib"] = result["peak_rss_mib"]
+    row["load"] = os.getloadavg()[0]
+    return row
+
+
+def format_row(name: str, r: dict[str, float]) -> str:
+    return (f"| {name} | {r['rollout_s']:.2f} | {r['scoring_s']:.2f} | {r['train_s']:.2f} "
+            f"| {r['step_s']:.2f} | {r['cpu_s']:.2f} | {r['tokens_per_step']:.0f} "
+            f"| {r['tokens_per_s']:.0f} | {r['tokens_per_step'] / r['cpu_s']:.0f} "
+            f"| {r['peak_rss_mib']:.0f} | {r['load']:.1f} |")
+
+
+def print_table(rows: dict[str, dict[str, float]]) -> None:
+    print("| run | rollout s | scoring s | train s | step s | CPU s | tokens/step | tokens/s "
+          "| tokens/CPU s | peak RSS MiB | load avg |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, row in rows.items():
+        print(format_row(name, row))
+
+
+def run_all(args: argparse.Namespace, root: Path) -> dict[str, dict[str, float]]:
+    """Every run on one workload under ``root``; rows by run name, each printed when done."""
+    from megatron_dgrpo.models.mapping import hf_shapes
+
+    paths = prepare_assets(root, args)
+    prompts = step_prompts(paths, args)
+    tokens = step_tokens(prompts, args)
+    expected = args.prompts * args.group * args.new_tokens
+    parameters = sum(torch.Size(s).numel() for s in hf_shapes(BENCH_MODEL).values())
+    print(f"model: Qwen3 {parameters / 1e6:.1f}M parameters (fp32); {args.prompts} prompts "
+          f"x G={args.group} x {args.new_tokens} new tokens per step, prompts of "
+          f"{min(map(len, prompts))}-{max(map(len, prompts))} tokens; 1 warm-up + "
+          f"{args.steps} measured steps; {args.threads} torch threads per run; "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", flush=True)
+    runs = {
+        f"ours (TP={args.tp}) GRPO": lambda: run_ours(
+            run_config(paths, args, "grpo", str(root / "grpo")), args),
+        "TRL GRPOTrainer GRPO": lambda: run_trl(
+            {"hf_model": paths["student_hf"], "tokenizer": paths["tokenizer"],
+             "prompt_ids": prompts, "prompts_per_step": args.prompts, "group": args.group,
+             "max_new_tokens": args.new_tokens, "steps": args.steps + 1, "lr": args.lr,
+             "seed": args.seed, "threads": args.threads}, root),
+        f"ours (TP={args.tp}) dGRPO": lambda: run_ours(
+            run_config(paths, args, "dgrpo", str(root / "dgrpo")), args),
+    }
+    rows = {}
+    for name, run in runs.items():
+        result = run()
+        if result is None:
+            print(f"{name}: skipped, {BENCH_PYTHON} not found (run tools/install_bench.sh)")
+            continue
+        rows[name] = summarize(result, tokens, expected)
+        print(f"done: {format_row(name, rows[name])}", flush=True)
+    return rows
+
+
+def main() -> None:
+    args = parse_args()
+    with tempfile.TemporaryDirectory(prefix="e2e_step_") as tmp:
+        rows = run_all(args, Path(tmp))
+    print_table(rows)
+    ours, trl = rows[f"ours (TP={args.tp}) GRPO"], rows.get("TRL GRPOTrainer GRPO")
+    if trl is not None:
+        ratio = ours["tokens_per_s"] / trl["tokens_per_s"]
+        verdict = "met" if ratio >= TARGET_RATIO else "NOT met"
+        print(f"ours/TRL tokens/s on GRPO: {ratio:.2f}x (target >= {TARGET_RATIO}x: {verdict}); "
+              "wall times are skewed when the load average exceeds the CPU count")
+        print(f"ours/TRL tokens per CPU second: {trl['cpu_s'] / ours['cpu_s']:.2f}x "
+              "(less sensitive to other jobs; OpenMP spin-waits still count)")
+
+
+if __name__ == "__main__":
+    main()
