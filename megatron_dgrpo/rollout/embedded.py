@@ -64,9 +64,11 @@ class EmbeddedEngine:
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> RolloutBatch:
-        """Sample ``params.n`` completions per prompt; see :class:`RolloutEngine`."""
-        from megatron.core.inference.contexts import StaticInferenceContext
+        """Sample ``params.n`` completions per prompt; see :class:`RolloutEngine`.
 
+        Rows are decoded in buckets of similar prompt length (:func:`length_buckets`), so a
+        short prompt never makes a long one feed its prompt one token at a time.
+        """
         params.validate()
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("generate needs at least one prompt, and no prompt may be empty")
@@ -76,38 +78,16 @@ class EmbeddedEngine:
         start = time.perf_counter()
         device = next(self.model.parameters()).device
         rows = [list(p) for p in prompts for _ in range(params.n)]
-        prompt_lengths = torch.tensor([len(r) for r in rows], device=device)
-        total = int(prompt_lengths.max()) + params.max_new_tokens
-        tokens = torch.zeros(len(rows), total, dtype=torch.long)
-        for i, row in enumerate(rows):
-            tokens[i, :len(row)] = torch.tensor(row)
-        tokens = tokens.to(device)
         responses: list[list[int]] = [[] for _ in rows]
         logprobs: list[list[float]] = [[] for _ in rows]
         finish: list[str | None] = [None] * len(rows)
-        stop_ids = set(params.stop_token_ids)
         generator = torch.Generator(device=device).manual_seed(params.seed)
 
         was_training = self.model.training
         self.model.eval()
         try:
-            context = StaticInferenceContext(len(rows), total)
-            common = int(prompt_lengths.min())
-            logits = self._logits(tokens[:, :common], 0, context)
-            context.enable_decode_mode()
-            for position in range(common, total):
-                sampled, sampled_logprobs = sample_next(
-                    logits, params.temperature, params.top_k, params.top_p, generator)
-                sampled = self._same_on_all_tp_ranks(sampled)
-                in_prompt = position < prompt_lengths
-                tokens[:, position] = torch.where(in_prompt, tokens[:, position], sampled)
-                for i in torch.nonzero(~in_prompt).flatten().tolist():
-                    if finish[i] is None:
-                        finish[i] = self._append(i, int(sampled[i]), float(sampled_logprobs[i]),
-                                                 responses, logprobs, params, stop_ids)
-                if all(f is not None for f in finish) or position + 1 == total:
-                    break
-                logits = self._logits(tokens[:, position:position + 1], position, context)
+            for bucket in length_buckets([len(r) for r in rows], params.max_new_tokens):
+                self._decode_rows(bucket, rows, params, generator, responses, logprobs, finish)
         finally:
             self.model.train(was_training)
 
@@ -118,6 +98,42 @@ class EmbeddedEngine:
             for i in range(len(rows))
         ]
         return RolloutBatch(rollouts=rollouts, seconds=time.perf_counter() - start)
+
+    def _decode_rows(self, indices: list[int], rows: list[list[int]], params: SamplingParams,
+                     generator: torch.Generator, responses, logprobs, finish) -> None:
+        """Decode the rows ``indices`` as one batch, writing into responses/logprobs/finish.
+
+        One prefill over the bucket's common prompt prefix, then one token per step; until a
+        row's prompt is exhausted its next input is its own prompt token.
+        """
+        from megatron.core.inference.contexts import StaticInferenceContext
+
+        device = next(self.model.parameters()).device
+        prompt_lengths = torch.tensor([len(rows[i]) for i in indices], device=device)
+        total = int(prompt_lengths.max()) + params.max_new_tokens
+        tokens = torch.zeros(len(indices), total, dtype=torch.long)
+        for slot, i in enumerate(indices):
+            tokens[slot, :len(rows[i])] = torch.tensor(rows[i])
+        tokens = tokens.to(device)
+        stop_ids = set(params.stop_token_ids)
+        context = StaticInferenceContext(len(indices), total)
+        common = int(prompt_lengths.min())
+        logits = self._logits(tokens[:, :common], 0, context)
+        context.enable_decode_mode()
+        for position in range(common, total):
+            sampled, sampled_logprobs = sample_next(
+                logits, params.temperature, params.top_k, params.top_p, generator)
+            sampled = self._same_on_all_tp_ranks(sampled)
+            in_prompt = position < prompt_lengths
+            tokens[:, position] = torch.where(in_prompt, tokens[:, position], sampled)
+            for slot in torch.nonzero(~in_prompt).flatten().tolist():
+                i = indices[slot]
+                if finish[i] is None:
+                    finish[i] = self._append(i, int(sampled[slot]), float(sampled_logprobs[slot]),
+                                             responses, logprobs, params, stop_ids)
+            if all(finish[i] is not None for i in indices) or position + 1 == total:
+                break
+            logits = self._logits(tokens[:, position:position + 1], position, context)
 
     def _append(self, row: int, token: int, logprob: float, responses, logprobs,
                 params: SamplingParams, stop_ids: set[int]) -> str | None:
@@ -133,3 +149,25 @@ class EmbeddedEngine:
         if len(responses[row]) >= params.max_new_tokens:
             return "length"
         return None
+
+
+def length_buckets(prompt_lengths: Sequence[int], max_new_tokens: int) -> list[list[int]]:
+    """Partition row indices into buckets of consecutive prompt lengths that minimise the
+    number of forward passes, ``sum over buckets of (longest - shortest + max_new_tokens)``
+    (a bucket feeds its longer prompts token by token from its shortest length, then decodes).
+    Exact dynamic programme over the sorted distinct lengths; buckets come out shortest first.
+    """
+    lengths = sorted(set(prompt_lengths))
+    best = [0] + [None] * len(lengths)  # best[j]: cost of bucketing lengths[:j]
+    cut = [0] * (len(lengths) + 1)
+    for j in range(1, len(lengths) + 1):
+        for i in range(j):
+            cost = best[i] + lengths[j - 1] - lengths[i] + max_new_tokens
+            if best[j] is None or cost < best[j]:
+                best[j], cut[j] = cost, i
+    spans, j = [], len(lengths)
+    while j > 0:
+        spans.append((lengths[cut[j]], lengths[j - 1]))
+        j = cut[j]
+    return [[row for row, length in enumerate(prompt_lengths) if low <= length <= high]
+            for low, high in reversed(spans)]

@@ -114,3 +114,36 @@ def test_bad_generate_arguments_are_refused():
     [messages] = run_distributed(_stop_strings_need_decode, 1)
     assert "stop_strings need a decode function" in messages[0]
     assert "no prompt may be empty" in messages[1]
+
+
+def _passes(buckets, lengths, new_tokens):
+    return sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) + new_tokens for b in buckets)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_length_buckets_are_an_optimal_partition(seed):
+    """Every row in exactly one bucket, and no split of the sorted lengths into consecutive
+    runs needs fewer forward passes (brute force over all 2^(k-1) splits)."""
+    import itertools
+    import random
+
+    from megatron_dgrpo.rollout.embedded import length_buckets
+
+    rng = random.Random(seed)
+    lengths = [rng.randint(1, 60) for _ in range(rng.randint(1, 9))]
+    new_tokens = rng.randint(1, 20)
+    buckets = length_buckets(lengths, new_tokens)
+    assert sorted(i for b in buckets for i in b) == list(range(len(lengths)))
+    distinct = sorted(set(lengths))
+    best = None
+    for cuts in itertools.product([False, True], repeat=len(distinct) - 1):
+        runs, current = [], [distinct[0]]
+        for length, cut in zip(distinct[1:], cuts):
+            if cut:
+                runs.append(current)
+                current = []
+            current.append(length)
+        runs.append(current)
+        cost = sum(run[-1] - run[0] + new_tokens for run in runs)
+        best = cost if best is None else min(best, cost)
+    assert _passes(buckets, lengths, new_tokens) == best
