@@ -42,6 +42,18 @@ from megatron_dgrpo.parallel.vocab import (
 
 DEFAULT_CHUNK_ELEMENTS = 2 ** 25  # 128 MiB of fp32 logits per model and chunk
 
+# Logit given to the rows Megatron adds to pad the vocabulary for TP: far below any real
+# logit, so they carry no probability, yet finite, so 0 * logit stays 0 in entropy and KL.
+PADDED_VOCAB_LOGIT = -1.0e4
+
+
+def first_padded_column(vocab_size: int | None, local_vocab: int, tp_rank: int) -> int:
+    """Index in this rank's ``[*, V_local]`` shard of the first padding column (ids at and
+    past ``vocab_size``); ``local_vocab`` when the shard has none or ``vocab_size`` is None."""
+    if vocab_size is None:
+        return local_vocab
+    return min(local_vocab, max(0, vocab_size - tp_rank * local_vocab))
+
 
 def default_chunk_tokens(local_vocab: int) -> int:
     """Tokens per chunk so that one chunk of logits holds ~``DEFAULT_CHUNK_ELEMENTS``."""
@@ -59,6 +71,7 @@ class _ChunkedRun:
     kl_direction: str
     tp_group: object
     chunk_tokens: int
+    padded_from: int
     metrics: LossMetrics | None = None
 
 
@@ -87,6 +100,8 @@ class _FusedLinearLoss(torch.autograd.Function):
             teacher_logits = None
             if run.teacher_hidden is not None:
                 teacher_logits = (run.teacher_hidden[start:stop] @ run.teacher_weight.T).to(logits.dtype)
+                teacher_logits[:, run.padded_from:] = PADDED_VOCAB_LOGIT
+            logits[:, run.padded_from:] = PADDED_VOCAB_LOGIT
             terms, saved, student_exp = terms_forward(logits, teacher_logits, chunk.targets,
                                                 chunk.teacher_topk_indices, run.kl_direction,
                                                 run.tp_group)
@@ -104,6 +119,7 @@ class _FusedLinearLoss(torch.autograd.Function):
                 grad_terms = [next(grads) if leaf is not None else None for leaf in leaves]
                 grad_logits = terms_backward(saved, *grad_terms, student_exp=student_exp,
                                              overwrite_logits=True)
+                grad_logits[:, run.padded_from:] = 0.0  # padding logits are constants
                 del student_exp, saved, logits
                 torch.mm(grad_logits, student_weight, out=grad_hidden[start:stop])
                 grad_weight.addmm_(grad_logits.T, hidden)
@@ -132,7 +148,8 @@ class _FusedLinearLoss(torch.autograd.Function):
 def loss_from_hidden(config: LossConfig, batch: TokenBatch, student_hidden: Tensor,
                      student_weight: Tensor, teacher_hidden: Tensor | None = None,
                      teacher_weight: Tensor | None = None, tp_group=None,
-                     chunk_tokens: int | None = None) -> tuple[Tensor, LossMetrics]:
+                     chunk_tokens: int | None = None,
+                     vocab_size: int | None = None) -> tuple[Tensor, LossMetrics]:
     """This rank's share of the global loss computed from final hidden states.
 
     Args:
@@ -144,6 +161,9 @@ def loss_from_hidden(config: LossConfig, batch: TokenBatch, student_hidden: Tens
         teacher_weight: ``[V_local, H_teacher]`` teacher output-layer shard (constant).
         tp_group: tensor-parallel group of the vocabulary shards (``None``: unsharded).
         chunk_tokens: tokens per chunk; default :func:`default_chunk_tokens`.
+        vocab_size: the real vocabulary size when the weights carry Megatron's TP padding
+            rows: logits of ids at and past it are set to :data:`PADDED_VOCAB_LOGIT` (student
+            and teacher) and get no gradient. ``None``: every row is a real token.
 
     Returns:
         ``(loss, metrics)`` exactly as :func:`megatron_dgrpo.parallel.materialized.loss_from_logits`
@@ -178,6 +198,7 @@ def loss_from_hidden(config: LossConfig, batch: TokenBatch, student_hidden: Tens
         kl_direction=get_objective(config.objective).teacher_kl_direction,
         tp_group=tp_group,
         chunk_tokens=chunk_tokens or default_chunk_tokens(local_vocab),
+        padded_from=first_padded_column(vocab_size, local_vocab, group_rank_and_size(tp_group)[0]),
     )
     loss = _FusedLinearLoss.apply(student_hidden.reshape(-1, hidden_size), student_weight, run)
     return loss, run.metrics

@@ -17,6 +17,7 @@ Every section is a dataclass owned by the module that uses it (``LossConfig`` by
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from megatron_dgrpo.algorithms.objectives import LossConfig
 from megatron_dgrpo.data.longblocks import LongBlocksConfig
@@ -24,6 +25,7 @@ from megatron_dgrpo.data.rewards import RewardConfig
 from megatron_dgrpo.models.config import ModelConfig, ParallelConfig, Runtime
 from megatron_dgrpo.models.presets import get_preset
 from megatron_dgrpo.rollout.engine import SamplingParams
+from megatron_dgrpo.train.schedule import learning_rate
 
 # Objectives that read the teacher, and those that sample rollouts.
 TEACHER_OBJECTIVES = ("kd", "opd", "dgrpo")
@@ -42,6 +44,7 @@ class ModelSource:
     preset: str | None = "tiny-qwen3"
     model: ModelConfig | None = None
     init_from: str | None = None
+    offload: bool = False  # teacher only: parameters in host memory between uses (no-op on CPU)
 
     def model_config(self) -> ModelConfig:
         if self.init_from is not None:
@@ -57,9 +60,14 @@ class ModelSource:
 
 @dataclass
 class OptimConfig:
-    """Adam(W) through Megatron's optimizer (plain, non-distributed on CPU)."""
+    """Adam(W) through Megatron's optimizer (plain, non-distributed on CPU), with the
+    learning-rate schedule of :mod:`megatron_dgrpo.train.schedule` (``lr`` is the peak)."""
 
     lr: float = 1e-4
+    warmup_steps: int = 0
+    decay: Literal["constant", "cosine", "linear"] = "constant"
+    decay_steps: int | None = None  # steps after warm-up to reach min_lr (None: to the end)
+    min_lr: float = 0.0
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -70,6 +78,70 @@ class OptimConfig:
             raise ValueError(f"optim.lr must be > 0, got {self.lr}")
         if self.clip_grad < 0:
             raise ValueError(f"optim.clip_grad must be >= 0, got {self.clip_grad}")
+        if self.warmup_steps < 0 or (self.decay_steps is not None and self.decay_steps < 1):
+            raise ValueError("optim.warmup_steps must be >= 0 and optim.decay_steps >= 1")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"optim.min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
+
+    def lr_at(self, step: int, total_steps: int) -> float:
+        """The learning rate of 1-based ``step`` of a ``total_steps`` run."""
+        decay_steps = self.decay_steps or max(1, total_steps - self.warmup_steps)
+        return learning_rate(step, self.lr, self.warmup_steps, self.decay, decay_steps,
+                             self.min_lr)
+
+
+@dataclass
+class RolloutConfig:
+    """Which engine samples the on-policy rollouts, and how it follows the trainer.
+
+    ``embedded``: the trainer's own Megatron model with a KV cache (always on the current
+    weights). ``vllm``: a colocated vLLM engine on global rank 0 (see
+    :mod:`megatron_dgrpo.train.vllm_rollouts`), refitted after every optimizer step and
+    verified every ``verify_every`` steps (0: never); verification failing stops training.
+    """
+
+    engine: Literal["embedded", "vllm"] = "embedded"
+    verify_every: int = 1
+    verify_sequences: int = 2  # probe sequences (this step's first rollouts) per verification
+    verify_logprob_tol: float = 1e-3  # nats; fp32 engines agree to ~1e-5, bf16 needs ~0.1
+    refit_bucket_mb: float = 256.0
+    dtype: str = "auto"  # vLLM weights/activations: auto (= the student's), float32, bfloat16
+    kv_cache_gib: float = 1.0  # CPU only; on GPU gpu_memory_utilization rules
+    gpu_memory_utilization: float = 0.5  # GPU: fraction vLLM may take beside the trainer
+    sleep_level: int = 2  # GPU: release weights + KV cache while training (0: never); CPU: no-op
+
+    def validate(self) -> None:
+        if self.verify_every < 0:
+            raise ValueError(f"rollout.verify_every must be >= 0 (0 = never), got {self.verify_every}")
+        if self.verify_sequences < 1:
+            raise ValueError(f"rollout.verify_sequences must be >= 1, got {self.verify_sequences}")
+        if self.verify_logprob_tol <= 0 or self.refit_bucket_mb <= 0 or self.kv_cache_gib <= 0:
+            raise ValueError("rollout.verify_logprob_tol, refit_bucket_mb and kv_cache_gib "
+                             "must be > 0")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"rollout.gpu_memory_utilization must be in (0, 1], got "
+                             f"{self.gpu_memory_utilization}")
+        if self.sleep_level not in (0, 1, 2):
+            raise ValueError(f"rollout.sleep_level must be 0, 1 or 2, got {self.sleep_level}")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"rollout.dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+
+    def check_engine(self, student: ModelConfig, runtime: Runtime) -> None:
+        """The vLLM engine's start-up requirements, before any model is built."""
+        if self.engine != "vllm":
+            return
+        from megatron_dgrpo.rollout.vllm_engine import cpu_attention_head_dims, require_engine_package
+
+        try:
+            require_engine_package()
+        except RuntimeError as exc:
+            raise ValueError(f"rollout.engine=vllm: {exc}") from None
+        if not runtime.cuda and student.head_dim not in cpu_attention_head_dims():
+            raise ValueError(
+                f"rollout.engine=vllm: the student's head_dim {student.head_dim} is not "
+                f"supported by vLLM's CPU attention (supported: "
+                f"{', '.join(map(str, cpu_attention_head_dims()))}); use rollout.engine=embedded "
+                f"or a model with head_dim >= 32 (e.g. the small-qwen3 preset)")
 
 
 @dataclass
@@ -79,7 +151,10 @@ class RunConfig:
     run_dir: str = "runs/dgrpo"
     seed: int = 1234
     steps: int = 10
-    prompts_per_step: int = 4
+    prompts_per_step: int = 4  # per data-parallel rank; x sampling.n sequences on-policy
+    # Sequences per forward/backward on each DP rank (gradients accumulate over them);
+    # None: the rank's whole batch at once. Long contexts need 1.
+    micro_batch_size: int | None = None
     save_every: int = 5
     keep_last: int = 2
     tokenizer: str = ""
@@ -88,7 +163,13 @@ class RunConfig:
     teacher: ModelSource | None = None
     teacher_topk_cache: str | None = None  # `dgrpo teacher-cache` output, for kd with top-k KL
     loss: LossConfig = field(default_factory=LossConfig)
+    # fused: loss from final hidden states chunk by chunk (parallel/fused.py), never
+    # [tokens x vocab] logits; materialized: full logits (parallel/materialized.py), the
+    # plain reference path. Both give the same loss and gradients for every objective.
+    loss_impl: Literal["fused", "materialized"] = "fused"
+    loss_chunk_tokens: int | None = None  # fused: tokens per chunk (None: ~128 MiB of logits)
     sampling: SamplingParams = field(default_factory=lambda: SamplingParams(n=4))
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     data: LongBlocksConfig = field(default_factory=LongBlocksConfig)
     rewards: RewardConfig = field(default_factory=RewardConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -101,6 +182,10 @@ class RunConfig:
         for name in ("steps", "prompts_per_step", "save_every", "keep_last"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
+        if self.loss_chunk_tokens is not None and self.loss_chunk_tokens < 1:
+            raise ValueError(f"loss_chunk_tokens must be >= 1, got {self.loss_chunk_tokens}")
         if not self.tokenizer:
             raise ValueError("tokenizer must name an HF tokenizer directory or a sentencepiece "
                              ".model file")
@@ -116,6 +201,17 @@ class RunConfig:
                              f"advantages, got {self.sampling.n}")
         student = self.student.model_config()
         validate_for_runtime(student, self.parallel, runtime)
+        if self.rollout.engine != "embedded" and objective not in ON_POLICY_OBJECTIVES:
+            raise ValueError(f"rollout.engine={self.rollout.engine} samples rollouts, but "
+                             f"loss.objective={objective} trains on fixed sequences; use "
+                             f"rollout.engine=embedded (the default)")
+        self.rollout.check_engine(student, runtime)
+        longest = self.data.max_prompt_tokens + self.sampling.max_new_tokens
+        if self.rollout.engine == "vllm" and longest > student.max_position_embeddings:
+            raise ValueError(
+                f"data.max_prompt_tokens + sampling.max_new_tokens = {longest} exceeds the "
+                f"student's max_position_embeddings ({student.max_position_embeddings}), which "
+                f"vLLM enforces; shorten them or raise model.max_position_embeddings")
         if self.teacher_topk_cache is not None:
             if objective != "kd" or self.loss.resolved_kl_estimator != "topk":
                 raise ValueError("teacher_topk_cache serves loss.objective=kd with "
@@ -129,6 +225,15 @@ class RunConfig:
                 raise ValueError(
                     f"teacher vocabulary ({teacher.vocab_size}) differs from the student's "
                     f"({student.vocab_size}): token-level guidance needs one tokenizer")
+
+        if self.student.offload:
+            raise ValueError("student.offload: only the frozen teacher can be offloaded "
+                             "(the student trains every step)")
+        if self.parallel.context_parallel > 1:  # last, so every other check ran first
+            raise ValueError(
+                "parallel.context_parallel > 1: the trainer does not shard sequences over "
+                "context-parallel ranks yet (the loss module supports CP, the step does not "
+                "split its batch); use context_parallel=1")
 
     def needs_teacher_model(self) -> bool:
         """A live teacher runs unless a top-k cache stands in for it (KD)."""
