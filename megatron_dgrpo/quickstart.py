@@ -1,153 +1,314 @@
-"""``dgrpo quickstart``: the CPU smoke run that needs no network and no downloaded weights.
+"""``dgrpo quickstart``: the whole method on a laptop-class CPU, no network, no downloaded weights.
 
-Until the trainer lands, the quickstart exercises the foundation end to end on a tiny
-random Qwen3 and reports what it checked:
+    dgrpo quickstart [--out runs/quickstart] [--short] [--tp 1|2]
 
-1. builds the model with ``transformers`` and saves it as a sharded Hugging Face directory;
-2. converts it to a Megatron checkpoint at TP=2, re-shards that to TP=1, and converts back
-   to Hugging Face: every tensor must come back bit-for-bit;
-3. loads the TP=2 checkpoint into a Megatron ``GPTModel`` on two real (gloo) ranks and
-   compares its logits with the ``transformers`` model's, then decodes greedily with the
-   embedded rollout engine and compares with ``transformers``' ``generate``.
+What it does, each phase with progress on the console and its outputs under ``--out``:
 
-Outputs in ``--out``: the checkpoints and ``quickstart.json`` / ``quickstart.md``.
+1. ``assets/tokenizer``: a ChatML byte-level BPE trained on generated text;
+2. ``assets/train``, ``assets/heldout``: LongBlocks-style tasks with verifiable answers
+   (``dgrpo data synth``), the held-out set from another seed;
+3. ``runs/teacher-sft``: the teacher (``small-qwen3``, 4 layers) trained by SFT on the
+   reference answers, so that it is stronger than the student;
+4. ``runs/student-cold-start``: the student (``tiny-qwen3``, 2 layers) after a short SFT
+   warm start, the usual cold start before RL;
+5. ``runs/student-dgrpo``: dGRPO from the cold start, the teacher as the KL anchor, with a
+   checkpoint every ``eval_every`` steps. Rollouts are sampled at temperature 0.6: a 2-layer
+   student samples near-uniform junk at temperature 1 and so never visits the prefixes on
+   which the teacher's guidance matters (e.g. the 6th token of "unanswerable"). The loss
+   still trains the temperature-1 policy; the truncated importance weight
+   ``pi_old / pi_rollout`` (``loss.tis_cap``) corrects for the tempered sampler;
+6. ``eval/<model>``: greedy answers on the held-out set for the teacher and for every
+   student checkpoint (``scores.md``, ``heatmap.png``, ``predictions.jsonl``);
+7. ``report.md``, ``quickstart.json``, ``heldout_reward.png``: held-out reward of the
+   teacher and of the student through dGRPO, and each run's training curves
+   (``runs/*/report/``, from ``dgrpo report``).
+
+Every phase is an ordinary command of this package run with a generated config, so the
+quickstart is also a worked example: ``runs/*/config.yaml`` can be re-run with ``dgrpo
+train``. ``--short`` is the same pipeline with a few steps (for tests; it shows the wiring,
+not learning).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import torch
+TEACHER_PRESET = "small-qwen3"
+STUDENT_PRESET = "tiny-qwen3"
+# Families and tasks a 1M-parameter model can make progress on in minutes; the long-answer
+# tasks (list_items, event_order) and arithmetic (sum_values) need far more training.
+QUICKSTART_TASKS = ("multihop", "counterfactual", "unanswerable", "count_items", "section_lookup")
 
-_PROMPTS = [[11, 42, 7, 300, 5, 64], [901, 2, 77], [15, 15, 16, 17, 512]]
-_NEW_TOKENS = 8
+
+@dataclass(frozen=True)
+class QuickstartPlan:
+    """Sizes of one quickstart; :data:`FULL` is the documented run, :data:`SHORT` the test."""
+
+    vocab_size: int
+    document_tokens: int  # length of each generated document (counted with the tokenizer)
+    train_examples: int
+    heldout_examples: int
+    teacher_sft_steps: int
+    cold_start_steps: int
+    dgrpo_steps: int
+    eval_every: int  # dGRPO steps between held-out evaluations
+    sft_prompts_per_step: int
+    dgrpo_prompts_per_step: int
+    group_size: int  # rollouts per prompt
+    temperature: float  # of the rollouts; the loss still trains the temperature-1 policy
+    max_new_tokens: int
+    sft_lr: float
+    dgrpo_lr: float
+    kl_coef: float
+
+
+FULL = QuickstartPlan(vocab_size=1024, document_tokens=64, train_examples=4000,
+                      heldout_examples=96, teacher_sft_steps=100, cold_start_steps=22,
+                      dgrpo_steps=45, eval_every=15, sft_prompts_per_step=16,
+                      dgrpo_prompts_per_step=8, group_size=4, temperature=0.6,
+                      max_new_tokens=12, sft_lr=3e-3, dgrpo_lr=1e-3, kl_coef=1.0)
+SHORT = dataclasses.replace(FULL, train_examples=64, heldout_examples=8, teacher_sft_steps=4,
+                            cold_start_steps=2, dgrpo_steps=2, eval_every=1,
+                            sft_prompts_per_step=4, dgrpo_prompts_per_step=2, group_size=2,
+                            max_new_tokens=4)
 
 
 def add_quickstart_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/quickstart",
                         help="new output directory (default: runs/quickstart)")
-    parser.add_argument("--preset", default="tiny-qwen3", help="model preset (default tiny-qwen3)")
-    parser.add_argument("--tp", type=int, default=2, help="tensor-parallel ranks (default 2)")
+    parser.add_argument("--short", action="store_true",
+                        help="a few steps of every phase: checks the wiring in ~2 minutes")
+    parser.add_argument("--tp", type=int, default=1, choices=(1, 2),
+                        help="tensor-parallel ranks of every phase (default 1: fastest on 2 cores)")
     parser.add_argument("--seed", type=int, default=0)
 
 
-def _hf_model(preset: str, seed: int):
-    from megatron_dgrpo.models.presets import get_preset
-    from megatron_dgrpo.testing.tiny_models import random_hf_qwen3
-
-    config = get_preset(preset)
-    config.params_dtype = "fp32"
-    return random_hf_qwen3(config, seed)
+# ------------------------------------------------------------------------ phases
 
 
-def _round_trip_identical(first: Path, second: Path) -> tuple[int, list[str]]:
-    """(number of tensors compared, names that differ) between two HF directories."""
-    from megatron_dgrpo.models.convert import HFCheckpoint
+def _make_assets(out: Path, plan: QuickstartPlan, seed: int) -> dict[str, Path]:
+    from megatron_dgrpo.data.synth import SynthConfig
+    from megatron_dgrpo.data.synth.writer import write_synth_dataset
+    from megatron_dgrpo.data.tiny_tokenizer import train_tiny_tokenizer
 
-    a, b = HFCheckpoint(first), HFCheckpoint(second)
-    names_a, names_b = set(a.shapes()), set(b.shapes())
-    if names_a != names_b:
-        return len(names_a), sorted(names_a ^ names_b)
-    differing = [n for n in sorted(names_a) if not torch.equal(a.tensor(n), b.tensor(n))]
-    return len(names_a), differing
+    assets = {"tokenizer": out / "assets" / "tokenizer", "train": out / "assets" / "train",
+              "heldout": out / "assets" / "heldout"}
+    train_tiny_tokenizer(assets["tokenizer"], vocab_size=plan.vocab_size)
+    common = {"lengths": (plan.document_tokens,), "tasks": QUICKSTART_TASKS, "hops": (1,),
+              "tokenizer": str(assets["tokenizer"]), "filler_bank_size": 2000}
+    write_synth_dataset(SynthConfig(num_examples=plan.train_examples, seed=seed, **common),
+                        assets["train"])
+    write_synth_dataset(SynthConfig(num_examples=plan.heldout_examples, seed=seed + 1_000_003,
+                                    **common), assets["heldout"])
+    return assets
 
 
-def _megatron_side(rank: int, world_size: int, ckpt_dir: str, prompts, new_tokens: int):
-    """On each TP rank: load the checkpoint, return (logits of prompt 0, greedy responses)."""
-    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+def _checkpoint_model(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"step_{step:08d}" / "model"
 
+
+def _run_config(run_dir: Path, assets: dict[str, Path], plan: QuickstartPlan, tp: int,
+                seed: int, **sections: Any) -> dict[str, Any]:
+    """A ``dgrpo train`` config (as a dict) for one phase."""
+    return {"run_dir": str(run_dir), "seed": seed, "tokenizer": str(assets["tokenizer"]),
+            "parallel": {"tensor_parallel": tp}, "keep_last": 1_000,
+            "data": {"paths": [str(assets["train"])]}, **sections}
+
+
+def _train(rank: int, world_size: int, config: dict[str, Any]) -> int:
+    """One ``dgrpo train`` run on this rank (spawned by :func:`_run_phase`)."""
+    import torch
+
+    from megatron_dgrpo.config import from_dict
+    from megatron_dgrpo.train.config import RunConfig
+    from megatron_dgrpo.train.runner import run_training
+
+    torch.set_num_threads(max(1, 2 // world_size))
+    run = from_dict(RunConfig, config)
+    run.validate()
+    return run_training(run, show_progress=rank == 0)
+
+
+def _run_phase(config: dict[str, Any], tp: int) -> None:
+    """Train one phase on ``tp`` spawned ranks, then render its curves (``dgrpo report``)."""
+    from megatron_dgrpo.report import write_report
+    from megatron_dgrpo.testing.distributed import run_distributed
+
+    codes = run_distributed(_train, tp, args=(config,), timeout_s=3600)
+    if any(codes):
+        raise RuntimeError(f"training in {config['run_dir']} stopped early (exit codes {codes})")
+    write_report(config["run_dir"])
+
+
+def _evaluate(rank: int, world_size: int, models: list[tuple[str, str]], tokenizer_dir: str,
+              heldout_dir: str, eval_root: str, max_new_tokens: int) -> dict[str, dict]:
+    """Greedy held-out answers of each ``(label, checkpoint)``; scores per label."""
+    import torch
+
+    from megatron_dgrpo.data.chat import IM_END, load_chat_tokenizer
+    from megatron_dgrpo.data.evaluate import ALL, evaluate
+    from megatron_dgrpo.data.longblocks import LongBlocksConfig, LongBlocksLoader
     from megatron_dgrpo.models.config import ParallelConfig
-    from megatron_dgrpo.models.convert import (
-        MegatronCheckpoint,
-        load_megatron_checkpoint_into,
-    )
+    from megatron_dgrpo.models.convert import MegatronCheckpoint, load_megatron_checkpoint_into
     from megatron_dgrpo.models.provider import build_gpt_model, initialize_parallel
     from megatron_dgrpo.rollout.embedded import EmbeddedEngine
     from megatron_dgrpo.rollout.engine import SamplingParams
 
-    config = MegatronCheckpoint(ckpt_dir).config
-    parallel = ParallelConfig(tensor_parallel=world_size)
-    initialize_parallel(parallel)
-    model = build_gpt_model(config, parallel)
-    load_megatron_checkpoint_into(model, ckpt_dir)
-    model.eval()
-    with torch.no_grad():
-        ids = torch.tensor([prompts[0]])
-        logits = gather_from_tensor_model_parallel_region(
-            model(ids, torch.arange(ids.shape[1]).unsqueeze(0), None))[0, :, :config.vocab_size]
-    engine = EmbeddedEngine(model, vocab_size=config.vocab_size)
-    rollouts = engine.generate(prompts, SamplingParams(temperature=0.0,
-                                                       max_new_tokens=new_tokens))
-    return logits.numpy(), [r.response_ids for r in rollouts.rollouts], rollouts.tokens_per_second
+    torch.set_num_threads(2)
+    tokenizer = load_chat_tokenizer(tokenizer_dir)
+    params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, stop_strings=[IM_END])
+    initialize_parallel(ParallelConfig())
+    scores = {}
+    for label, checkpoint in models:
+        config = MegatronCheckpoint(checkpoint).config
+        model = build_gpt_model(config, ParallelConfig())
+        load_megatron_checkpoint_into(model, checkpoint)
+        engine = EmbeddedEngine(model, config.vocab_size, decode=tokenizer.decode)
+
+        def generate(prompts: list[str]) -> list[str]:
+            batch = engine.generate([tokenizer.encode(p) for p in prompts], params)
+            return [r.text.split(IM_END, 1)[0] for r in batch.rollouts]
+
+        loader = LongBlocksLoader(LongBlocksConfig(paths=(heldout_dir,), split="all"), tokenizer)
+        table = evaluate(loader, generate, out_dir=Path(eval_root) / label, batch_size=32)
+        scores[label] = {family: table.score(family) for family in [*table.families, ALL]}
+    return scores
+
+
+# ------------------------------------------------------------------------ report
+
+
+def _plot_heldout(curve: list[tuple[int, float]], teacher: float, out_png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 3.6), layout="constrained")
+    axis.plot([s for s, _ in curve], [v for _, v in curve], marker="o", label="student (dGRPO)")
+    axis.axhline(teacher, color="tab:green", linestyle="--", label="teacher (SFT)")
+    axis.set_xlabel("dGRPO step")
+    axis.set_ylabel("held-out reward x 100 (greedy)")
+    axis.set_ylim(bottom=0)
+    axis.legend()
+    figure.savefig(out_png, dpi=100)
+    plt.close(figure)
+
+
+def _report_markdown(summary: dict[str, Any]) -> str:
+    scores = summary["heldout"]
+    families = sorted({f for row in scores.values() for f in row if f != "all"})
+    lines = ["# dgrpo quickstart", "",
+             f"Student `{STUDENT_PRESET}`, teacher `{TEACHER_PRESET}`, tensor parallel "
+             f"{summary['tensor_parallel']}, {summary['plan_name']} plan. Held-out reward "
+             f"(mean reward x 100, greedy, {summary['plan']['heldout_examples']} prompts):", "",
+             "| model | all | " + " | ".join(families) + " |",
+             "|---|---:|" + "---:|" * len(families)]
+    for label, row in scores.items():
+        cells = [row.get("all")] + [row.get(f) for f in families]
+        lines.append(f"| {label} | " + " | ".join("-" if v is None else f"{v:.1f}" for v in cells)
+                     + " |")
+    verdict = ("rose" if summary["learning"] else "did NOT rise")
+    lines += ["", f"Held-out reward of the student {verdict} during dGRPO: "
+              f"{summary['student_before']:.1f} -> {summary['student_after']:.1f} "
+              f"(teacher {summary['teacher']:.1f}). Curve: `heldout_reward.png`.", "",
+              "Training curves: `runs/<phase>/report/summary.md` and `curves.png` for "
+              "teacher-sft, student-cold-start, student-dgrpo. Per-model answers: "
+              "`eval/<model>/predictions.jsonl`.", "",
+              "| phase | seconds |", "|---|---:|"]
+    lines += [f"| {phase} | {seconds:.0f} |" for phase, seconds in summary["seconds"].items()]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------ command
 
 
 def run_quickstart(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from megatron_dgrpo.models.convert import (
-        hf_to_megatron_checkpoint,
-        megatron_to_hf_checkpoint,
-        reshard_megatron_checkpoint,
-    )
+    from megatron_dgrpo.data.chat import IM_END
     from megatron_dgrpo.outputs import refuse_existing
     from megatron_dgrpo.testing.distributed import run_distributed
 
+    plan, plan_name = (SHORT, "short") if args.short else (FULL, "full")
     console = Console()
     out = Path(args.out)
     refuse_existing(out)
     out.mkdir(parents=True)
+    seconds: dict[str, float] = {}
     started = time.perf_counter()
-    report: dict = {"preset": args.preset, "tensor_parallel": args.tp,
-                    "note": "The trainer is not in this release yet: the quickstart checks the "
-                            "model, conversion and rollout foundation."}
 
-    with console.status("[bold]1/3 building a tiny random Qwen3 with transformers"):
-        hf_model = _hf_model(args.preset, args.seed)
-        hf_model.save_pretrained(out / "hf", max_shard_size="200KB")
-    console.print(f"[green]1/3[/] Hugging Face model saved to {out / 'hf'}")
+    def phase(name: str, text: str):
+        console.rule(f"[bold]{name}[/]: {text}")
+        seconds[name] = time.perf_counter()
 
-    with console.status("[bold]2/3 converting HF -> Megatron TP={} -> TP=1 -> HF".format(args.tp)):
-        hf_to_megatron_checkpoint(out / "hf", out / f"megatron-tp{args.tp}", args.tp, 1)
-        reshard_megatron_checkpoint(out / f"megatron-tp{args.tp}", out / "megatron-tp1", 1, 1)
-        megatron_to_hf_checkpoint(out / "megatron-tp1", out / "hf-roundtrip")
-        compared, differing = _round_trip_identical(out / "hf", out / "hf-roundtrip")
-    report["round_trip"] = {"tensors": compared, "differing": differing}
-    console.print(f"[green]2/3[/] round trip: {compared} tensors, "
-                  f"{'all bit-identical' if not differing else f'DIFFERING: {differing}'}")
+    def done(name: str) -> None:
+        seconds[name] = time.perf_counter() - seconds[name]
+        console.print(f"[green]{name} done[/] in {seconds[name]:.0f} s")
 
-    with console.status(f"[bold]3/3 Megatron on {args.tp} gloo ranks vs transformers"):
-        results = run_distributed(_megatron_side, args.tp,
-                                  args=(str(out / f"megatron-tp{args.tp}"), _PROMPTS, _NEW_TOKENS))
-        megatron_logits, megatron_greedy, tokens_per_s = results[0]
-        with torch.no_grad():
-            hf_logits = hf_model(torch.tensor([_PROMPTS[0]])).logits[0]
-            hf_greedy = [hf_model.generate(torch.tensor([p]), max_new_tokens=_NEW_TOKENS,
-                                           do_sample=False, eos_token_id=None,
-                                           pad_token_id=0)[0, len(p):].tolist()
-                         for p in _PROMPTS]
-    max_diff = (torch.from_numpy(megatron_logits) - hf_logits).abs().max().item()
-    report["logits_max_abs_diff"] = max_diff
-    report["greedy_equal"] = megatron_greedy == hf_greedy
-    report["embedded_engine_tokens_per_s"] = tokens_per_s
-    report["seconds"] = time.perf_counter() - started
-    console.print(f"[green]3/3[/] logits max |diff| {max_diff:.2e}; greedy decoding "
-                  f"{'identical' if report['greedy_equal'] else 'DIFFERS'} on {len(_PROMPTS)} prompts")
+    phase("data", f"tokenizer, {plan.train_examples} training and {plan.heldout_examples} "
+                  f"held-out tasks ({', '.join(QUICKSTART_TASKS)})")
+    assets = _make_assets(out, plan, args.seed)
+    done("data")
 
-    ok = not differing and max_diff < 1e-4 and report["greedy_equal"]
-    report["ok"] = ok
-    (out / "quickstart.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "quickstart.md").write_text(
-        "# dgrpo quickstart\n\n"
-        f"- model: `{args.preset}` (random weights), Megatron TP={args.tp} on CPU/gloo\n"
-        f"- HF -> Megatron -> HF: {compared} tensors, "
-        f"{'bit-identical' if not differing else 'differing: ' + ', '.join(differing)}\n"
-        f"- logits vs transformers: max abs diff {max_diff:.2e}\n"
-        f"- greedy decoding (embedded engine vs transformers): "
-        f"{'identical' if report['greedy_equal'] else 'different'}\n"
-        f"- wall time: {report['seconds']:.1f} s\n\n{report['note']}\n")
-    console.print(f"{'[bold green]OK' if ok else '[bold red]FAILED'}[/] in "
-                  f"{report['seconds']:.1f} s; report: {out / 'quickstart.md'}")
-    return 0 if ok else 1
+    runs = out / "runs"
+    sft = {"loss": {"objective": "sft"}, "optim": {"lr": plan.sft_lr},
+           "prompts_per_step": plan.sft_prompts_per_step}
+    teacher_run, cold_run, dgrpo_run = runs / "teacher-sft", runs / "student-cold-start", runs / "student-dgrpo"
+
+    phase("teacher", f"SFT of {TEACHER_PRESET} for {plan.teacher_sft_steps} steps")
+    _run_phase(_run_config(teacher_run, assets, plan, args.tp, args.seed,
+                           student={"preset": TEACHER_PRESET}, steps=plan.teacher_sft_steps,
+                           save_every=plan.teacher_sft_steps, **sft), args.tp)
+    done("teacher")
+
+    phase("cold start", f"SFT of {STUDENT_PRESET} for {plan.cold_start_steps} steps")
+    _run_phase(_run_config(cold_run, assets, plan, args.tp, args.seed + 1,
+                           student={"preset": STUDENT_PRESET}, steps=plan.cold_start_steps,
+                           save_every=plan.cold_start_steps, **sft), args.tp)
+    done("cold start")
+
+    teacher_ckpt = _checkpoint_model(teacher_run, plan.teacher_sft_steps)
+    cold_ckpt = _checkpoint_model(cold_run, plan.cold_start_steps)
+    phase("dgrpo", f"dGRPO of the student for {plan.dgrpo_steps} steps, teacher as the anchor")
+    _run_phase(_run_config(
+        dgrpo_run, assets, plan, args.tp, args.seed + 2,
+        student={"preset": None, "init_from": str(cold_ckpt)},
+        teacher={"preset": None, "init_from": str(teacher_ckpt)},
+        loss={"objective": "dgrpo", "kl_coef": plan.kl_coef},
+        sampling={"n": plan.group_size, "temperature": plan.temperature,
+                  "max_new_tokens": plan.max_new_tokens,
+                  "stop_strings": [IM_END]},
+        optim={"lr": plan.dgrpo_lr}, prompts_per_step=plan.dgrpo_prompts_per_step,
+        steps=plan.dgrpo_steps, save_every=plan.eval_every), args.tp)
+    done("dgrpo")
+
+    phase("eval", "greedy answers on the held-out set: teacher, student through dGRPO")
+    eval_steps = list(range(plan.eval_every, plan.dgrpo_steps + 1, plan.eval_every))
+    models = [("teacher", str(teacher_ckpt)), ("student-step-0", str(cold_ckpt))]
+    models += [(f"student-step-{s}", str(_checkpoint_model(dgrpo_run, s))) for s in eval_steps]
+    heldout = run_distributed(_evaluate, 1, args=(models, str(assets["tokenizer"]),
+                                                  str(assets["heldout"]), str(out / "eval"),
+                                                  plan.max_new_tokens), timeout_s=3600)[0]
+    done("eval")
+
+    curve = [(0, heldout["student-step-0"]["all"])]
+    curve += [(s, heldout[f"student-step-{s}"]["all"]) for s in eval_steps]
+    summary = {"plan_name": plan_name, "plan": dataclasses.asdict(plan), "tensor_parallel": args.tp,
+               "heldout": heldout, "teacher": heldout["teacher"]["all"],
+               "student_before": curve[0][1], "student_after": curve[-1][1],
+               "learning": curve[-1][1] > curve[0][1], "curve": curve}
+    seconds["total"] = time.perf_counter() - started
+    summary["seconds"] = seconds
+    _plot_heldout(curve, summary["teacher"], out / "heldout_reward.png")
+    (out / "quickstart.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "report.md").write_text(_report_markdown(summary))
+    console.print(_report_markdown(summary))
+    console.print(f"[bold]report:[/] {out / 'report.md'}")
+    return 0
