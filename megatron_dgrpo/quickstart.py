@@ -113,8 +113,8 @@ def _checkpoint_model(run_dir: Path, step: int) -> Path:
     return run_dir / "checkpoints" / f"step_{step:08d}" / "model"
 
 
-def _run_config(run_dir: Path, assets: dict[str, Path], plan: QuickstartPlan, tp: int,
-                seed: int, **sections: Any) -> dict[str, Any]:
+def _run_config(run_dir: Path, assets: dict[str, Path], tp: int, seed: int,
+                **sections: Any) -> dict[str, Any]:
     """A ``dgrpo train`` config (as a dict) for one phase."""
     return {"run_dir": str(run_dir), "seed": seed, "tokenizer": str(assets["tokenizer"]),
             "parallel": {"tensor_parallel": tp}, "keep_last": 1_000,
@@ -171,7 +171,7 @@ def _evaluate(rank: int, world_size: int, models: list[tuple[str, str]], tokeniz
         load_megatron_checkpoint_into(model, checkpoint)
         engine = EmbeddedEngine(model, config.vocab_size, decode=tokenizer.decode)
 
-        def generate(prompts: list[str]) -> list[str]:
+        def generate(prompts: list[str], engine: EmbeddedEngine = engine) -> list[str]:
             batch = engine.generate([tokenizer.encode(p) for p in prompts], params)
             return [r.text.split(IM_END, 1)[0] for r in batch.rollouts]
 
@@ -263,13 +263,13 @@ def run_quickstart(args: argparse.Namespace) -> int:
     teacher_run, cold_run, dgrpo_run = runs / "teacher-sft", runs / "student-cold-start", runs / "student-dgrpo"
 
     phase("teacher", f"SFT of {TEACHER_PRESET} for {plan.teacher_sft_steps} steps")
-    _run_phase(_run_config(teacher_run, assets, plan, args.tp, args.seed,
+    _run_phase(_run_config(teacher_run, assets, args.tp, args.seed,
                            student={"preset": TEACHER_PRESET}, steps=plan.teacher_sft_steps,
                            save_every=plan.teacher_sft_steps, **sft), args.tp)
     done("teacher")
 
     phase("cold start", f"SFT of {STUDENT_PRESET} for {plan.cold_start_steps} steps")
-    _run_phase(_run_config(cold_run, assets, plan, args.tp, args.seed + 1,
+    _run_phase(_run_config(cold_run, assets, args.tp, args.seed + 1,
                            student={"preset": STUDENT_PRESET}, steps=plan.cold_start_steps,
                            save_every=plan.cold_start_steps, **sft), args.tp)
     done("cold start")
@@ -278,7 +278,7 @@ def run_quickstart(args: argparse.Namespace) -> int:
     cold_ckpt = _checkpoint_model(cold_run, plan.cold_start_steps)
     phase("dgrpo", f"dGRPO of the student for {plan.dgrpo_steps} steps, teacher as the anchor")
     _run_phase(_run_config(
-        dgrpo_run, assets, plan, args.tp, args.seed + 2,
+        dgrpo_run, assets, args.tp, args.seed + 2,
         student={"preset": None, "init_from": str(cold_ckpt)},
         teacher={"preset": None, "init_from": str(teacher_ckpt)},
         loss={"objective": "dgrpo", "kl_coef": plan.kl_coef},
