@@ -1,11 +1,17 @@
 """End-to-end GRPO/dGRPO step on CPU: our trainer vs TRL's ``GRPOTrainer`` on the same work.
 
-One workload for every run: a random Qwen3 (fp32, built with ``transformers`` and converted to
-Megatron with the project's converter, so both sides start from the same weights), the CPU
-quickstart's data (``dgrpo data synth``) and tokenizer (``dgrpo data tokenizer``), the same
-prompts as token ids in the same order, G completions per prompt of exactly
-``--new-tokens`` tokens each (no stop token on our side, ``min_new_tokens`` on TRL's), one
-optimizer step per rollout batch, Adam at a constant learning rate, no gradient clipping.
+One workload for every run: random Qwen3 models (fp32, built with ``transformers`` and
+converted to Megatron with the project's converter, so both sides start from the same
+weights), synthetic LongBlocks tasks and a trained tokenizer, the same prompts as token ids in
+the same order, G completions per prompt of exactly ``--new-tokens`` tokens each (no stop
+token on our side, ``min_new_tokens`` on TRL's), one optimizer step per rollout batch, Adam at
+a constant learning rate, no gradient clipping. ``--workload`` picks the shapes:
+
+- ``quickstart`` (default): the CPU quickstart's step: its student (``tiny-qwen3``) and
+  teacher (``small-qwen3``) architectures, its tokenizer and data (``dgrpo quickstart``'s
+  assets: 64-token documents), 8 prompts x G=4 x 12 new tokens;
+- ``13m``: a 13M-parameter Qwen3 (student and teacher), 256-token documents, 2 prompts x G=4
+  x 32 new tokens: fewer, longer sequences through a model where the matrix products dominate.
 
 Runs, each in a fresh process (so peak memory is its own):
 
@@ -30,12 +36,13 @@ end of each run is printed, and the CPU-time ratio is printed beside it.
 
     tools/install_bench.sh                        # once: TRL in .venv-bench
     .venv/bin/python benchmarks/e2e_step.py       # a few minutes on an idle 2-core machine
-    .venv/bin/python benchmarks/e2e_step.py --tp 2 --steps 5
+    .venv/bin/python benchmarks/e2e_step.py --workload 13m --tp 2 --steps 5
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -43,22 +50,45 @@ import statistics
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from trl_step import answer_length_parity  # stdlib-only module beside this one
 
 from megatron_dgrpo.models.config import ModelConfig
+from megatron_dgrpo.models.presets import get_preset
+from megatron_dgrpo.quickstart import FULL, STUDENT_PRESET, TEACHER_PRESET
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH_PYTHON = REPO / ".venv-bench" / "bin" / "python"
 TARGET_RATIO = 1.5
-# ~13M parameters; vocabulary 1024 = the quickstart tokenizer's.
-BENCH_MODEL = ModelConfig(num_layers=4, hidden_size=512, ffn_hidden_size=1536,
-                          num_attention_heads=8, num_query_groups=4, head_dim=64,
-                          vocab_size=1024, max_position_embeddings=4096,
-                          tie_word_embeddings=True, params_dtype="fp32")
 REWARD_NAME = "bench_answer_length_parity"
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Models and step shape of one benchmark workload (prompts per step, G, new tokens)."""
+
+    student: ModelConfig
+    teacher: ModelConfig
+    prompts: int
+    group: int
+    new_tokens: int
+    document_tokens: int  # quickstart: generated with its task mix; else all tasks
+
+
+# ~13M parameters; vocabulary 1024 = the quickstart tokenizer's.
+MODEL_13M = ModelConfig(num_layers=4, hidden_size=512, ffn_hidden_size=1536,
+                        num_attention_heads=8, num_query_groups=4, head_dim=64,
+                        vocab_size=1024, max_position_embeddings=4096,
+                        tie_word_embeddings=True, params_dtype="fp32")
+WORKLOADS = {
+    "quickstart": Workload(get_preset(STUDENT_PRESET), get_preset(TEACHER_PRESET),
+                           prompts=FULL.dgrpo_prompts_per_step, group=FULL.group_size,
+                           new_tokens=FULL.max_new_tokens, document_tokens=FULL.document_tokens),
+    "13m": Workload(MODEL_13M, MODEL_13M, prompts=2, group=4, new_tokens=32, document_tokens=256),
+}
 
 
 # ---------------------------------------------------------------- workload
@@ -66,18 +96,23 @@ REWARD_NAME = "bench_answer_length_parity"
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workload", choices=sorted(WORKLOADS), default="quickstart")
     parser.add_argument("--steps", type=int, default=3, help="measured steps after 1 warm-up")
-    parser.add_argument("--prompts", type=int, default=2, help="prompts per step")
-    parser.add_argument("--group", type=int, default=4, help="completions per prompt (G)")
-    parser.add_argument("--new-tokens", type=int, default=32, help="tokens per completion")
-    parser.add_argument("--prompt-length", default="256",
-                        help="length bucket of the synthetic tasks (dgrpo data synth --lengths)")
+    parser.add_argument("--prompts", type=int, help="prompts per step (default: the workload's)")
+    parser.add_argument("--group", type=int, help="completions per prompt, G (default: the workload's)")
+    parser.add_argument("--new-tokens", type=int,
+                        help="tokens per completion (default: the workload's)")
     parser.add_argument("--threads", type=int, default=2,
                         help="torch threads per run (ours: split over the TP ranks)")
     parser.add_argument("--tp", type=int, default=1, help="our tensor-parallel size (ranks)")
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args()
+    args = parser.parse_args()
+    workload = WORKLOADS[args.workload]
+    args.prompts = args.prompts or workload.prompts
+    args.group = args.group or workload.group
+    args.new_tokens = args.new_tokens or workload.new_tokens
+    return args
 
 
 def prepare_assets(root: Path, args: argparse.Namespace) -> dict[str, str]:
@@ -85,20 +120,28 @@ def prepare_assets(root: Path, args: argparse.Namespace) -> dict[str, str]:
     returns their paths by name."""
     from megatron_dgrpo.cli import main as dgrpo
     from megatron_dgrpo.models.convert import hf_to_megatron_checkpoint
+    from megatron_dgrpo.quickstart import make_assets
     from megatron_dgrpo.testing.tiny_models import random_hf_qwen3
 
-    paths = {name: str(root / name) for name in
-             ("tokenizer", "data", "student_hf", "teacher_hf", "student", "teacher")}
+    workload = WORKLOADS[args.workload]
+    paths = {name: str(root / name) for name in ("student_hf", "teacher_hf", "student", "teacher")}
     num_prompts = args.prompts * (args.steps + 1) + 4  # spare: ~1% of rows are validation
-    commands = (["data", "tokenizer", "--out", paths["tokenizer"],
-                 "--vocab-size", str(BENCH_MODEL.vocab_size)],
-                ["data", "synth", "--out", paths["data"], "--num", str(num_prompts),
-                 "--lengths", args.prompt_length, "--seed", str(args.seed)])
-    for command in commands:
-        if dgrpo(command) != 0:
-            raise RuntimeError(f"dgrpo {' '.join(command)} failed")
+    if args.workload == "quickstart":
+        plan = dataclasses.replace(FULL, train_examples=num_prompts, heldout_examples=1)
+        assets = make_assets(root, plan, args.seed)
+        paths.update(tokenizer=str(assets["tokenizer"]), data=str(assets["train"]))
+    else:
+        paths.update(tokenizer=str(root / "tokenizer"), data=str(root / "data"))
+        commands = (["data", "tokenizer", "--out", paths["tokenizer"],
+                     "--vocab-size", str(workload.student.vocab_size)],
+                    ["data", "synth", "--out", paths["data"], "--num", str(num_prompts),
+                     "--lengths", str(workload.document_tokens), "--seed", str(args.seed)])
+        for command in commands:
+            if dgrpo(command) != 0:
+                raise RuntimeError(f"dgrpo {' '.join(command)} failed")
     for role, seed in (("student", args.seed), ("teacher", args.seed + 1)):
-        random_hf_qwen3(BENCH_MODEL, seed, weight_scale=1.0).save_pretrained(paths[f"{role}_hf"])
+        model = getattr(workload, role)
+        random_hf_qwen3(model, seed, weight_scale=1.0).save_pretrained(paths[f"{role}_hf"])
         hf_to_megatron_checkpoint(paths[f"{role}_hf"], paths[role])
     return paths
 
@@ -248,8 +291,11 @@ def run_all(args: argparse.Namespace, root: Path) -> dict[str, dict[str, float]]
     prompts = step_prompts(paths, args)
     tokens = step_tokens(prompts, args)
     expected = args.prompts * args.group * args.new_tokens
-    parameters = sum(torch.Size(s).numel() for s in hf_shapes(BENCH_MODEL).values())
-    print(f"model: Qwen3 {parameters / 1e6:.1f}M parameters (fp32); {args.prompts} prompts "
+    student, teacher = (sum(torch.Size(s).numel() for s in hf_shapes(model).values())
+                        for model in (WORKLOADS[args.workload].student,
+                                      WORKLOADS[args.workload].teacher))
+    print(f"workload {args.workload}: Qwen3 student {student / 1e6:.2f}M parameters, teacher "
+          f"{teacher / 1e6:.2f}M (dGRPO only), fp32; {args.prompts} prompts "
           f"x G={args.group} x {args.new_tokens} new tokens per step, prompts of "
           f"{min(map(len, prompts))}-{max(map(len, prompts))} tokens; 1 warm-up + "
           f"{args.steps} measured steps; {args.threads} torch threads per run; "

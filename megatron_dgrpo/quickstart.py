@@ -92,7 +92,9 @@ def add_quickstart_arguments(parser: argparse.ArgumentParser) -> None:
 # ------------------------------------------------------------------------ phases
 
 
-def _make_assets(out: Path, plan: QuickstartPlan, seed: int) -> dict[str, Path]:
+def make_assets(out: Path, plan: QuickstartPlan, seed: int) -> dict[str, Path]:
+    """The quickstart's tokenizer and train / held-out data under ``out/assets``; their paths
+    by name (also the workload of ``benchmarks/e2e_step.py``)."""
     from megatron_dgrpo.data.synth import SynthConfig
     from megatron_dgrpo.data.synth.writer import write_synth_dataset
     from megatron_dgrpo.data.tiny_tokenizer import train_tiny_tokenizer
@@ -254,7 +256,7 @@ def run_quickstart(args: argparse.Namespace) -> int:
 
     phase("data", f"tokenizer, {plan.train_examples} training and {plan.heldout_examples} "
                   f"held-out tasks ({', '.join(QUICKSTART_TASKS)})")
-    assets = _make_assets(out, plan, args.seed)
+    assets = make_assets(out, plan, args.seed)
     done("data")
 
     runs = out / "runs"

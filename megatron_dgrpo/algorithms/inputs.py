@@ -88,6 +88,12 @@ class TokenBatch:
         return replace(self, **{f.name: None if getattr(self, f.name) is None
                                 else getattr(self, f.name)[start:stop] for f in fields(self)})
 
+    def token_select(self, index: Tensor) -> TokenBatch:
+        """Tokens ``index`` (int64 ``[M]``) of a flattened batch, in that order."""
+        return replace(self, **{f.name: None if getattr(self, f.name) is None
+                                else getattr(self, f.name).index_select(0, index)
+                                for f in fields(self)})
+
 
 @dataclass
 class StudentTerms:

@@ -166,6 +166,9 @@ def evaluate(config: LossConfig, terms: StudentTerms, batch: TokenBatch) -> tupl
     """
     loss_mask = batch.loss_mask
     token_loss = get_objective(config.objective).loss_fn(config, terms, _neutralise_masked(terms, batch))
+    if batch.rollout_logp is not None:  # trainer vs engine on the sampled tokens (nats)
+        sampler_logp = batch.old_logp if batch.old_logp is not None else terms.logp
+        token_loss.extremes["rollout_logp_gap"] = (sampler_logp.detach() - batch.rollout_logp).abs()
     weighted = torch.where(loss_mask, batch.weights * token_loss.loss, 0.0)
     metrics = LossMetrics.from_tokens(loss_mask, batch.weights, token_loss.means, token_loss.extremes)
     return weighted.sum(), metrics

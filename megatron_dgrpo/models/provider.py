@@ -16,6 +16,7 @@ fusion flags that need CUDA are switched off. The model's forward with
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -82,14 +83,21 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig,
 
 
 def layer_spec(model: ModelConfig, parallel: ParallelConfig, runtime: Runtime | None = None):
-    """TE layer spec when TE and CUDA are usable, the local (torch) spec otherwise."""
+    """TE layer spec when TE and CUDA are usable, the local (torch) spec otherwise, its core
+    attention on PyTorch SDPA (:class:`~megatron_dgrpo.models.sdpa_attention.SDPACoreAttention`)."""
     from megatron.core.models.gpt import gpt_layer_specs
+
+    from megatron_dgrpo.models.sdpa_attention import SDPACoreAttention
 
     if parallel.uses_te(runtime):
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
             qk_layernorm=model.qk_layernorm)
-    return gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=model.qk_layernorm,
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=model.qk_layernorm,
                                                     normalization="RMSNorm")
+    attention = spec.submodules.self_attention
+    attention.submodules = dataclasses.replace(attention.submodules,
+                                               core_attention=SDPACoreAttention)
+    return spec
 
 
 def build_gpt_model(model: ModelConfig, parallel: ParallelConfig):

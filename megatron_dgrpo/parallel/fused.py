@@ -1,8 +1,9 @@
 """Fused output layer + loss for long sequences: hidden states in, loss out, chunk by chunk.
 
 ``[tokens, vocab]`` logits are the memory wall of long-context training (128K tokens x 152K
-vocabulary in fp32 is 78 GB per model). Here tokens are processed in chunks of
-``chunk_tokens``: for each chunk the student (and teacher) logits are computed, reduced to
+vocabulary in fp32 is 78 GB per model). Only the ``M`` tokens inside the loss mask are
+projected at all (the rest add exactly 0; in RL the prompt is most of the sequence), and they
+are processed in chunks of ``chunk_tokens``: for each chunk the student (and teacher) logits are computed, reduced to
 per-token terms (:mod:`megatron_dgrpo.parallel.vocab`), the objective is evaluated, and the
 chunk's gradients w.r.t. hidden states and the output weight are accumulated at once, then
 the chunk's logits are freed. The forward pass thus does the whole backward work of the
@@ -10,7 +11,7 @@ output layer (one logits matmul and two gradient matmuls per chunk, no recomputa
 custom backward only scales the accumulated gradients by the incoming gradient.
 
 Peak memory beyond the inputs: the output-weight gradient ``[V_local, H]``, the hidden-state
-gradient ``[N, H]`` and three chunk-sized ``[chunk_tokens, V_local]`` buffers (student
+gradient ``[M, H]`` and three chunk-sized ``[chunk_tokens, V_local]`` buffers (student
 logits, which become the logits' gradient in place, teacher logits, probabilities). The default chunk holds
 ``DEFAULT_CHUNK_ELEMENTS`` logits per model.
 
@@ -190,15 +191,25 @@ def loss_from_hidden(config: LossConfig, batch: TokenBatch, student_hidden: Tens
     if chunk_tokens is not None and chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     batch.validate(vocab_size=local_vocab * group_rank_and_size(tp_group)[1])
+    flat = batch.flatten()
+    # Tokens outside the loss mask add exactly 0 to the loss and its gradient: only loss
+    # tokens go through the output layer (one masked token stays when there are none, so
+    # every rank reports the same metric names).
+    keep = torch.nonzero(flat.loss_mask).squeeze(1)
+    if keep.numel() == 0:
+        keep = torch.zeros(1, dtype=torch.long, device=keep.device)
+    if teacher_hidden is not None:
+        teacher_hidden = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])[keep]
     run = _ChunkedRun(
         config=config,
-        batch=batch.flatten(),
-        teacher_hidden=None if teacher_hidden is None else teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]),
+        batch=flat.token_select(keep),
+        teacher_hidden=teacher_hidden,
         teacher_weight=None if teacher_weight is None else teacher_weight.detach(),
         kl_direction=get_objective(config.objective).teacher_kl_direction,
         tp_group=tp_group,
         chunk_tokens=chunk_tokens or default_chunk_tokens(local_vocab),
         padded_from=first_padded_column(vocab_size, local_vocab, group_rank_and_size(tp_group)[0]),
     )
-    loss = _FusedLinearLoss.apply(student_hidden.reshape(-1, hidden_size), student_weight, run)
+    loss = _FusedLinearLoss.apply(student_hidden.reshape(-1, hidden_size)[keep], student_weight,
+                                  run)
     return loss, run.metrics

@@ -2,10 +2,17 @@
 
 It needs no second copy of the weights and no weight sync, so it is the default where
 vLLM is absent and the reference the vLLM engine is checked against. It uses Megatron's
-static KV cache (``StaticInferenceContext``): one prefill over the common prompt prefix,
-then one token per step. Prompts of different lengths share a batch without padding
-masks: until a row's prompt is exhausted, its next input is its own prompt token (teacher
-forcing) instead of a sampled one, so every row sees exactly its causal prefix.
+static KV cache (``StaticInferenceContext``) in one of two batchings:
+
+* ``padded`` (where the core attention applies explicit masks in every mode: the local
+  spec's :class:`~megatron_dgrpo.models.sdpa_attention.SDPACoreAttention`): all rows in one
+  batch, prompts left-padded to the longest, a padding mask on every forward; prefill in
+  chunks, then one token per step. RoPE scores depend only on position differences, so a
+  row's left shift does not change its logits.
+* ``buckets`` (any attention, e.g. Transformer Engine's, which ignores masks once Megatron
+  switches to decoding): rows grouped by prompt length (:func:`length_buckets`), no padding;
+  within a bucket, until a row's prompt is exhausted its next input is its own prompt token
+  (teacher forcing), so every row sees exactly its causal prefix.
 
 Runs on every rank of a tensor-parallel group (all ranks call ``generate`` with the same
 arguments); the sampled tokens are broadcast from the group's first rank so the ranks
@@ -15,12 +22,17 @@ never diverge. Pipeline parallelism is not supported here (PP=1).
 from __future__ import annotations
 
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from megatron_dgrpo.rollout.engine import Rollout, RolloutBatch, SamplingParams
 from megatron_dgrpo.rollout.sampling import sample_next
+
+BATCHINGS = ("auto", "padded", "buckets")
+# Padded prefill: at most this many [query, key] mask entries per forward (bounds the mask
+# and SDPA's score memory on long prompts; short prompts prefill in one forward).
+PREFILL_MASK_ELEMENTS = 2**26
 
 
 class EmbeddedEngine:
@@ -31,15 +43,24 @@ class EmbeddedEngine:
         vocab_size: the tokenizer's vocabulary size; logits of the padding rows Megatron adds
             to the output layer (up to the padded size) are never sampled.
         decode: token ids -> text; needed for ``stop_strings`` and to fill ``Rollout.text``.
+        batching: ``padded``, ``buckets`` (see the module docstring) or ``auto``: padded when
+            the model's core attention honours explicit masks, buckets otherwise.
     """
 
     def __init__(self, model: torch.nn.Module, vocab_size: int,
-                 decode: Callable[[list[int]], str] | None = None):
+                 decode: Callable[[list[int]], str] | None = None, batching: str = "auto"):
         from megatron.core import parallel_state
 
         if parallel_state.get_pipeline_model_parallel_world_size() != 1:
             raise ValueError("the embedded engine needs pipeline_parallel=1; "
                              "use the vLLM engine with pipeline-parallel trainers")
+        if batching not in BATCHINGS:
+            raise ValueError(f"batching must be one of {BATCHINGS}, got {batching!r}")
+        masks_honoured = _attention_honours_masks(model)
+        if batching == "padded" and not masks_honoured:
+            raise ValueError("batching='padded' needs a core attention that applies explicit "
+                             "masks when decoding (the local spec's); this model's does not")
+        self.padded = batching == "padded" or (batching == "auto" and masks_honoured)
         self.model = model
         self.vocab_size = vocab_size
         self.decode = decode
@@ -47,12 +68,14 @@ class EmbeddedEngine:
         self._tp_src = parallel_state.get_tensor_model_parallel_src_rank()
         self._tp_size = parallel_state.get_tensor_model_parallel_world_size()
 
-    def _logits(self, tokens: torch.Tensor, first_position: int, context) -> torch.Tensor:
-        """Last-position logits [B, V] (float32, unpadded vocabulary) for ``tokens`` [B, S]."""
+    def _logits(self, tokens: torch.Tensor, first_position: int, context,
+                masked: torch.Tensor | None = None) -> torch.Tensor:
+        """Last-position logits [B, V] (float32, unpadded vocabulary) for ``tokens`` [B, S];
+        ``masked`` [B, 1, S, first_position + S]: True where a query must not see a key."""
         positions = torch.arange(first_position, first_position + tokens.shape[1],
                                  device=tokens.device)
         positions = positions.unsqueeze(0).expand(tokens.shape[0], -1)
-        output = self.model(tokens, positions, None, inference_context=context,
+        output = self.model(tokens, positions, masked, inference_context=context,
                             runtime_gather_output=True)
         context.sequence_len_offset += tokens.shape[1]
         return output[:, -1, :self.vocab_size].float()
@@ -66,8 +89,8 @@ class EmbeddedEngine:
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> RolloutBatch:
         """Sample ``params.n`` completions per prompt; see :class:`RolloutEngine`.
 
-        Rows are decoded in buckets of similar prompt length (:func:`length_buckets`), so a
-        short prompt never makes a long one feed its prompt one token at a time.
+        Rows are decoded as one left-padded batch, or in buckets of similar prompt length
+        (:func:`length_buckets`); see the module docstring.
         """
         params.validate()
         if not prompts or any(len(p) == 0 for p in prompts):
@@ -86,8 +109,12 @@ class EmbeddedEngine:
         was_training = self.model.training
         self.model.eval()
         try:
-            for bucket in length_buckets([len(r) for r in rows], params.max_new_tokens):
-                self._decode_rows(bucket, rows, params, generator, responses, logprobs, finish)
+            if self.padded:
+                self._decode_padded(rows, params, generator, responses, logprobs, finish)
+            else:
+                for bucket in length_buckets([len(r) for r in rows], params.max_new_tokens):
+                    self._decode_rows(bucket, rows, params, generator, responses, logprobs,
+                                      finish)
         finally:
             self.model.train(was_training)
 
@@ -98,6 +125,47 @@ class EmbeddedEngine:
             for i in range(len(rows))
         ]
         return RolloutBatch(rollouts=rollouts, seconds=time.perf_counter() - start)
+
+    def _decode_padded(self, rows: list[list[int]], params: SamplingParams,
+                       generator: torch.Generator, responses, logprobs, finish) -> None:
+        """Decode every row in one batch, prompts left-padded to the longest; writes into
+        responses/logprobs/finish. Padding keys are masked for every query (a padding query
+        sees only itself, so no softmax row is empty)."""
+        from megatron.core.inference.contexts import StaticInferenceContext
+
+        device = next(self.model.parameters()).device
+        longest = max(len(r) for r in rows)
+        total = longest + params.max_new_tokens
+        tokens = torch.zeros(len(rows), total, dtype=torch.long)
+        for slot, row in enumerate(rows):
+            tokens[slot, longest - len(row):longest] = torch.tensor(row)
+        tokens = tokens.to(device)
+        pads = torch.tensor([longest - len(r) for r in rows], device=device)
+        key_is_pad = torch.arange(total, device=device)[None, :] < pads[:, None]  # [B, total]
+        context = StaticInferenceContext(len(rows), total)
+        chunk = max(1, PREFILL_MASK_ELEMENTS // (len(rows) * total))
+        for start in range(0, longest, chunk):
+            end = min(start + chunk, longest)
+            queries = torch.arange(start, end, device=device)[:, None]
+            keys = torch.arange(end, device=device)[None, :]
+            masked = ((key_is_pad[:, None, None, :end] | (keys > queries)) & (keys != queries))
+            logits = self._logits(tokens[:, start:end], start, context, masked)
+        context.enable_decode_mode()
+        stop_ids = set(params.stop_token_ids)
+        for position in range(longest, total):
+            sampled, sampled_logprobs = sample_next(
+                logits, params.temperature, params.top_k, params.top_p, generator)
+            sampled = self._same_on_all_tp_ranks(sampled)
+            for row in range(len(rows)):
+                if finish[row] is None:
+                    finish[row] = self._append(row, int(sampled[row]),
+                                               float(sampled_logprobs[row]), responses,
+                                               logprobs, params, stop_ids)
+            if all(reason is not None for reason in finish) or position + 1 == total:
+                break
+            tokens[:, position] = sampled
+            logits = self._logits(tokens[:, position:position + 1], position, context,
+                                  key_is_pad[:, None, None, :position + 1])
 
     def _decode_rows(self, indices: list[int], rows: list[list[int]], params: SamplingParams,
                      generator: torch.Generator, responses, logprobs, finish) -> None:
@@ -149,6 +217,18 @@ class EmbeddedEngine:
         if len(responses[row]) >= params.max_new_tokens:
             return "length"
         return None
+
+
+def _attention_honours_masks(model: torch.nn.Module) -> bool:
+    """True when every core attention of ``model`` applies an explicit ``attention_mask`` in
+    prefill and decode (Megatron's local ``DotProductAttention`` and our SDPA one)."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    from megatron_dgrpo.models.sdpa_attention import SDPACoreAttention
+
+    cores = [m.core_attention for m in model.modules() if hasattr(m, "core_attention")]
+    return bool(cores) and all(isinstance(c, (SDPACoreAttention, DotProductAttention))
+                               for c in cores)
 
 
 def length_buckets(prompt_lengths: Sequence[int], max_new_tokens: int) -> list[list[int]]:

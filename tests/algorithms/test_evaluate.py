@@ -82,8 +82,27 @@ def test_dgrpo_k3_loss_and_every_metric_match_plain_arithmetic():
         "adv_mean": mean([adv[i] for i in tokens]), "adv_min": -2.0, "adv_max": 1.0,
         "kl_teacher": mean(stats["klt"]), "kl_ref": mean(stats["klr"]),
         "entropy": mean([terms.entropy[i] for i in tokens]),
+        "rollout_logp_gap_min": min(abs(old[i] - rollout[i]) for i in tokens),
+        "rollout_logp_gap_max": max(abs(old[i] - rollout[i]) for i in tokens),
     }
     assert flat == pytest.approx(expected, rel=1e-12)
+
+
+def test_without_old_logp_the_policy_term_is_on_policy_and_the_gap_uses_the_student():
+    """One optimizer step per rollout batch: old_logp omitted = the detached student
+    log-probs, so every ratio is 1 and the gradient is -IS_t * A_t * w_t per token."""
+    config = LossConfig(objective="grpo", kl_coef=0.0)
+    terms, batch = student_terms(), signals(old_logp=None)
+    loss, metrics = evaluate(config, terms, batch)
+    loss.backward()
+    logp, rollout, adv = terms.logp.tolist(), batch.rollout_logp.tolist(), batch.advantages.tolist()
+    expected_grad = [-min(math.exp(logp[i] - rollout[i]), 2.0) * adv[i] / 5 if MASK[i] else 0.0
+                     for i in range(6)]
+    assert terms.logp.grad.tolist() == pytest.approx(expected_grad, rel=1e-12)
+    flat = metrics.as_dict()
+    assert flat["ratio_min"] == flat["ratio_max"] == 1.0
+    assert flat["rollout_logp_gap_max"] == pytest.approx(
+        max(abs(logp[i] - rollout[i]) for i in range(6) if MASK[i]), rel=1e-12)
 
 
 def test_metrics_merge_adds_means_and_takes_extremes():

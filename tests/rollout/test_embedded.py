@@ -24,7 +24,7 @@ def _full_logits(model, tokens, vocab_size):
     return logits[0, :, :vocab_size].double()
 
 
-def _engine_checks(rank, world_size):
+def _engine_checks(rank, world_size, batching):
     from megatron_dgrpo.models.config import ParallelConfig
     from megatron_dgrpo.models.presets import get_preset
     from megatron_dgrpo.models.provider import build_gpt_model, initialize_parallel
@@ -38,7 +38,8 @@ def _engine_checks(rank, world_size):
     with torch.no_grad():  # sharper logits than the init's, so greedy paths are not ties
         for p in model.parameters():
             p.mul_(4.0)
-    engine = EmbeddedEngine(model, vocab_size=config.vocab_size)
+    engine = EmbeddedEngine(model, vocab_size=config.vocab_size, batching=batching)
+    assert engine.padded == (batching == "padded")
     model.eval()
 
     # Greedy, batched, ragged prompts, KV cache == one-prompt-at-a-time full recompute.
@@ -52,6 +53,14 @@ def _engine_checks(rank, world_size):
             expected.append(seq[len(prompt):])
     assert [r.response_ids for r in greedy.rollouts] == expected
     assert all(r.finish_reason == "length" for r in greedy.rollouts)
+    if batching == "padded":  # a prefill in chunks of 2 tokens decodes the same
+        from megatron_dgrpo.rollout import embedded
+
+        embedded.PREFILL_MASK_ELEMENTS, default = 2 * len(PROMPTS) * (7 + 6), \
+            embedded.PREFILL_MASK_ELEMENTS
+        chunked = engine.generate(PROMPTS, SamplingParams(temperature=0.0, max_new_tokens=6))
+        embedded.PREFILL_MASK_ELEMENTS = default
+        assert [r.response_ids for r in chunked.rollouts] == expected
 
     # Sampling with G=3, temperature and top-k: reported log-probs are the teacher-forced
     # temperature-scaled log-softmax, and every draw is inside the top-k.
@@ -84,9 +93,10 @@ def _engine_checks(rank, world_size):
     return [r.response_ids for r in greedy.rollouts]
 
 
-@pytest.mark.parametrize("tensor_parallel", [1, 2])
-def test_embedded_engine_matches_full_recompute(tensor_parallel):
-    results = run_distributed(_engine_checks, tensor_parallel)
+@pytest.mark.parametrize("tensor_parallel,batching", [(1, "padded"), (2, "padded"),
+                                                       (2, "buckets")])
+def test_embedded_engine_matches_full_recompute(tensor_parallel, batching):
+    results = run_distributed(_engine_checks, tensor_parallel, args=(batching,))
     assert all(r == results[0] for r in results)  # TP ranks agree
 
 
@@ -101,6 +111,10 @@ def _stop_strings_need_decode(rank, world_size):
     initialize_parallel(ParallelConfig(), seed=1)
     engine = EmbeddedEngine(build_gpt_model(config, ParallelConfig()), config.vocab_size)
     messages = []
+    try:
+        EmbeddedEngine(engine.model, config.vocab_size, batching="ragged")
+    except ValueError as exc:
+        messages.append(str(exc))
     for prompts, params in [([[1, 2]], SamplingParams(stop_strings=["\n"])),
                             ([[1, 2], []], SamplingParams())]:
         try:
@@ -112,8 +126,9 @@ def _stop_strings_need_decode(rank, world_size):
 
 def test_bad_generate_arguments_are_refused():
     [messages] = run_distributed(_stop_strings_need_decode, 1)
-    assert "stop_strings need a decode function" in messages[0]
-    assert "no prompt may be empty" in messages[1]
+    assert "batching must be one of ('auto', 'padded', 'buckets'), got 'ragged'" in messages[0]
+    assert "stop_strings need a decode function" in messages[1]
+    assert "no prompt may be empty" in messages[2]
 
 
 def _passes(buckets, lengths, new_tokens):

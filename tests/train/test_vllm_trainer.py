@@ -66,7 +66,7 @@ def test_vllm_rollouts_follow_the_trainer_through_refits(setup):
         assert record["verify/max_logprob_gap"] < TOLERANCE
         assert record["response/length_mean"] > 0
     # Step 2 sampled from the weights of step 1's optimizer step, streamed by the refit.
-    assert second["rollout/logp_gap_max"] < TOLERANCE
+    assert second["policy/rollout_logp_gap_max"] < TOLERANCE
     assert abs(second["policy/is_ratio_min"] - 1) < TOLERANCE
     assert abs(second["policy/is_ratio_max"] - 1) < TOLERANCE
 

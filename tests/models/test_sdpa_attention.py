@@ -1,0 +1,85 @@
+"""SDPACoreAttention (the local spec's core attention) against Megatron's own
+DotProductAttention: outputs and input gradients in float64, for causal training shapes with
+grouped-query attention, explicit padding masks, single-token decode and queries that are
+the last positions of longer keys; unsupported configurations are refused by name."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from megatron_dgrpo.models.config import ModelConfig, ParallelConfig
+from megatron_dgrpo.testing.distributed import run_distributed
+
+MODEL = ModelConfig(num_layers=1, hidden_size=128, ffn_hidden_size=256, num_attention_heads=4,
+                    num_query_groups=2, head_dim=32, vocab_size=64, max_position_embeddings=64)
+
+
+def _attention_pair(config, mask_type):
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    from megatron_dgrpo.models.sdpa_attention import SDPACoreAttention
+
+    return tuple(cls(config, layer_number=1, attn_mask_type=mask_type, attention_type="self")
+                 for cls in (DotProductAttention, SDPACoreAttention))
+
+
+def _inputs(sq, sk, batch, generator):
+    heads, groups, dim = MODEL.num_attention_heads, MODEL.num_query_groups, MODEL.head_dim
+    shapes = ((sq, batch, heads, dim), (sk, batch, groups, dim), (sk, batch, groups, dim))
+    return [torch.randn(*shape, generator=generator, dtype=torch.float64).requires_grad_()
+            for shape in shapes]
+
+
+def _compare(megatron_attention, sdpa_attention, inputs, mask, mask_type):
+    results = []
+    for module in (megatron_attention, sdpa_attention):
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        out = module(*leaves, mask, attn_mask_type=mask_type)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        results.append((out.detach(), [leaf.grad for leaf in leaves]))
+    (expected, expected_grads), (got, got_grads) = results
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    for g, e in zip(got_grads, expected_grads):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
+
+
+def _check(rank, world_size):
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from megatron_dgrpo.models.provider import initialize_parallel, transformer_config
+
+    initialize_parallel(ParallelConfig(), seed=1)
+    config = transformer_config(MODEL, ParallelConfig())
+    generator = torch.Generator().manual_seed(0)
+    causal, no_mask = AttnMaskType.causal, AttnMaskType.no_mask
+    pair = _attention_pair(config, causal)
+
+    # Training: causal, sq == sk, two query heads per key group.
+    _compare(*pair, _inputs(9, 9, 3, generator), None, causal)
+    # Single-token decode over a cache of 7 keys (Megatron switches the mask off there).
+    _compare(*pair, _inputs(1, 7, 3, generator), None, no_mask)
+    # Left-padded rows: key padding + causal, every query also sees itself (Megatron's
+    # convention: True = masked out).
+    pads = torch.tensor([0, 2, 5])
+    key_is_pad = torch.arange(8)[None, :] < pads[:, None]                      # [b, sk]
+    future = torch.ones(8, 8, dtype=torch.bool).triu(1)                        # [sq, sk]
+    masked = (key_is_pad[:, None, None, :] | future) & ~torch.eye(8, dtype=torch.bool)
+    _compare(*pair, _inputs(8, 8, 3, generator), masked, causal)
+    # Queries = the last 3 of 8 positions (chunked prefill): SDPA builds the bottom-right
+    # causal mask itself; Megatron is given it explicitly.
+    bottom_right = torch.ones(3, 8, dtype=torch.bool).tril(5).logical_not()
+    inputs = _inputs(3, 8, 2, generator)
+    megatron_out = pair[0](*inputs, bottom_right[None, None], attn_mask_type=causal)
+    torch.testing.assert_close(pair[1](*inputs, None, attn_mask_type=causal), megatron_out,
+                               rtol=1e-10, atol=1e-10)
+
+    dropout_config = dataclasses.replace(config, attention_dropout=0.1)
+    with pytest.raises(ValueError, match="attention dropout.*Transformer Engine"):
+        _attention_pair(dropout_config, causal)
+    return True
+
+
+def test_sdpa_core_attention_matches_megatron_dot_product_attention():
+    assert run_distributed(_check, 1) == [True]
