@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import re
 import sys
-from typing import Callable, Sequence
+import warnings
+from collections.abc import Callable, Sequence
 
 # name -> (module, add-arguments function, run function, one-line help)
 _COMMANDS: dict[str, tuple[str, str, str, str]] = {
@@ -70,9 +73,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Warnings Megatron prints at import in every process when apex / Transformer Engine are
+# absent (and a deprecation notice its own config triggers): expected without CUDA.
+_EXPECTED_WITHOUT_CUDA = ("Apex is not installed", "Transformer Engine and Apex are not installed",
+                          "full scope is deprecated")
+
+
+def _quiet_expected_warnings() -> None:
+    """Without CUDA, hide :data:`_EXPECTED_WITHOUT_CUDA` here and, via ``PYTHONWARNINGS``,
+    in the rank processes this command spawns. With CUDA they stay: there they matter."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    for message in _EXPECTED_WITHOUT_CUDA:
+        warnings.filterwarnings("ignore", message=re.escape(message))
+    inherited = [os.environ["PYTHONWARNINGS"]] if os.environ.get("PYTHONWARNINGS") else []
+    os.environ["PYTHONWARNINGS"] = ",".join(
+        inherited + [f"ignore:{message}" for message in _EXPECTED_WITHOUT_CUDA])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dgrpo`` console script; returns the process exit code."""
     args = build_parser().parse_args(argv)
+    _quiet_expected_warnings()
     try:
         return int(args._run(args) or 0)
     except (ValueError, FileExistsError, FileNotFoundError) as exc:

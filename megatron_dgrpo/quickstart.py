@@ -14,7 +14,7 @@ What it does, each phase with progress on the console and its outputs under ``--
 5. ``runs/student-dgrpo``: dGRPO from the cold start, the teacher as the KL anchor, with a
    checkpoint every ``eval_every`` steps. Rollouts are sampled at temperature 0.6: a 2-layer
    student samples near-uniform junk at temperature 1 and so never visits the prefixes on
-   which the teacher's guidance matters (e.g. the 6th token of "unanswerable"). The loss
+   which the teacher's guidance matters (e.g. the last token of "unanswerable"). The loss
    still trains the temperature-1 policy; the truncated importance weight
    ``pi_old / pi_rollout`` (``loss.tis_cap``) corrects for the tempered sampler;
 6. ``eval/<model>``: greedy answers on the held-out set for the teacher and for every
@@ -69,8 +69,8 @@ class QuickstartPlan:
 
 
 FULL = QuickstartPlan(vocab_size=1024, document_tokens=64, train_examples=4000,
-                      heldout_examples=96, teacher_sft_steps=100, cold_start_steps=22,
-                      dgrpo_steps=45, eval_every=15, sft_prompts_per_step=16,
+                      heldout_examples=96, teacher_sft_steps=300, cold_start_steps=22,
+                      dgrpo_steps=90, eval_every=15, sft_prompts_per_step=16,
                       dgrpo_prompts_per_step=8, group_size=4, temperature=0.6,
                       max_new_tokens=12, sft_lr=3e-3, dgrpo_lr=1e-3, kl_coef=1.0)
 SHORT = dataclasses.replace(FULL, train_examples=64, heldout_examples=8, teacher_sft_steps=4,

@@ -26,13 +26,17 @@ SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
 
 def training_corpus(lines: int = 1500, seed: int = 99) -> list[str]:
-    """Sentences from generated documents, plus digits and punctuation."""
+    """Sentences from generated documents, the generator's questions with their answers
+    (so frequent answers such as ``unanswerable`` become single tokens, as a real tokenizer
+    would have them), plus digits and punctuation."""
     from megatron_dgrpo.data.synth import SynthConfig, SynthGenerator
 
     generator = SynthGenerator(SynthConfig(lengths=(256,), seed=seed, filler_bank_size=200))
-    sentences = " ".join(generator.example(i).document for i in range(16)).split(". ")
+    examples = [generator.example(i) for i in range(max(16, lines // 5))]
+    sentences = " ".join(e.document for e in examples[:16]).split(". ")
     rng = random.Random(seed)
     return ([rng.choice(sentences) + "." for _ in range(lines)]
+            + [f"{e.question} {e.answer} {e.answer} {e.answer}" for e in examples]
             + ["0 1 2 3 4 5 6 7 8 9 , ; : ? ! ( ) # ' Answer: unanswerable"])
 
 

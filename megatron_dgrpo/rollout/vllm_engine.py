@@ -40,6 +40,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,18 @@ logger = logging.getLogger(__name__)
 
 LOGPROBS_MODE = "processed_logprobs"
 CPU_LINEAR_CHOICES = ("onednn", "torch")
+SLEEP_PARTS = ("weights", "kv_cache")  # what sleep releases and wake_up(tags) restores
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+@dataclass
+class TopKScores:
+    """One sequence's teacher-forced scores (:meth:`VLLMEngine.score_topk`), in nats:
+    ``logp`` ``[n]`` of the actual tokens, ``topk_ids`` int64 / ``topk_logp`` ``[n, k]``."""
+
+    logp: torch.Tensor
+    topk_ids: torch.Tensor
+    topk_logp: torch.Tensor
 
 
 class EngineUnavailableError(RuntimeError):
@@ -132,13 +144,15 @@ class VLLMEngine:
             must re-pack; ``"torch"``: ``F.linear`` over plain weights that a refit
             overwrites in place, for refit-bound loops (slower decode; the start-up
             reloads the checkpoint once to get the plain weights). Ignored on GPU.
+        max_logprobs: the most log-probs per position a request may ask for (``k`` of
+            :meth:`score_topk`); default: vLLM's (20).
     """
 
     def __init__(self, model_dir: str | os.PathLike, *, dtype: str = "auto",
                  max_model_len: int = 2048, kv_cache_gib: float = 1.0,
                  gpu_memory_utilization: float = 0.5, seed: int = 0,
                  in_process: bool | None = None, package: str = "vllm",
-                 cpu_linear: str = "onednn"):
+                 cpu_linear: str = "onednn", max_logprobs: int | None = None):
         if cpu_linear not in CPU_LINEAR_CHOICES:
             raise ValueError(f"unknown cpu_linear {cpu_linear!r}; choose from "
                              f"{', '.join(CPU_LINEAR_CHOICES)}")
@@ -159,7 +173,8 @@ class VLLMEngine:
                        skip_tokenizer_init=not has_tokenizer, logprobs_mode=LOGPROBS_MODE,
                        enforce_eager=self.on_cpu, generation_config="vllm",
                        enable_sleep_mode=not self.on_cpu,
-                       gpu_memory_utilization=gpu_memory_utilization)
+                       gpu_memory_utilization=gpu_memory_utilization,
+                       **({} if max_logprobs is None else {"max_logprobs": max_logprobs}))
         self.has_tokenizer = has_tokenizer
         self.cpu_linear = cpu_linear if self.on_cpu else None
         unpack_start = time.perf_counter()
@@ -167,7 +182,7 @@ class VLLMEngine:
             self.run_on_worker(unpack_cpu_linears, self.model_dir)
         self.unpack_seconds = time.perf_counter() - unpack_start
         self.startup_seconds = time.perf_counter() - start
-        self.asleep = False
+        self.sleeping: set[str] = set()  # of SLEEP_PARTS; generate needs it empty
 
     # ----------------------------------------------------------------- worker access
     def run_on_worker(self, function: Callable[..., Any], *args: Any) -> Any:
@@ -189,7 +204,7 @@ class VLLMEngine:
             logger.info("vLLM CPU backend has no sleep mode; engine memory stays allocated")
             return
         self.llm.sleep(level=level)
-        self.asleep = True
+        self.sleeping = set(SLEEP_PARTS)
 
     def wake_up(self, tags: list[str] | None = None) -> None:
         """Re-allocate what :meth:`sleep` released (``tags``: "weights", "kv_cache").
@@ -197,7 +212,7 @@ class VLLMEngine:
         if self.on_cpu:
             return
         self.llm.wake_up(tags)
-        self.asleep = tags is not None and set(tags) != {"weights", "kv_cache"}
+        self.sleeping -= set(SLEEP_PARTS if tags is None else tags)
 
     # ----------------------------------------------------------------- sampling
     def _check_params(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> None:
@@ -212,8 +227,9 @@ class VLLMEngine:
                 "the vLLM engine reports untruncated log-probs under top-k/top-p only at "
                 f"temperature 1 (got temperature={params.temperature}, top_k={params.top_k}, "
                 f"top_p={params.top_p}); use top_k=0 and top_p=1 or temperature 1")
-        if self.asleep:
-            raise RuntimeError("the vLLM engine is asleep; call wake_up() before generate")
+        if self.sleeping:
+            raise RuntimeError(f"the vLLM engine's {', '.join(sorted(self.sleeping))} "
+                               "still sleep; call wake_up() before generate")
 
     def _vllm_params(self, params: SamplingParams, prompt_index: int):
         from vllm import SamplingParams as VllmSamplingParams
@@ -275,4 +291,51 @@ class VLLMEngine:
         for sequence, length, output in zip(sequences, prompt_lengths, outputs):
             steps = output.prompt_logprobs  # entry j scores sequence[j] given sequence[:j]
             scored.append([steps[j][sequence[j]].logprob for j in range(length, len(sequence))])
+        return scored
+
+    def score_topk(self, sequences: Sequence[Sequence[int]], prompt_lengths: Sequence[int],
+                   k: int) -> list[TopKScores]:
+        """Teacher-forced log-probs plus the top-``k`` of each next-token distribution.
+
+        For sequence ``i`` and each position ``j`` in ``prompt_lengths[i] .. len - 1``, the
+        distribution is ``log_softmax(logits)`` of the model given ``sequence[:j]``
+        (untruncated, T = 1, nats). Returns one :class:`TopKScores` per sequence with
+        ``n = len(sequence) - prompt_length`` rows: ``logp`` float32 ``[n]`` of the actual
+        token ``sequence[j]``, ``topk_ids`` int64 ``[n, k]`` and ``topk_logp`` float32
+        ``[n, k]``, ordered by decreasing log-prob, ties by increasing token id.
+
+        vLLM's ``prompt_logprobs=k`` dict holds its top-k (ranks 1..k) plus the actual token
+        when that one is outside them (its rank is then > k); the top-k set is vLLM's own
+        (``torch.topk``), so a tie at the k-th place keeps whichever token vLLM kept.
+        ``k`` must not exceed the engine's ``max_logprobs``.
+        """
+        from vllm import SamplingParams as VllmSamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        for sequence, length in zip(sequences, prompt_lengths, strict=True):
+            if not 1 <= length <= len(sequence):
+                raise ValueError(f"prompt length {length} outside [1, {len(sequence)}]")
+        scoring = VllmSamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=k,
+                                     detokenize=False)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(s)) for s in sequences],
+                                    scoring, use_tqdm=False)
+        scored = []
+        for sequence, length, output in zip(sequences, prompt_lengths, outputs):
+            positions = range(length, len(sequence))
+            ids = torch.zeros(len(positions), k, dtype=torch.long)
+            logp = torch.zeros(len(positions), k, dtype=torch.float32)
+            target = torch.zeros(len(positions), dtype=torch.float32)
+            for row, j in enumerate(positions):
+                step = output.prompt_logprobs[j]
+                top = sorted(((entry.logprob, token) for token, entry in step.items()
+                              if entry.rank <= k), key=lambda pair: (-pair[0], pair[1]))
+                if len(top) != k:
+                    raise RuntimeError(f"vLLM returned {len(top)} top-k entries at position "
+                                       f"{j}, expected {k}")
+                ids[row] = torch.tensor([token for _, token in top])
+                logp[row] = torch.tensor([value for value, _ in top])
+                target[row] = step[sequence[j]].logprob
+            scored.append(TopKScores(logp=target, topk_ids=ids, topk_logp=logp))
         return scored

@@ -39,12 +39,20 @@ class ModelSource:
     ``init_from``: a Megatron checkpoint directory (``dgrpo convert hf-to-megatron`` output,
     or ``RUN_DIR/checkpoints/step_N/model`` of an earlier run); its stored config wins over
     ``preset``/``model``. Without it the weights are random (tests, smoke runs).
+
+    ``engine`` (teacher only): ``megatron`` runs the teacher's forward in the trainer (full
+    logits); ``vllm`` serves its log-prob and its top-``topk`` next tokens from a vLLM engine
+    started from these weights (:mod:`megatron_dgrpo.train.vllm_teacher`; engine dtype, KV
+    cache and GPU memory share from the ``rollout`` section), for ``loss.kl_estimator``
+    topk, k1, k2 or k3.
     """
 
     preset: str | None = "tiny-qwen3"
     model: ModelConfig | None = None
     init_from: str | None = None
     offload: bool = False  # teacher only: parameters in host memory between uses (no-op on CPU)
+    engine: Literal["megatron", "vllm"] = "megatron"  # teacher only, see above
+    topk: int = 20  # engine=vllm: top-k tokens per position (vLLM prompt_logprobs)
 
     def model_config(self) -> ModelConfig:
         if self.init_from is not None:
@@ -225,15 +233,76 @@ class RunConfig:
                 raise ValueError(
                     f"teacher vocabulary ({teacher.vocab_size}) differs from the student's "
                     f"({student.vocab_size}): token-level guidance needs one tokenizer")
+            if self.loss.resolved_kl_estimator == "topk" and self.teacher.engine == "megatron":
+                raise ValueError(
+                    "loss.kl_estimator=topk reads the teacher's top-k log-probs, which come "
+                    "from teacher.engine=vllm or teacher_topk_cache (kd); the Megatron teacher "
+                    "gives full logits: use kl_estimator=full (exact) or a sampled estimator")
 
         if self.student.offload:
             raise ValueError("student.offload: only the frozen teacher can be offloaded "
                              "(the student trains every step)")
+        if self.student.engine != "megatron":
+            raise ValueError("student.engine: only the teacher can be served by vLLM "
+                             "(teacher.engine=vllm); the student trains in Megatron")
+        if self.uses_vllm_teacher():
+            self._check_vllm_teacher(runtime)
         if self.parallel.context_parallel > 1:  # last, so every other check ran first
             raise ValueError(
                 "parallel.context_parallel > 1: the trainer does not shard sequences over "
                 "context-parallel ranks yet (the loss module supports CP, the step does not "
                 "split its batch); use context_parallel=1")
+
+    def _check_vllm_teacher(self, runtime: Runtime) -> None:
+        """``teacher.engine=vllm``: what the engine can serve, and its start-up requirements."""
+        from megatron_dgrpo.rollout.vllm_engine import (
+            cpu_attention_head_dims,
+            require_engine_package,
+        )
+
+        teacher, loss = self.teacher, self.loss
+        if self.teacher_topk_cache is not None:
+            raise ValueError("teacher.engine=vllm and teacher_topk_cache are two teacher "
+                             "sources; keep one")
+        if teacher.offload:
+            raise ValueError("teacher.offload offloads the Megatron teacher; with "
+                             "teacher.engine=vllm there is none (set teacher.offload=false)")
+        if teacher.topk < 1:
+            raise ValueError(f"teacher.topk must be >= 1, got {teacher.topk}")
+        if loss.form != "advantage" and loss.resolved_kl_estimator == "full":
+            raise ValueError(
+                f"teacher.engine=vllm serves top-k log-probs, not full teacher logits: set "
+                f"loss.kl_estimator to topk, k1, k2 or k3 (loss.objective={loss.objective} "
+                f"defaults to full), or use teacher.engine=megatron")
+        try:
+            require_engine_package()
+        except RuntimeError as exc:
+            raise ValueError(f"teacher.engine=vllm: {exc}") from None
+        config = teacher.model_config()
+        if not runtime.cuda and config.head_dim not in cpu_attention_head_dims():
+            raise ValueError(
+                f"teacher.engine=vllm: the teacher's head_dim {config.head_dim} is not "
+                f"supported by vLLM's CPU attention (supported: "
+                f"{', '.join(map(str, cpu_attention_head_dims()))}); use teacher.engine=megatron")
+        if self.loss.objective in ON_POLICY_OBJECTIVES:
+            longest = self.data.max_prompt_tokens + self.sampling.max_new_tokens
+            if longest > config.max_position_embeddings:
+                raise ValueError(
+                    f"data.max_prompt_tokens + sampling.max_new_tokens = {longest} exceeds the "
+                    f"teacher's max_position_embeddings ({config.max_position_embeddings}), "
+                    f"which vLLM enforces")
+
+    def teacher_max_model_len(self) -> int:
+        """Longest sequence the vLLM teacher must score: prompt + response budget on-policy;
+        the teacher's own limit for fixed sequences (SFT/KD answers have no budget)."""
+        if self.loss.objective in ON_POLICY_OBJECTIVES:
+            return self.data.max_prompt_tokens + self.sampling.max_new_tokens
+        return self.teacher.model_config().max_position_embeddings
+
+    def uses_vllm_teacher(self) -> bool:
+        """The teacher is read (objective) and served by vLLM (``teacher.engine=vllm``)."""
+        return (self.loss.objective in TEACHER_OBJECTIVES and self.teacher is not None
+                and self.teacher.engine == "vllm")
 
     def needs_teacher_model(self) -> bool:
         """A live teacher runs unless a top-k cache stands in for it (KD)."""

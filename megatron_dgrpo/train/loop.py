@@ -1,7 +1,9 @@
 """The training loop of ``dgrpo train``: one step, readable top to bottom.
 
     prompts -> G rollouts per prompt (embedded engine, or vLLM) -> rewards -> group advantages
-      -> scoring without grad (old log-probs, reference log-probs), per micro-batch
+      -> scoring without grad (reference log-probs), per micro-batch; the old log-probs are
+         the detached training log-probs (one optimizer step per rollout batch);
+         teacher.engine=vllm: the teacher's top-k log-probs from its vLLM engine, whole batch
       -> per micro-batch: teacher forward, loss (config.loss_impl: fused from hidden states,
          or materialized logits), backward (gradients accumulate)
       -> Megatron optimizer step -> vLLM refit (+ verification every N steps)
@@ -44,6 +46,7 @@ from megatron_dgrpo.train.rollout_metrics import family_of, rollout_metrics
 from megatron_dgrpo.train.sequences import SequenceBatch, build_sequences
 from megatron_dgrpo.train.token_logp import chunked_token_logp
 from megatron_dgrpo.train.vllm_rollouts import VLLMRollouts
+from megatron_dgrpo.train.vllm_teacher import VLLMTeacher
 
 
 class PromptStream:
@@ -124,10 +127,17 @@ class Trainer:
         self.teacher = None
         self.topk_cache = (TeacherTopKCache(config.teacher_topk_cache)
                            if config.teacher_topk_cache is not None else None)
+        self.vllm_teacher = None  # teacher.engine=vllm: top-k log-probs from a vLLM engine
         if config.needs_teacher_model():
             teacher_source = config.teacher
             self.teacher = self._build(teacher_source.model_config(), teacher_source.init_from)
             self.teacher.requires_grad_(False).eval()
+            if config.uses_vllm_teacher():  # exported once to the engine, then dropped
+                self.vllm_teacher = VLLMTeacher.start(
+                    self.teacher, teacher_source.model_config(), teacher_source.topk,
+                    config.rollout, config.teacher_max_model_len(), config.seed, self.dp_rank,
+                    self.tp_rank)
+                self.teacher = None
         self.teacher_offload = (Offloader(self.teacher, self.device, config.teacher.offload)
                                 if self.teacher is not None else None)
 
@@ -321,15 +331,19 @@ class Trainer:
         if self.topk_cache is not None:
             token_batch.teacher_topk_indices, token_batch.teacher_topk_logp = \
                 self._cached_topk(data["examples"], batch)
+        vllm_teacher_seconds = 0.0
+        if self.vllm_teacher is not None:  # the whole batch in one engine call
+            teacher_started = time.perf_counter()
+            (token_batch.teacher_topk_indices, token_batch.teacher_topk_logp,
+             token_batch.teacher_logp) = self.vllm_teacher.score(batch)
+            vllm_teacher_seconds = time.perf_counter() - teacher_started
         if "rewards" in data:
             advantages = group_advantages(data["rewards"], data["group"],
                                           loss_config.adv_scale_by_std, loss_config.adv_eps)
             token_batch.advantages = broadcast_to_tokens(advantages, mask)
-            token_batch.old_logp = self._batched_token_logp(self.student, batch, plan)
+            # One optimizer step per rollout batch: pi_old is the policy being trained, so
+            # the loss takes the detached training log-probs as old_logp (no extra forward).
             token_batch.rollout_logp = data["rollout_logp"]
-            gap = torch.where(mask, (token_batch.old_logp - token_batch.rollout_logp).abs(), 0.0)
-            data["engine_metrics"]["rollout/logp_gap_max"] = _max_over(float(gap.max()),
-                                                                       self.dp_group)
         if self.reference is not None:
             token_batch.ref_logp = self._batched_token_logp(self.reference, batch, plan)
         scoring_done = time.perf_counter()
@@ -337,6 +351,7 @@ class Trainer:
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
         loss, loss_metrics, teacher_seconds = self._accumulate_gradients(plan, batch, token_batch)
+        teacher_seconds += vllm_teacher_seconds
         finalize_model_grads([self.ddp])
         lr = self.config.optim.lr_at(self.step, self.config.steps)
         for group in self.optimizer.param_groups:
@@ -355,7 +370,8 @@ class Trainer:
         metrics.update({
             "time/rollout_s": scored - started,
             "time/scoring_s": scoring_done - scored,
-            "time/teacher_s": teacher_seconds,  # teacher forwards, inside time/train_s
+            # teacher forwards (inside time/train_s) or vLLM teacher scoring (time/scoring_s)
+            "time/teacher_s": teacher_seconds,
             "time/train_s": trained - scoring_done,
             "throughput/train_tokens_per_s": train_tokens / max(trained - scoring_done, 1e-9),
             "memory/peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,

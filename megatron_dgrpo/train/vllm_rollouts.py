@@ -59,36 +59,14 @@ class VLLMRollouts:
 
     # ------------------------------------------------------------------ start-up
 
-    def _export(self, model: torch.nn.Module, out_dir: Path) -> None:
-        """The live student as a Hugging Face directory on rank 0 (every rank of replica 0
-        takes part in the TP gathers)."""
-        from megatron_dgrpo.models.convert import write_hf_weights
-        from megatron_dgrpo.rollout.refit import hf_weight_buckets
-
-        if self.dp_rank != 0:
-            return
-        buckets = hf_weight_buckets(model, self.model_config, self.config.refit_bucket_mb)
-        pairs = (pair for bucket in buckets for pair in bucket)
-        if dist.get_rank() != 0:
-            for _ in pairs:  # take part in the collectives only
-                pass
-            return
-        (out_dir / "config.json").write_text(json.dumps(self.model_config.to_hf_config()))
-        write_hf_weights(out_dir, pairs)
-
     def _start(self, model: torch.nn.Module) -> float:
         """Start the engine on rank 0 from ``model``'s current weights; returns seconds."""
-        from megatron_dgrpo.rollout.vllm_engine import VLLMEngine
-
         started = time.perf_counter()
-        with tempfile.TemporaryDirectory(prefix="dgrpo-vllm-") as tmp:  # used on rank 0
-            self._export(model, Path(tmp))
-            if dist.get_rank() == 0:
-                self.engine = VLLMEngine(
-                    tmp, dtype=self.config.dtype, max_model_len=self.max_model_len,
-                    kv_cache_gib=self.config.kv_cache_gib,
-                    gpu_memory_utilization=self.config.gpu_memory_utilization, seed=self.seed)
-            dist.barrier()  # the engine has loaded the files before the directory goes
+        self.engine = start_engine_from_model(
+            model, self.model_config, self.dp_rank, self.config.refit_bucket_mb,
+            dtype=self.config.dtype, max_model_len=self.max_model_len,
+            kv_cache_gib=self.config.kv_cache_gib,
+            gpu_memory_utilization=self.config.gpu_memory_utilization, seed=self.seed)
         self.started = True
         return time.perf_counter() - started
 
@@ -150,3 +128,38 @@ class VLLMRollouts:
         box = [metrics]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+
+def export_hf(model: torch.nn.Module, model_config: ModelConfig, out_dir: Path, dp_rank: int,
+              bucket_mb: float) -> None:
+    """The live Megatron ``model`` as a Hugging Face directory ``out_dir`` on global rank 0
+    (every rank of data-parallel replica 0 takes part in the TP gathers)."""
+    from megatron_dgrpo.models.convert import write_hf_weights
+    from megatron_dgrpo.rollout.refit import hf_weight_buckets
+
+    if dp_rank != 0:
+        return
+    buckets = hf_weight_buckets(model, model_config, bucket_mb)
+    pairs = (pair for bucket in buckets for pair in bucket)
+    if dist.get_rank() != 0:
+        for _ in pairs:  # take part in the collectives only
+            pass
+        return
+    (out_dir / "config.json").write_text(json.dumps(model_config.to_hf_config()))
+    write_hf_weights(out_dir, pairs)
+
+
+def start_engine_from_model(model: torch.nn.Module, model_config: ModelConfig, dp_rank: int,
+                            bucket_mb: float, **engine_kwargs):
+    """A :class:`~megatron_dgrpo.rollout.vllm_engine.VLLMEngine` on global rank 0 (``None``
+    on the other ranks) started from ``model``'s current weights, exported to a temporary
+    Hugging Face directory; ``engine_kwargs`` go to the engine. Call on every rank."""
+    from megatron_dgrpo.rollout.vllm_engine import VLLMEngine
+
+    engine = None
+    with tempfile.TemporaryDirectory(prefix="dgrpo-vllm-") as tmp:  # used on rank 0
+        export_hf(model, model_config, Path(tmp), dp_rank, bucket_mb)
+        if dist.get_rank() == 0:
+            engine = VLLMEngine(tmp, **engine_kwargs)
+        dist.barrier()  # the engine has loaded the files before the directory goes
+    return engine

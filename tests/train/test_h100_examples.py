@@ -12,8 +12,9 @@ from megatron_dgrpo.train.config import RunConfig
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 SMALL = EXAMPLES / "h100_qwen3_1.7b_student_8b_teacher_32k.yaml"
+MEDIUM = EXAMPLES / "h100_qwen3_8b_student_32b_teacher_32k.yaml"
 LARGE = EXAMPLES / "h100_qwen3_8b_student_32b_teacher_128k.yaml"
-GPUS = {SMALL: 8, LARGE: 64}  # the world sizes the files' comments lay out
+GPUS = {SMALL: 8, MEDIUM: 16, LARGE: 64}  # the world sizes the files' comments lay out
 CUDA = Runtime(cuda=True, transformer_engine=True)
 CPU = Runtime(cuda=False, transformer_engine=False)
 # Checkpoints do not exist in CI: the presets stand in for their stored configs.
@@ -39,11 +40,16 @@ def _check_layout(config: RunConfig, gpus: int):
             <= config.student.model_config().max_position_embeddings)
 
 
-def test_32k_example_is_valid_on_cuda(monkeypatch):
-    config = _load(monkeypatch, SMALL, CUDA)
-    _check_layout(config, GPUS[SMALL])
-    assert config.student.model_config().hidden_size == 2048  # qwen3-1.7b
-    assert config.teacher.model_config().hidden_size == 4096  # qwen3-8b
+@pytest.mark.parametrize("path, student_hidden, teacher_hidden", [
+    (SMALL, 2048, 4096),   # qwen3-1.7b, qwen3-8b
+    (MEDIUM, 4096, 5120),  # qwen3-8b, qwen3-32b
+])
+def test_32k_examples_are_valid_on_cuda(monkeypatch, path, student_hidden, teacher_hidden):
+    config = _load(monkeypatch, path, CUDA)
+    _check_layout(config, GPUS[path])
+    assert config.student.model_config().hidden_size == student_hidden
+    assert config.teacher.model_config().hidden_size == teacher_hidden
+    assert config.data.max_prompt_tokens + config.sampling.max_new_tokens == 32768
 
 
 def test_128k_example_is_refused_only_for_context_parallelism(monkeypatch):
@@ -53,7 +59,7 @@ def test_128k_example_is_refused_only_for_context_parallelism(monkeypatch):
     _check_layout(config, GPUS[LARGE])
 
 
-@pytest.mark.parametrize("path", [SMALL, LARGE])
+@pytest.mark.parametrize("path", [SMALL, MEDIUM, LARGE])
 def test_examples_are_refused_on_cpu_with_the_reason(monkeypatch, path):
     with pytest.raises(ValueError, match="needs Transformer Engine on CUDA; this machine has no CUDA"):
         _load(monkeypatch, path, CPU)
