@@ -10,7 +10,8 @@ the chunk's logits are freed. The forward pass thus does the whole backward work
 output layer (one logits matmul and two gradient matmuls per chunk, no recomputation); the
 custom backward only scales the accumulated gradients by the incoming gradient.
 
-Peak memory beyond the inputs: the output-weight gradient ``[V_local, H]``, the hidden-state
+Logits are reduced in float32 when the models are bf16 (and in float64 for float64 inputs).
+Peak memory beyond the inputs: the output-weight gradient ``[V_local, H]`` (float32), the hidden-state
 gradient ``[M, H]`` and three chunk-sized ``[chunk_tokens, V_local]`` buffers (student
 logits, which become the logits' gradient in place, teacher logits, probabilities). The default chunk holds
 ``DEFAULT_CHUNK_ELEMENTS`` logits per model.
@@ -89,18 +90,21 @@ class _FusedLinearLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_hidden: Tensor, student_weight: Tensor, run: _ChunkedRun) -> Tensor:
         want_grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        # Logits of bf16 models are reduced in float32 (a bf16 log-sum-exp over the
+        # vocabulary is off by ~1e-2 nats); the weight gradient accumulates in it too.
+        compute = torch.promote_types(student_hidden.dtype, torch.float32)
         grad_hidden = torch.zeros_like(student_hidden) if want_grads else None
-        grad_weight = torch.zeros_like(student_weight) if want_grads else None
+        grad_weight = (torch.zeros_like(student_weight, dtype=compute) if want_grads else None)
         total = student_hidden.new_zeros(())
         metrics = LossMetrics()
         for start in range(0, student_hidden.shape[0], run.chunk_tokens):
             stop = min(start + run.chunk_tokens, student_hidden.shape[0])
             chunk = run.batch.token_slice(start, stop)
             hidden = student_hidden[start:stop]
-            logits = hidden @ student_weight.T
+            logits = (hidden @ student_weight.T).to(compute)
             teacher_logits = None
             if run.teacher_hidden is not None:
-                teacher_logits = (run.teacher_hidden[start:stop] @ run.teacher_weight.T).to(logits.dtype)
+                teacher_logits = (run.teacher_hidden[start:stop] @ run.teacher_weight.T).to(compute)
                 teacher_logits[:, run.padded_from:] = PADDED_VOCAB_LOGIT
             logits[:, run.padded_from:] = PADDED_VOCAB_LOGIT
             terms, saved, student_exp = terms_forward(logits, teacher_logits, chunk.targets,
@@ -122,8 +126,9 @@ class _FusedLinearLoss(torch.autograd.Function):
                                              overwrite_logits=True)
                 grad_logits[:, run.padded_from:] = 0.0  # padding logits are constants
                 del student_exp, saved, logits
-                torch.mm(grad_logits, student_weight, out=grad_hidden[start:stop])
-                grad_weight.addmm_(grad_logits.T, hidden)
+                torch.mm(grad_logits.to(student_weight.dtype), student_weight,
+                         out=grad_hidden[start:stop])
+                grad_weight.addmm_(grad_logits.T, hidden.to(compute))
                 del grad_logits
             total = total + loss.detach()
             metrics = metrics.merge(chunk_metrics)
@@ -131,6 +136,7 @@ class _FusedLinearLoss(torch.autograd.Function):
             all_reduce(grad_hidden, dist.ReduceOp.SUM, run.tp_group)
         run.metrics = metrics
         ctx.grads = (grad_hidden, grad_weight)
+        ctx.weight_dtype = student_weight.dtype
         return total
 
     @staticmethod
@@ -142,7 +148,7 @@ class _FusedLinearLoss(torch.autograd.Function):
         del ctx.grads
         if grad_hidden is not None:
             grad_hidden.mul_(grad_output)
-            grad_weight.mul_(grad_output)
+            grad_weight = grad_weight.mul_(grad_output).to(ctx.weight_dtype)
         return grad_hidden, grad_weight, None
 
 

@@ -6,6 +6,7 @@ that does not fit.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from megatron_dgrpo.algorithms.inputs import TokenBatch
@@ -52,9 +53,12 @@ def loss_from_logits(config: LossConfig, batch: TokenBatch, student_logits: Tens
                          f"a tokenizer")
     batch.validate(vocab_size=local_vocab * group_rank_and_size(tp_group)[1])
     flat = batch.flatten()
+    # bf16 logits are reduced in float32 (a bf16 log-sum-exp is off by ~1e-2 nats).
+    compute = torch.promote_types(student_logits.dtype, torch.float32)
     teacher = (None if teacher_logits is None
-               else teacher_logits.reshape(-1, local_vocab).to(student_logits.dtype))
-    terms = vocab_parallel_terms(student_logits.reshape(-1, local_vocab), teacher, flat.targets,
+               else teacher_logits.reshape(-1, local_vocab).to(compute))
+    terms = vocab_parallel_terms(student_logits.reshape(-1, local_vocab).to(compute), teacher,
+                                 flat.targets,
                                  flat.teacher_topk_indices,
                                  get_objective(config.objective).teacher_kl_direction, tp_group)
     return evaluate(config, terms, flat)

@@ -22,8 +22,8 @@ from megatron_dgrpo.parallel.vocab import group_rank_and_size, vocab_parallel_te
 @torch.no_grad()
 def chunked_token_logp(hidden: Tensor, weight: Tensor, targets: Tensor, vocab_size: int,
                        tp_group=None, chunk_tokens: int | None = None) -> Tensor:
-    """``log softmax(hidden @ weight.T)[target]`` per token, computed in the weights' dtype
-    (as the fused loss computes the student's log-probs) and returned as float32.
+    """``log softmax(hidden @ weight.T)[target]`` per token, the logits reduced in float32 at
+    least (as the fused loss reduces the student's), returned as float32.
 
     Args:
         hidden: ``[*S, H]`` final hidden states (replicated over TP).
@@ -41,9 +41,10 @@ def chunked_token_logp(hidden: Tensor, weight: Tensor, targets: Tensor, vocab_si
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_targets = targets.reshape(-1)
     step = chunk_tokens or default_chunk_tokens(local_vocab)
+    compute = torch.promote_types(weight.dtype, torch.float32)
     pieces = []
     for start in range(0, flat_hidden.shape[0], step):
-        logits = flat_hidden[start:start + step] @ weight.T  # the loss's dtype, as it sees them
+        logits = (flat_hidden[start:start + step] @ weight.T).to(compute)
         logits[:, padded_from:] = PADDED_VOCAB_LOGIT
         pieces.append(vocab_parallel_terms(logits, None, flat_targets[start:start + step],
                                            group=tp_group).logp)

@@ -106,3 +106,44 @@ def test_fused_backward_scales_by_the_incoming_gradient():
     (-2.5 * loss).backward()
     assert relative_error(hidden.grad, -2.5 * ref_grad_hidden) < GRAD_RTOL
     assert relative_error(weight.grad, -2.5 * ref_grad_weight) < GRAD_RTOL
+
+
+def _bf16_exact_case(seed: int) -> dict:
+    """A case whose bf16 logits are exact: hidden states in {-1, 0, 1}, weights multiples of
+    1/8 in [-2, 2], H = 6, so every logit is a multiple of 1/8 below 13 in magnitude (7
+    significant bits). Any loss error is then the reduction's, not the matmul's."""
+    case = make_case(seed=seed, batch_size=4, seq_len=9, vocab=300, hidden=6)
+    gen = torch.Generator().manual_seed(seed)
+    for name in ("student_hidden", "teacher_hidden"):
+        case[name] = torch.randint(-1, 2, case[name].shape, generator=gen).double()
+    for name in ("student_weight", "teacher_weight"):
+        case[name] = torch.randint(-16, 17, case[name].shape, generator=gen).double() / 8
+    return case
+
+
+@pytest.mark.parametrize("setting", ["dgrpo_full", "kd_full", "grpo_k3"])
+def test_bf16_models_reduce_their_logits_in_float32(setting):
+    """bf16 hidden states and weights give the float64 reference's loss and metrics to float32
+    precision (a bf16 log-sum-exp over 300 logits would be off by ~1e-3 relative)."""
+    case = _bf16_exact_case(seed=5)
+    config, teacher = SETTINGS[setting]
+    expected_loss = plain_reference(case, config, teacher)[0]
+    weights = token_weights(case["loss_mask"], config.aggregation, dtype=torch.float64)
+    batch = case_batch(case, teacher, weights)
+    bf16 = {name: case[name].to(torch.bfloat16) for name in
+            ("student_hidden", "student_weight", "teacher_hidden", "teacher_weight")}
+    assert torch.equal((bf16["student_hidden"] @ bf16["student_weight"].T).double(),
+                       case["student_hidden"] @ case["student_weight"].T)  # exact logits
+    hidden = bf16["student_hidden"].clone().requires_grad_()
+    weight = bf16["student_weight"].clone().requires_grad_()
+    teacher_hidden, teacher_weight = ((bf16["teacher_hidden"], bf16["teacher_weight"])
+                                      if teacher == "logits" else (None, None))
+    fused, _ = loss_from_hidden(config, batch, hidden, weight, teacher_hidden, teacher_weight,
+                                chunk_tokens=7)
+    fused.backward()
+    assert weight.grad.dtype == torch.bfloat16 and hidden.grad.dtype == torch.bfloat16
+    teacher_logits = None if teacher_hidden is None else teacher_hidden @ teacher_weight.T
+    materialized, _ = loss_from_logits(config, batch, bf16["student_hidden"] @ bf16["student_weight"].T,
+                                       teacher_logits)
+    for loss in (fused, materialized):
+        assert relative_error(loss.detach(), expected_loss) < 1e-5, (loss, expected_loss)
