@@ -130,9 +130,12 @@ class EmbeddedEngine:
                        generator: torch.Generator, responses, logprobs, finish) -> None:
         """Decode every row in one batch, prompts left-padded to the longest; writes into
         responses/logprobs/finish. Padding keys are masked for every query (a padding query
-        sees only itself, so no softmax row is empty)."""
+        sees only itself, so no softmax row is empty). Rows come in groups of ``params.n``
+        copies of one prompt: each prompt is prefilled once and its KV cache copied to its
+        group."""
         from megatron.core.inference.contexts import StaticInferenceContext
 
+        copies = params.n
         device = next(self.model.parameters()).device
         longest = max(len(r) for r in rows)
         total = longest + params.max_new_tokens
@@ -143,13 +146,16 @@ class EmbeddedEngine:
         pads = torch.tensor([longest - len(r) for r in rows], device=device)
         key_is_pad = torch.arange(total, device=device)[None, :] < pads[:, None]  # [B, total]
         context = StaticInferenceContext(len(rows), total)
-        chunk = max(1, PREFILL_MASK_ELEMENTS // (len(rows) * total))
+        prompts, prompt_is_pad = tokens[::copies], key_is_pad[::copies]
+        chunk = max(1, PREFILL_MASK_ELEMENTS // (len(prompts) * total))
         for start in range(0, longest, chunk):
             end = min(start + chunk, longest)
             queries = torch.arange(start, end, device=device)[:, None]
             keys = torch.arange(end, device=device)[None, :]
-            masked = ((key_is_pad[:, None, None, :end] | (keys > queries)) & (keys != queries))
-            logits = self._logits(tokens[:, start:end], start, context, masked)
+            masked = ((prompt_is_pad[:, None, None, :end] | (keys > queries)) & (keys != queries))
+            logits = self._logits(prompts[:, start:end], start, context, masked)
+        logits = logits.repeat_interleave(copies, dim=0)
+        _copy_cache_to_groups(context, len(prompts), copies)
         context.enable_decode_mode()
         stop_ids = set(params.stop_token_ids)
         for position in range(longest, total):
@@ -217,6 +223,16 @@ class EmbeddedEngine:
         if len(responses[row]) >= params.max_new_tokens:
             return "length"
         return None
+
+
+def _copy_cache_to_groups(context, prompts: int, copies: int) -> None:
+    """Spread the KV cache of ``prompts`` prefilled rows (batch slots ``0 .. prompts - 1``)
+    to ``prompts * copies`` slots, row ``i`` to slots ``i * copies .. i * copies + copies - 1``
+    (Megatron's static cache: one ``(keys, values)`` pair per layer, ``[S, B, groups, d]``)."""
+    index = torch.arange(prompts).repeat_interleave(copies)
+    for memories in context.key_value_memory_dict.values():
+        for memory in memories:
+            memory[:, :len(index)] = memory[:, index.to(memory.device)]
 
 
 def _attention_honours_masks(model: torch.nn.Module) -> bool:

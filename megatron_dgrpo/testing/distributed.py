@@ -15,7 +15,9 @@ workers are started with the ``spawn`` method. Each worker gets ``MASTER_ADDR``,
 an initialised default process group; it is destroyed when ``fn`` returns. The rendezvous
 store is opened by the caller before the workers start and held until they finish, so no
 other process can take its port in between.
-A failure on any rank is re-raised in the caller with that rank's traceback.
+A failure on any rank is re-raised in the caller with that rank's traceback. Each worker
+leads its own process group, and whatever it started that is still alive when the run ends
+(e.g. a vLLM engine-core process) is killed with it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import os
 import pickle
 import queue
+import signal
 import traceback
 from typing import Any, Callable, Sequence
 
@@ -41,6 +44,7 @@ def _worker(rank: int, world_size: int, port: int, backend: str, fn: Callable,
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
         WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
     )
+    os.setpgrp()  # its children join this group, so the caller can end them all
     torch.set_num_threads(1)
     try:
         store = dist.TCPStore("127.0.0.1", port, is_master=False)
@@ -75,6 +79,7 @@ def run_distributed(fn: Callable[..., Any], world_size: int, args: Sequence[Any]
         proc.start()
     collected: dict[int, Any] = {}
     failures: list[str] = []
+    finished = False
     try:
         for _ in range(world_size):
             try:
@@ -89,12 +94,17 @@ def run_distributed(fn: Callable[..., Any], world_size: int, args: Sequence[Any]
             else:
                 failures.append(f"--- rank {rank} ---\n{value}")
                 break  # other ranks are likely blocked in a collective
+        finished = True
     finally:
         for proc in procs:
-            proc.join(timeout=5 if failures else 60)
+            proc.join(timeout=60 if finished and not failures else 5)
             if proc.is_alive():
                 proc.kill()
                 proc.join()
+            try:  # leftovers of the rank's process group (reparented children)
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
     if failures:
         raise DistributedWorkerError("a rank failed:\n" + "\n".join(failures))
     return [collected[r] for r in range(world_size)]

@@ -32,3 +32,26 @@ def test_a_failing_rank_is_reported_with_its_traceback():
     with pytest.raises(DistributedWorkerError, match="rank 1") as info:
         run_distributed(_fail_on_rank_one, 2)
     assert "rank one disagrees" in str(info.value)
+
+
+def _start_a_long_child(rank, world_size):
+    import subprocess
+
+    return subprocess.Popen(["sleep", "300"]).pid  # left running, like an engine process
+
+
+def _alive(pid):
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as stat:  # a reaped-later zombie counts as gone
+        return stat.read().split(")")[-1].split()[0] != "Z"
+
+
+def test_processes_a_rank_leaves_behind_are_ended_with_it():
+    children = run_distributed(_start_a_long_child, 2)
+    assert len(set(children)) == 2
+    assert not any(_alive(pid) for pid in children)
