@@ -119,9 +119,8 @@ def prepare_assets(root: Path, args: argparse.Namespace) -> dict[str, str]:
     """Tokenizer, data, HF student/teacher and their Megatron checkpoints under ``root``;
     returns their paths by name."""
     from megatron_dgrpo.cli import main as dgrpo
-    from megatron_dgrpo.models.convert import hf_to_megatron_checkpoint
     from megatron_dgrpo.quickstart import make_assets
-    from megatron_dgrpo.testing.tiny_models import random_hf_qwen3
+    from megatron_dgrpo.testing.tiny_models import write_random_qwen3
 
     workload = WORKLOADS[args.workload]
     paths = {name: str(root / name) for name in ("student_hf", "teacher_hf", "student", "teacher")}
@@ -141,8 +140,7 @@ def prepare_assets(root: Path, args: argparse.Namespace) -> dict[str, str]:
                 raise RuntimeError(f"dgrpo {' '.join(command)} failed")
     for role, seed in (("student", args.seed), ("teacher", args.seed + 1)):
         model = getattr(workload, role)
-        random_hf_qwen3(model, seed, weight_scale=1.0).save_pretrained(paths[f"{role}_hf"])
-        hf_to_megatron_checkpoint(paths[f"{role}_hf"], paths[role])
+        write_random_qwen3(model, paths[f"{role}_hf"], paths[role], seed, weight_scale=1.0)
     return paths
 
 

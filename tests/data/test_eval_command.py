@@ -25,16 +25,13 @@ def _dgrpo(*args):
 @pytest.fixture(scope="module")
 def eval_setup(tmp_path_factory, hf_tokenizer_dir):
     from megatron_dgrpo.data.chat import load_chat_tokenizer
-    from megatron_dgrpo.models.convert import hf_to_megatron_checkpoint
     from megatron_dgrpo.models.presets import get_preset
-    from megatron_dgrpo.testing.tiny_models import random_hf_qwen3
+    from megatron_dgrpo.testing.tiny_models import write_random_qwen3
 
     root = tmp_path_factory.mktemp("eval")
     tokenizer = load_chat_tokenizer(hf_tokenizer_dir)
     config = dataclasses.replace(get_preset("tiny-qwen3"), vocab_size=tokenizer.vocab_size)
-    hf_model = random_hf_qwen3(config, seed=0)
-    hf_model.save_pretrained(root / "hf")
-    hf_to_megatron_checkpoint(root / "hf", root / "ckpt")
+    hf_model = write_random_qwen3(config, root / "hf", root / "ckpt", seed=0)
     assert main(["data", "synth", "--out", str(root / "data"), "--num", "6", "--lengths", "256",
                  "--seed", "1"]) == 0
     return root, hf_model.eval(), tokenizer

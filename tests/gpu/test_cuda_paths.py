@@ -58,15 +58,12 @@ def _megatron_on_cuda(rank, world_size, ckpt_dir, dtype_name):
 
 @pytest.fixture(scope="module")
 def hf_and_megatron(tmp_path_factory):
-    from megatron_dgrpo.models.convert import hf_to_megatron_checkpoint
     from megatron_dgrpo.models.presets import get_preset
-    from megatron_dgrpo.testing.tiny_models import random_hf_qwen3
+    from megatron_dgrpo.testing.tiny_models import write_random_qwen3
 
     root = tmp_path_factory.mktemp("cuda_model")
     config = dataclasses.replace(get_preset("small-qwen3"), params_dtype="fp32")
-    hf_model = random_hf_qwen3(config, seed=0)
-    hf_model.save_pretrained(root / "hf")
-    hf_to_megatron_checkpoint(root / "hf", root / "megatron", 1, 1)
+    hf_model = write_random_qwen3(config, root / "hf", root / "megatron", seed=0)
     return hf_model, root / "megatron"
 
 

@@ -2,8 +2,6 @@
 `transformers` teacher, and KD training from the cache on real TP=2 ranks."""
 
 import dataclasses
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -33,29 +31,10 @@ def test_vocab_parallel_topk_equals_unsharded_float64():
 
 
 @pytest.fixture(scope="module")
-def teacher_setup(tmp_path_factory, hf_tokenizer_dir):
-
-    from megatron_dgrpo.cli import main
-    from megatron_dgrpo.data.chat import load_chat_tokenizer
-    from megatron_dgrpo.models.convert import hf_to_megatron_checkpoint
-    from megatron_dgrpo.models.presets import get_preset
-    from megatron_dgrpo.testing.tiny_models import random_hf_qwen3
-
-    root = tmp_path_factory.mktemp("cache")
-    tokenizer = load_chat_tokenizer(hf_tokenizer_dir)
-    config = dataclasses.replace(get_preset("small-qwen3"), vocab_size=tokenizer.vocab_size)
-    teacher = random_hf_qwen3(config, seed=1)
-    teacher.save_pretrained(root / "hf")
-    hf_to_megatron_checkpoint(root / "hf", root / "teacher")
-    assert main(["data", "synth", "--out", str(root / "data"), "--num", "6", "--lengths", "256",
-                 "--seed", "5"]) == 0
-    result = subprocess.run(
-        [sys.executable, "tools/cache_teacher_topk.py", "--teacher", str(root / "teacher"),
-         "--tokenizer", str(hf_tokenizer_dir), "--data", str(root / "data"),
-         "--out", str(root / "cache"), "--k", "8", "--limit", "4"],
-        capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return root, teacher.eval(), tokenizer
+def teacher_setup(teacher_with_cache):
+    """(root with hf/ teacher/ data/ cache/, the transformers teacher, the tokenizer)."""
+    shared = teacher_with_cache
+    return shared.root, shared.hf_teacher, shared.tokenizer
 
 
 def test_cache_matches_transformers_teacher(teacher_setup):

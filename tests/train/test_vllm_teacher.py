@@ -10,8 +10,6 @@
 """
 
 import dataclasses
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -24,33 +22,16 @@ from megatron_dgrpo.train.metrics import read_metrics
 
 pytestmark = [pytest.mark.vllm, pytest.mark.multiproc]
 
-K = 8
+K = 8  # = the shared cache's k (checked in setup)
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, hf_tokenizer_dir):
-    """A random small-qwen3 teacher (HF + Megatron checkpoint), tasks, and the teacher's
-    top-k cache written by the Megatron teacher."""
-    from megatron_dgrpo.cli import main
-    from megatron_dgrpo.data.chat import load_chat_tokenizer
-    from megatron_dgrpo.models.convert import hf_to_megatron_checkpoint
-    from megatron_dgrpo.testing.tiny_models import random_hf_qwen3
-
-    root = tmp_path_factory.mktemp("vllm-teacher")
-    vocab = load_chat_tokenizer(hf_tokenizer_dir).vocab_size
-    teacher = random_hf_qwen3(dataclasses.replace(get_preset("small-qwen3"), vocab_size=vocab),
-                              seed=1)
-    teacher.save_pretrained(root / "hf")
-    hf_to_megatron_checkpoint(root / "hf", root / "teacher")
-    assert main(["data", "synth", "--out", str(root / "data"), "--num", "4", "--lengths", "256",
-                 "--seed", "5"]) == 0
-    result = subprocess.run(
-        [sys.executable, "tools/cache_teacher_topk.py", "--teacher", str(root / "teacher"),
-         "--tokenizer", str(hf_tokenizer_dir), "--data", str(root / "data"),
-         "--out", str(root / "cache"), "--k", str(K), "--limit", "4"],
-        check=False, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return root, hf_tokenizer_dir, vocab, teacher.eval()
+def setup(teacher_with_cache):
+    """(root with hf/ teacher/ data/ cache/, tokenizer dir, vocabulary size, the
+    transformers teacher): the shared small-qwen3 teacher and its Megatron top-k cache."""
+    shared = teacher_with_cache
+    assert shared.topk == K
+    return shared.root, shared.tokenizer_dir, shared.tokenizer.vocab_size, shared.hf_teacher
 
 
 def _config(setup, run_name, objective="kd", **overrides):
