@@ -94,7 +94,7 @@ class _FusedLinearLoss(torch.autograd.Function):
         # vocabulary is off by ~1e-2 nats); the weight gradient accumulates in it too.
         compute = torch.promote_types(student_hidden.dtype, torch.float32)
         grad_hidden = torch.zeros_like(student_hidden) if want_grads else None
-        grad_weight = (torch.zeros_like(student_weight, dtype=compute) if want_grads else None)
+        grad_weight = torch.zeros_like(student_weight, dtype=compute) if want_grads else None
         total = student_hidden.new_zeros(())
         metrics = LossMetrics()
         for start in range(0, student_hidden.shape[0], run.chunk_tokens):
