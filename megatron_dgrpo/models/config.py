@@ -94,18 +94,28 @@ class ModelConfig:
         return _model_config_to_hf(self)
 
 
+CP_COMM_TYPES = ("p2p", "a2a", "a2a+p2p", "allgather")
+
+
 @dataclass
 class ParallelConfig:
     """Model-parallel layout and kernel choice.
 
     ``use_te``: ``"auto"`` uses Transformer Engine layers when TE and CUDA are present and
     Megatron's local (plain torch) layers otherwise; ``True`` requires TE; ``False`` never
-    uses it. Context parallelism, sequence parallelism and FP8 need TE on CUDA.
+    uses it. Sequence parallelism and FP8 need TE on CUDA.
+
+    ``cp_comm_type`` (Megatron's names) picks how context-parallel attention exchanges keys
+    and values: ``p2p`` (ring), ``a2a``, ``a2a+p2p`` are Transformer Engine's kernels (CUDA);
+    ``allgather`` gathers the whole sequence's keys and values on every CP rank and attends
+    locally, which the local layer spec also serves (PyTorch SDPA), so CP runs without TE
+    (on CPU too). Exact either way; allgather holds ``T`` keys/values per rank.
     """
 
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
     context_parallel: int = 1
+    cp_comm_type: Literal["p2p", "a2a", "a2a+p2p", "allgather"] = "p2p"
     sequence_parallel: bool = False
     use_te: bool | Literal["auto"] = "auto"
     fp8: bool = False
@@ -123,16 +133,22 @@ class ParallelConfig:
         if self.use_te is True and not runtime.has_te_on_cuda:
             raise ValueError(f"parallel.use_te=true needs Transformer Engine on CUDA; "
                              f"this machine has {runtime.describe()}")
+        if self.cp_comm_type not in CP_COMM_TYPES:
+            raise ValueError(f"parallel.cp_comm_type must be one of {', '.join(CP_COMM_TYPES)}, "
+                             f"got {self.cp_comm_type!r}")
         uses_te = self.uses_te(runtime)
         needs_te = [what for what, wanted in (
-            ("context parallelism", self.context_parallel > 1),
+            (f"context parallelism with cp_comm_type={self.cp_comm_type}",
+             self.context_parallel > 1 and self.cp_comm_type != "allgather"),
             ("sequence parallelism", self.sequence_parallel),
             ("FP8", self.fp8)) if wanted]
         if needs_te and not uses_te:
             reason = ("parallel.use_te is false" if self.use_te is False
                       else f"this machine has {runtime.describe()}")
+            hint = ("; parallel.cp_comm_type=allgather runs context parallelism without it"
+                    if self.context_parallel > 1 and self.cp_comm_type != "allgather" else "")
             raise ValueError(f"{' and '.join(needs_te)} needs Transformer Engine on CUDA; "
-                             f"{reason}")
+                             f"{reason}{hint}")
 
     def uses_te(self, runtime: Runtime | None = None) -> bool:
         """Whether models are built with the Transformer Engine layer spec."""

@@ -5,8 +5,15 @@ copies keys and values once per query head for grouped-query attention, and mask
 softmaxes in separate kernels. :class:`SDPACoreAttention` is a drop-in replacement with the
 same arguments and output that calls ``torch.nn.functional.scaled_dot_product_attention``
 (fused kernels on CPU and GPU, grouped-query attention without copies). Supported: vanilla
-softmax, no attention dropout, no sliding window, no context parallelism (the TE spec serves
-those); anything else is refused at construction.
+softmax, no attention dropout, no sliding window (the TE spec serves those); anything else
+is refused at construction.
+
+Context parallelism (``cp_comm_type="allgather"`` only): each CP rank holds the
+load-balanced shard of the sequence (chunks ``r`` and ``2 * cp - 1 - r`` of ``2 * cp``, see
+:mod:`megatron_dgrpo.parallel.context`). Keys and values are all-gathered over the CP group
+and put back in sequence order; the local queries attend to them causally by their global
+positions. The backward sums each rank's key/value gradients over the group and keeps the
+rank's own shard. Exact; each rank holds the whole sequence's keys and values.
 
 Masks follow Megatron's convention: ``attention_mask`` is boolean with True = *masked out*,
 broadcastable to ``[b, 1, sq, sk]``, and when given it is the whole mask (causal part
@@ -19,9 +26,12 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
+
+from megatron_dgrpo.parallel.context import cp_unshard
 
 
 class SDPACoreAttention(MegatronModule):
@@ -37,8 +47,10 @@ class SDPACoreAttention(MegatronModule):
                  pg_collection=None):
         super().__init__(config=config)
         dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        comm_type = cp_comm_type or config.cp_comm_type
         unsupported = {
-            "context_parallel_size > 1": config.context_parallel_size > 1,
+            f"context parallelism with cp_comm_type={comm_type!r} (only 'allgather')":
+                config.context_parallel_size > 1 and comm_type != "allgather",
             f"softmax_type={config.softmax_type!r}": config.softmax_type != "vanilla",
             "attention dropout": dropout > 0,
             "window_size": config.window_size is not None,
@@ -49,6 +61,12 @@ class SDPACoreAttention(MegatronModule):
             raise ValueError(f"SDPACoreAttention does not support {', '.join(refused)}; "
                              "use the Transformer Engine layer spec")
         self.attn_mask_type = attn_mask_type
+        self.cp_group = None
+        if config.context_parallel_size > 1:
+            from megatron.core import parallel_state as ps
+
+            self.cp_group = (pg_collection.cp if pg_collection is not None
+                             else ps.get_context_parallel_group())
         self.softmax_scale = (softmax_scale if softmax_scale is not None
                               else 1.0 / math.sqrt(config.kv_channels))
 
@@ -58,6 +76,11 @@ class SDPACoreAttention(MegatronModule):
         if attention_bias is not None or packed_seq_params is not None:
             raise ValueError("SDPACoreAttention takes no attention_bias or packed sequences")
         mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
+        if self.cp_group is not None:
+            if attention_mask is not None or mask_type != AttnMaskType.causal:
+                raise ValueError("SDPACoreAttention with context parallelism supports causal "
+                                 "attention without an explicit mask only")
+            key, value, attention_mask = _gather_context(query, key, value, self.cp_group)
         sq, batch, heads, head_dim = query.shape
         sk, groups = key.shape[0], key.shape[2]
         allowed, is_causal = None, False
@@ -74,3 +97,37 @@ class SDPACoreAttention(MegatronModule):
                                                  scale=self.softmax_scale,
                                                  enable_gqa=heads != groups)
         return context.permute(2, 0, 1, 3).reshape(sq, batch, heads * head_dim)
+
+
+class _GatherShards(torch.autograd.Function):
+    """``[cp, *shard.shape]``: every CP rank's ``shard``. Backward: the gradient summed over
+    the ranks (each rank's queries contribute to every shard), this rank's slice of it."""
+
+    @staticmethod
+    def forward(ctx, shard: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        parts = [torch.empty_like(shard) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, shard.contiguous(), group=group)
+        return torch.stack(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad[dist.get_rank(ctx.group)], None
+
+
+def _gather_context(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, group):
+    """Whole-sequence ``key``/``value`` ``[T, b, groups, d]`` from this rank's load-balanced
+    shards ``[T / cp, b, groups, d]``, and the mask (True = masked out) ``[T / cp, T]`` that
+    lets each local query see the keys at or before its global position."""
+    cp, rank = dist.get_world_size(group), dist.get_rank(group)
+    full_key, full_value = (cp_unshard(list(_GatherShards.apply(t, group)), seq_dim=0)
+                            for t in (key, value))
+    chunk = query.shape[0] // 2
+    device = query.device
+    query_positions = torch.cat([
+        torch.arange(rank * chunk, (rank + 1) * chunk, device=device),
+        torch.arange((2 * cp - 1 - rank) * chunk, (2 * cp - rank) * chunk, device=device)])
+    key_positions = torch.arange(full_key.shape[0], device=device)
+    return full_key, full_value, key_positions[None, :] > query_positions[:, None]

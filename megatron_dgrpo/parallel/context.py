@@ -52,6 +52,16 @@ def cp_unshard(shards: Sequence[Tensor], seq_dim: int = 1) -> Tensor:
     return torch.cat(chunks, dim=seq_dim)
 
 
+def cp_all_gather(shard: Tensor, group, seq_dim: int = 1) -> Tensor:
+    """The full tensor from every CP rank's :func:`cp_shard` of it (no autograd; ``group``
+    ``None`` or of size 1: ``shard`` itself)."""
+    if group is None or dist.get_world_size(group) == 1:
+        return shard
+    parts = [torch.empty_like(shard) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, shard.contiguous(), group=group)
+    return cp_unshard(parts, seq_dim=seq_dim)
+
+
 def _as_list(loss_masks: Tensor | Sequence[Tensor]) -> list[Tensor]:
     return [loss_masks] if isinstance(loss_masks, Tensor) else list(loss_masks)
 

@@ -21,11 +21,15 @@ places that assume a CUDA device even when nothing is placed on one:
    the last stage's copy of the word embeddings with ``weight.data.cuda()`` before the
    all-reduce that syncs it with the first stage. Here ``Tensor.cuda`` leaves the tensor on
    CPU for the duration of that one method.
+5. Context parallelism: the rotary tables are cut to this CP rank's load-balanced chunks by
+   ``get_pos_emb_on_this_cp_rank``, whose chunk index tensor is pinned and moved to CUDA.
+   Here the same selection is done with a CPU index.
 
 Settings that must stay off on CPU are not patched but checked where the model config is
 built (:mod:`megatron_dgrpo.models.provider`): ``gradient_accumulation_fusion``,
 ``persist_layer_norm``, ``apply_rope_fusion``, ``batch_p2p_sync`` (it calls
-``torch.cuda.synchronize()``), sequence and context parallelism (TE only), the distributed
+``torch.cuda.synchronize()``), sequence parallelism and CP ring attention (TE only; CP
+with ``cp_comm_type=allgather`` runs on the local spec), the distributed
 optimizer (it refuses CPU tensors) and gradient clipping in Megatron's optimizer (it asserts
 CUDA tensor types; use ``clip_grad=0.0``).
 
@@ -115,6 +119,15 @@ def _keep_cuda_moves_on_cpu(method):
     return on_cpu
 
 
+def _pos_emb_on_this_cp_rank_cpu(pos_emb: torch.Tensor, seq_dim: int, cp_group) -> torch.Tensor:
+    """Chunks ``r`` and ``2 * cp - 1 - r`` of ``2 * cp`` along ``seq_dim`` (CP rank ``r``)."""
+    cp_size, cp_rank = cp_group.size(), cp_group.rank()
+    chunks = pos_emb.view(*pos_emb.shape[:seq_dim], 2 * cp_size, -1, *pos_emb.shape[seq_dim + 1:])
+    index = torch.tensor([cp_rank, 2 * cp_size - 1 - cp_rank], device=pos_emb.device)
+    mine = chunks.index_select(seq_dim, index)
+    return mine.reshape(*pos_emb.shape[:seq_dim], -1, *pos_emb.shape[seq_dim + 1:])
+
+
 def _new_cpu_state(seed: int) -> torch.Tensor:
     return torch.Generator().manual_seed(seed).get_state()
 
@@ -162,6 +175,7 @@ def adapt_megatron_for_cpu() -> bool:
 
     from megatron.core import utils as core_utils
     from megatron.core.fusions import fused_softmax
+    from megatron.core.models.common.embeddings import rotary_pos_embedding
     from megatron.core.models.common.language_module.language_module import LanguageModule
     from megatron.core.optimizer import clip_grads
     from megatron.core.optimizer import optimizer as optimizer_wrappers
@@ -184,6 +198,7 @@ def adapt_megatron_for_cpu() -> bool:
 
     LanguageModule.setup_embeddings_and_output_layer = _keep_cuda_moves_on_cpu(
         LanguageModule.setup_embeddings_and_output_layer)
+    rotary_pos_embedding.get_pos_emb_on_this_cp_rank = _pos_emb_on_this_cp_rank_cpu
 
     _applied = True
     return True

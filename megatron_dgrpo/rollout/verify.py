@@ -31,6 +31,7 @@ import torch.distributed as dist
 from megatron_dgrpo.models import mapping
 from megatron_dgrpo.models.config import ModelConfig
 from megatron_dgrpo.models.mapping import TPSplit
+from megatron_dgrpo.parallel.context import cp_all_gather, cp_shard
 
 _DEFAULT_FINGERPRINT_RTOL = {"torch.float32": 1e-5, "torch.bfloat16": 2e-2, "torch.float16": 5e-3}
 
@@ -121,24 +122,35 @@ def trainer_token_logprobs(model: torch.nn.Module, config: ModelConfig,
                            sequences: Sequence[Sequence[int]],
                            prompt_lengths: Sequence[int]) -> list[list[float]]:
     """``log_softmax(logits)`` (T = 1) of each token at positions ``prompt_lengths[i] ..``,
-    from the trainer's forward. PP = 1, any TP (all TP ranks call with the same inputs)."""
+    from the trainer's forward. PP = 1, any TP and CP (all TP and CP ranks call with the
+    same inputs; under CP each runs its load-balanced shard and the logits are gathered)."""
     from megatron.core import parallel_state as ps
 
     if ps.get_pipeline_model_parallel_world_size() != 1:
         raise ValueError("trainer_token_logprobs needs pipeline_parallel=1; with PP > 1 "
                          "compute the probe log-probs with the training forward")
-    length = max(len(s) for s in sequences)
+    cp_group, cp_size = ps.get_context_parallel_group(), ps.get_context_parallel_world_size()
+    align = 2 * cp_size if cp_size > 1 else 1
+    if getattr(model.config, "sequence_parallel", False):
+        align *= ps.get_tensor_model_parallel_world_size()
+    length = -(-max(len(s) for s in sequences) // align) * align
     tokens = torch.zeros(len(sequences), length, dtype=torch.long)
     for i, sequence in enumerate(sequences):
         tokens[i, :len(sequence)] = torch.tensor(sequence)
     positions = torch.arange(length).unsqueeze(0).expand_as(tokens)
+    if cp_size > 1:
+        rank = ps.get_context_parallel_rank()
+        tokens, positions = cp_shard(tokens, rank, cp_size), cp_shard(positions, rank, cp_size)
+    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            logits = model(tokens, positions, None, runtime_gather_output=True)
+            logits = model(tokens.to(device), positions.to(device), None,
+                           runtime_gather_output=True)
     finally:
         model.train(was_training)
+    logits = cp_all_gather(logits, cp_group if cp_size > 1 else None).cpu()
     logprobs = torch.log_softmax(logits[..., :config.vocab_size].double(), dim=-1)
     return [[float(logprobs[i, j - 1, sequence[j]]) for j in range(start, len(sequence))]
             for i, (sequence, start) in enumerate(zip(sequences, prompt_lengths))]

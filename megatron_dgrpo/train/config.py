@@ -247,11 +247,12 @@ class RunConfig:
                              "(teacher.engine=vllm); the student trains in Megatron")
         if self.uses_vllm_teacher():
             self._check_vllm_teacher(runtime)
-        if self.parallel.context_parallel > 1:  # last, so every other check ran first
+        if (self.parallel.context_parallel > 1 and objective in ON_POLICY_OBJECTIVES
+                and self.rollout.engine == "embedded"):
             raise ValueError(
-                "parallel.context_parallel > 1: the trainer does not shard sequences over "
-                "context-parallel ranks yet (the loss module supports CP, the step does not "
-                "split its batch); use context_parallel=1")
+                "parallel.context_parallel > 1 with rollout.engine=embedded: the embedded "
+                "engine decodes whole sequences on each rank and cannot run a context-parallel "
+                "model; use rollout.engine=vllm")
 
     def _check_vllm_teacher(self, runtime: Runtime) -> None:
         """``teacher.engine=vllm``: what the engine can serve, and its start-up requirements."""

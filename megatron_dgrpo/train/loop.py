@@ -12,6 +12,10 @@
 SFT and KD skip the rollouts and train on prompt + reference answer. Run on every rank
 (``torchrun``); each data-parallel rank takes its own slice of the step's prompts, and the
 loss is normalised over the whole global batch, so the update does not depend on the split.
+With context parallelism the CP ranks of a replica hold the same (whole) step batch and
+each runs the models on its load-balanced shard of every micro-batch
+(:mod:`megatron_dgrpo.train.microbatch`); the CP ranks' loss pieces add up to the
+micro-batch's loss.
 """
 
 from __future__ import annotations
@@ -31,7 +35,12 @@ from megatron_dgrpo.algorithms.inputs import TokenBatch
 from megatron_dgrpo.algorithms.metrics import LossMetrics
 from megatron_dgrpo.data.chat import IM_END, load_chat_tokenizer
 from megatron_dgrpo.data.longblocks import LongBlocksExample, LongBlocksLoader
-from megatron_dgrpo.parallel.context import all_reduce_metrics, global_sequence_count, global_token_count
+from megatron_dgrpo.parallel.context import (
+    all_reduce_metrics,
+    cp_all_gather,
+    global_sequence_count,
+    global_token_count,
+)
 from megatron_dgrpo.parallel.cpu import collective_device
 from megatron_dgrpo.parallel.fused import PADDED_VOCAB_LOGIT, loss_from_hidden
 from megatron_dgrpo.parallel.materialized import loss_from_logits
@@ -39,6 +48,7 @@ from megatron_dgrpo.parallel.vocab import vocab_parallel_terms
 from megatron_dgrpo.rollout.engine import RolloutBatch, SamplingParams
 from megatron_dgrpo.teacher_cache import TeacherTopKCache
 from megatron_dgrpo.train.config import ON_POLICY_OBJECTIVES, RunConfig
+from megatron_dgrpo.train.grad_norm import global_grad_norm
 from megatron_dgrpo.train.hidden import final_hidden_states, output_weight
 from megatron_dgrpo.train.microbatch import MicroBatch, plan_micro_batches
 from megatron_dgrpo.train.offload import Offloader
@@ -115,6 +125,12 @@ class Trainer:
         self.tp_rank = ps.get_tensor_model_parallel_rank()
         self.dp_group = ps.get_data_parallel_group()
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        self.cp_group = ps.get_context_parallel_group()
+        self.cp_rank, self.cp_size = (ps.get_context_parallel_rank(),
+                                      ps.get_context_parallel_world_size())
+        # Gradients and per-token sums span the data- and context-parallel ranks.
+        self.dp_cp_group = ps.get_data_parallel_group(with_context_parallel=True)
+        self.sequence_align = _sequence_alignment(config.parallel)
 
         self.tokenizer = load_chat_tokenizer(config.tokenizer)
         self.model_config = config.student.model_config()
@@ -211,8 +227,8 @@ class Trainer:
         each micro-batch's width, where there are no loss tokens)."""
         out = torch.zeros(batch.targets.shape, dtype=torch.float32, device=self.device)
         for micro_batch in plan:
-            out[micro_batch.start:micro_batch.stop, :micro_batch.width] = \
-                self._token_logp(model, micro_batch.sequences(batch))
+            out[micro_batch.start:micro_batch.stop, :micro_batch.width] = cp_all_gather(
+                self._token_logp(model, micro_batch.sequences(batch)), self.cp_group)
         return out
 
     def _loss(self, token_batch: TokenBatch, batch: SequenceBatch, teacher_outputs):
@@ -246,8 +262,8 @@ class Trainer:
             responses = [self.tokenizer.encode(self.tokenizer.render_response(e.user_message,
                                                                                e.reference_answer))
                          for e in examples]
-            return {"batch": build_sequences([e.prompt_ids for e in examples],
-                                             responses).to(self.device),
+            return {"batch": build_sequences([e.prompt_ids for e in examples], responses,
+                                             align=self.sequence_align).to(self.device),
                     "examples": examples}
         rollouts, engine_metrics = self._generate(step_examples, examples)
         owners = [examples[r.prompt_index] for r in rollouts.rollouts]
@@ -258,7 +274,8 @@ class Trainer:
                                 for text, e in zip(texts, owners)], dtype=torch.float32,
                                device=self.device)
         batch = build_sequences([r.prompt_ids for r in rollouts.rollouts],
-                                [r.response_ids for r in rollouts.rollouts]).to(self.device)
+                                [r.response_ids for r in rollouts.rollouts],
+                                align=self.sequence_align).to(self.device)
         return {"batch": batch, "examples": owners, "rewards": rewards,
                 "group": self.config.sampling.n, "engine_metrics": engine_metrics,
                 "rollout_logp": batch.per_token([r.logprobs for r in rollouts.rollouts]),
@@ -300,9 +317,9 @@ class Trainer:
                     teacher_seconds += time.perf_counter() - teacher_started
                 piece, piece_metrics = self._loss(micro_batch.tokens(token_batch), sequences,
                                                   teacher_outputs)
-                # Megatron DDP averages gradients over DP ranks; our loss pieces already sum
-                # to the global loss, so undo the average.
-                (piece * self.dp_size).backward()
+                # Megatron DDP averages gradients over the DP x CP ranks; our loss pieces
+                # already sum to the global loss, so undo the average.
+                (piece * self.dp_size * self.cp_size).backward()
                 loss, loss_metrics = loss + piece.detach(), loss_metrics.merge(piece_metrics)
                 del teacher_outputs
         return loss, loss_metrics, teacher_seconds
@@ -327,7 +344,8 @@ class Trainer:
                                 global_token_count(mask, self.dp_group),
                                 global_sequence_count=global_sequence_count(mask, self.dp_group))
         token_batch = TokenBatch(loss_mask=mask, weights=weights, targets=batch.targets)
-        plan = plan_micro_batches(mask, self.config.micro_batch_size)
+        plan = plan_micro_batches(mask, self.config.micro_batch_size, self.sequence_align,
+                                  self.cp_rank, self.cp_size)
         if self.topk_cache is not None:
             token_batch.teacher_topk_indices, token_batch.teacher_topk_logp = \
                 self._cached_topk(data["examples"], batch)
@@ -353,6 +371,7 @@ class Trainer:
         loss, loss_metrics, teacher_seconds = self._accumulate_gradients(plan, batch, token_batch)
         teacher_seconds += vllm_teacher_seconds
         finalize_model_grads([self.ddp])
+        grad_norm = global_grad_norm(self.ddp, self.tp_group)  # before any clipping
         lr = self.config.optim.lr_at(self.step, self.config.steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -361,9 +380,10 @@ class Trainer:
         if self.vllm is not None:
             data["engine_metrics"].update(self.vllm.sync(self.student, self.step))
 
-        metrics = {"loss": _sum_over(loss.detach(), self.dp_group), "optim/lr": lr}
+        metrics = {"loss": _sum_over(loss.detach(), self.dp_cp_group), "optim/lr": lr,
+                   "optim/grad_norm": grad_norm}
         metrics.update({f"policy/{k}": v for k, v in
-                        all_reduce_metrics(loss_metrics, self.dp_group).as_dict().items()})
+                        all_reduce_metrics(loss_metrics, self.dp_cp_group).as_dict().items()})
         metrics.update(self._rollout_metrics(data))
         metrics.update(data.get("engine_metrics", {}))
         train_tokens = _sum_over(torch.tensor(float(mask.sum())), self.dp_group)
@@ -395,6 +415,14 @@ class Trainer:
         slowest = _max_over(data["rollout_seconds"], self.dp_group)
         metrics["throughput/rollout_tokens_per_s"] = sum(lengths) / max(slowest, 1e-9)
         return metrics
+
+
+def _sequence_alignment(parallel) -> int:
+    """Batch widths must be multiples of this: ``2 * CP`` load-balanced chunks, each split
+    over TP under sequence parallelism."""
+    cp = parallel.context_parallel
+    return (2 * cp if cp > 1 else 1) * (parallel.tensor_parallel if parallel.sequence_parallel
+                                        else 1)
 
 
 def _sum_over(value: torch.Tensor, group) -> float:

@@ -43,13 +43,17 @@ class SequenceBatch:
 
 
 def build_sequences(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
-                    pad_id: int = 0) -> SequenceBatch:
-    """Pack ``B`` (prompt, response) pairs; every prompt must be non-empty."""
+                    pad_id: int = 0, align: int = 1) -> SequenceBatch:
+    """Pack ``B`` (prompt, response) pairs; every prompt must be non-empty. The width is
+    the longest sequence rounded up to a multiple of ``align`` (context/sequence
+    parallelism split the sequence dimension into equal pieces)."""
     if len(prompts) != len(responses) or not prompts:
         raise ValueError(f"need as many responses as prompts (>0), got {len(prompts)} prompts "
                          f"and {len(responses)} responses")
+    if align < 1:
+        raise ValueError(f"align must be >= 1, got {align}")
     lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
-    width = max(lengths)
+    width = -(-max(lengths) // align) * align
     tokens = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     loss_mask = torch.zeros((len(prompts), width), dtype=torch.bool)
     for row, (prompt, response) in enumerate(zip(prompts, responses)):

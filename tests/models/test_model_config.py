@@ -43,7 +43,11 @@ def test_layout_that_divides_evenly_is_accepted():
 
 @pytest.mark.parametrize("parallel, message", [
     (ParallelConfig(tensor_parallel=2, context_parallel=2),
-     "context parallelism needs Transformer Engine on CUDA; this machine has no CUDA"),
+     "context parallelism with cp_comm_type=p2p needs Transformer Engine on CUDA; this machine "
+     "has no CUDA and no Transformer Engine; parallel.cp_comm_type=allgather runs context "
+     "parallelism without it"),
+    (ParallelConfig(context_parallel=2, cp_comm_type="ring"),
+     "parallel.cp_comm_type must be one of p2p, a2a, a2a+p2p, allgather, got 'ring'"),
     (ParallelConfig(tensor_parallel=2, sequence_parallel=True),
      "sequence parallelism needs Transformer Engine on CUDA"),
     (ParallelConfig(fp8=True), "FP8 needs Transformer Engine on CUDA"),
@@ -72,6 +76,14 @@ def test_te_switched_off_refuses_context_parallel_even_on_gpu():
         ParallelConfig(context_parallel=2, use_te=False).validate(GPU_WITH_TE)
     with pytest.raises(ValueError, match="CUDA and no Transformer Engine"):
         ParallelConfig(context_parallel=2).validate(GPU_WITHOUT_TE)
+
+
+
+def test_allgather_context_parallel_runs_without_te():
+    parallel = ParallelConfig(context_parallel=2, cp_comm_type="allgather")
+    for runtime in (CPU, GPU_WITHOUT_TE):
+        parallel.validate(runtime)
+        assert not parallel.uses_te(runtime)
 
 
 @pytest.mark.parametrize("changes, message", [

@@ -52,11 +52,18 @@ def test_32k_examples_are_valid_on_cuda(monkeypatch, path, student_hidden, teach
     assert config.data.max_prompt_tokens + config.sampling.max_new_tokens == 32768
 
 
-def test_128k_example_is_refused_only_for_context_parallelism(monkeypatch):
-    with pytest.raises(ValueError, match="does not shard sequences over context-parallel"):
-        _load(monkeypatch, LARGE, CUDA)
-    config = _load(monkeypatch, LARGE, CUDA, "parallel.context_parallel=1")
+def test_128k_example_is_valid_on_cuda_with_context_parallelism(monkeypatch):
+    config = _load(monkeypatch, LARGE, CUDA)
     _check_layout(config, GPUS[LARGE])
+    parallel, student = config.parallel, config.student.model_config()
+    assert parallel.context_parallel == 4 and parallel.cp_comm_type == "p2p"
+    assert config.data.max_prompt_tokens + config.sampling.max_new_tokens == 131072
+    # Each CP rank holds 2 load-balanced chunks, each split over TP by sequence parallelism.
+    assert 131072 % (2 * parallel.context_parallel * parallel.tensor_parallel) == 0
+    assert student.max_position_embeddings == 131072
+    with pytest.raises(ValueError, match="cannot run a context-parallel model; use "
+                                         "rollout.engine=vllm"):
+        _load(monkeypatch, LARGE, CUDA, "rollout.engine=embedded")
 
 
 @pytest.mark.parametrize("path", [SMALL, MEDIUM, LARGE])
