@@ -42,7 +42,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import types
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -176,7 +177,9 @@ def adapt_megatron_for_cpu() -> bool:
     from megatron.core import utils as core_utils
     from megatron.core.fusions import fused_softmax
     from megatron.core.models.common.embeddings import rotary_pos_embedding
-    from megatron.core.models.common.language_module.language_module import LanguageModule
+    from megatron.core.models.common.language_module.language_module import (
+        LanguageModule,
+    )
     from megatron.core.optimizer import clip_grads
     from megatron.core.optimizer import optimizer as optimizer_wrappers
     from megatron.core.pipeline_parallel import schedules
