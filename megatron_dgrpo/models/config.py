@@ -38,6 +38,13 @@ class ModelConfig:
     ``num_query_groups`` key/value heads (GQA); q and k are RMS-normalised per head
     (``qk_layernorm``) before rotary embeddings with base ``rope_base``. MLP: SwiGLU with
     ``ffn_hidden_size``. Norms: RMSNorm with ``norm_eps``. No biases.
+
+    Long context: ``yarn_factor`` (> 1) turns on YaRN rotary scaling (Qwen3's way past its
+    pre-training length): frequencies of the dimensions that rotate fewer than
+    ``beta_slow = 1`` times within ``yarn_original_max_position_embeddings`` positions are
+    divided by the factor, those rotating more than ``beta_fast = 32`` times are kept, a
+    linear ramp blends between; attention logits are scaled by ``(0.1 ln(factor) + 1)^2``.
+    ``None`` = plain RoPE.
     """
 
     architecture: str = "qwen3"
@@ -55,6 +62,8 @@ class ModelConfig:
     qk_layernorm: bool = True
     params_dtype: Literal["fp32", "bf16"] = "fp32"
     make_vocab_size_divisible_by: int = 128
+    yarn_factor: float | None = None
+    yarn_original_max_position_embeddings: int | None = None
 
     def validate(self) -> None:
         """Raise ValueError if the hyper-parameters cannot describe a supported model."""
@@ -78,6 +87,17 @@ class ModelConfig:
         if self.params_dtype not in ("fp32", "bf16"):
             raise ValueError(f"model.params_dtype must be 'fp32' or 'bf16', "
                              f"got {self.params_dtype!r}")
+        yarn = (self.yarn_factor, self.yarn_original_max_position_embeddings)
+        if (yarn[0] is None) != (yarn[1] is None):
+            raise ValueError("model.yarn_factor and model.yarn_original_max_position_embeddings "
+                             "go together (both set for YaRN, both null for plain RoPE)")
+        if yarn[0] is not None:
+            if yarn[0] <= 1:
+                raise ValueError(f"model.yarn_factor must be > 1, got {yarn[0]}")
+            if not 1 <= yarn[1] <= self.max_position_embeddings:
+                raise ValueError(
+                    f"model.yarn_original_max_position_embeddings ({yarn[1]}) must be in "
+                    f"[1, max_position_embeddings = {self.max_position_embeddings}]")
 
     def padded_vocab_size(self, tensor_parallel: int) -> int:
         """Rows of the embedding/output layer at this TP size (Megatron's padding rule)."""
@@ -213,18 +233,33 @@ _HF_REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_at
                 "rms_norm_eps")
 
 
-def _hf_rope_base(hf: Mapping[str, Any]) -> float:
-    """rope theta from either ``rope_parameters`` (transformers 5) or ``rope_theta`` (4.x)."""
-    parameters = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling")
-    rope_type = parameters.get("rope_type", (scaling or {}).get("rope_type", "default"))
-    if scaling or rope_type != "default":
-        raise ValueError(f"config.json asks for rope scaling ({scaling or parameters}); "
-                         f"only plain RoPE is supported")
+# YaRN keys that may appear in a config.json with their only supported values (the defaults).
+_HF_YARN_DEFAULTS = {"beta_fast": 32.0, "beta_slow": 1.0, "truncate": True,
+                     "attention_factor": None, "mscale": None, "mscale_all_dim": None}
+
+
+def _hf_rope(hf: Mapping[str, Any]) -> dict[str, Any]:
+    """``rope_base``, ``yarn_factor``, ``yarn_original_max_position_embeddings`` from
+    ``rope_parameters`` (transformers 5) or ``rope_theta`` + ``rope_scaling`` (4.x)."""
+    parameters = dict(hf.get("rope_parameters") or {})
+    parameters.update(hf.get("rope_scaling") or {})
+    rope_type = parameters.get("rope_type", parameters.get("type", "default"))
     theta = parameters.get("rope_theta", hf.get("rope_theta"))
     if theta is None:
         raise ValueError("config.json is missing rope_theta (or rope_parameters.rope_theta)")
-    return float(theta)
+    if rope_type == "default":
+        return {"rope_base": float(theta)}
+    if rope_type != "yarn":
+        raise ValueError(f"config.json asks for rope scaling {rope_type!r}; supported: plain "
+                         f"RoPE and yarn")
+    odd = [f"{key}={parameters[key]!r}" for key, value in _HF_YARN_DEFAULTS.items()
+           if parameters.get(key, value) != value]
+    if odd or parameters.get("factor") is None:
+        raise ValueError(f"config.json's yarn rope scaling needs a factor and default "
+                         f"beta_fast/beta_slow/attention scaling; got {parameters}")
+    original = parameters.get("original_max_position_embeddings", hf["max_position_embeddings"])
+    return {"rope_base": float(theta), "yarn_factor": float(parameters["factor"]),
+            "yarn_original_max_position_embeddings": int(original)}
 
 
 def _model_config_from_hf(cls, hf: Mapping[str, Any]) -> ModelConfig:
@@ -254,7 +289,7 @@ def _model_config_from_hf(cls, hf: Mapping[str, Any]) -> ModelConfig:
         head_dim=int(hf["head_dim"]),
         vocab_size=int(hf["vocab_size"]),
         max_position_embeddings=int(hf["max_position_embeddings"]),
-        rope_base=_hf_rope_base(hf),
+        **_hf_rope(hf),
         norm_eps=float(hf["rms_norm_eps"]),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         qk_layernorm=True,
@@ -280,7 +315,7 @@ def _model_config_to_hf(config: ModelConfig) -> dict[str, Any]:
         "max_position_embeddings": config.max_position_embeddings,
         "rms_norm_eps": config.norm_eps,
         # transformers >= 5 reads rope_parameters; 4.x and vLLM's older paths read rope_theta.
-        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_base},
+        "rope_parameters": _rope_parameters_to_hf(config),
         "rope_theta": config.rope_base,
         "tie_word_embeddings": config.tie_word_embeddings,
         "hidden_act": "silu",
@@ -290,3 +325,10 @@ def _model_config_to_hf(config: ModelConfig) -> dict[str, Any]:
         "dtype": hf_dtype,
     }
 
+
+
+def _rope_parameters_to_hf(config: ModelConfig) -> dict[str, Any]:
+    if config.yarn_factor is None:
+        return {"rope_type": "default", "rope_theta": config.rope_base}
+    return {"rope_type": "yarn", "rope_theta": config.rope_base, "factor": config.yarn_factor,
+            "original_max_position_embeddings": config.yarn_original_max_position_embeddings}

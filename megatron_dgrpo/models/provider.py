@@ -53,7 +53,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig,
     # Fused kernels and CUDA-only synchronisation must stay off on CPU (see parallel/cpu.py).
     cpu_flags = {"gradient_accumulation_fusion": False, "persist_layer_norm": False,
                  "apply_rope_fusion": False, "batch_p2p_sync": False} if on_cpu else {}
-    return TransformerConfig(
+    config = TransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
         ffn_hidden_size=model.ffn_hidden_size,
@@ -81,6 +81,16 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig,
         use_cpu_initialization=on_cpu,
         **cpu_flags,
     )
+    # YaRN: GPTModel's YarnRotaryEmbedding reads these (fields of Megatron's MLA config), and
+    # the attention scales q and k by YaRN's factor when the config has them.
+    if model.yarn_factor:
+        for name, value in (("rotary_scaling_factor", model.yarn_factor),
+                            ("original_max_position_embeddings",
+                             model.yarn_original_max_position_embeddings),
+                            ("beta_fast", 32.0), ("beta_slow", 1.0), ("mscale", 1.0),
+                            ("mscale_all_dim", 0.0), ("correction_range_round_to_int", True)):
+            setattr(config, f"yarn_{name}", value)
+    return config
 
 
 def layer_spec(model: ModelConfig, parallel: ParallelConfig, runtime: Runtime | None = None):
@@ -122,7 +132,7 @@ def build_gpt_model(model: ModelConfig, parallel: ParallelConfig):
         pre_process=ps.is_pipeline_first_stage(),
         post_process=ps.is_pipeline_last_stage(),
         share_embeddings_and_output_weights=model.tie_word_embeddings,
-        position_embedding_type="rope",
+        position_embedding_type="yarn" if model.yarn_factor else "rope",
         rotary_base=model.rope_base,
         parallel_output=True,
     )

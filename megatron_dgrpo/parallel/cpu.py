@@ -176,7 +176,7 @@ def adapt_megatron_for_cpu() -> bool:
 
     from megatron.core import utils as core_utils
     from megatron.core.fusions import fused_softmax
-    from megatron.core.models.common.embeddings import rotary_pos_embedding
+    from megatron.core.models.common.embeddings import rotary_pos_embedding, yarn_rotary_pos_embedding
     from megatron.core.models.common.language_module.language_module import (
         LanguageModule,
     )
@@ -201,7 +201,8 @@ def adapt_megatron_for_cpu() -> bool:
 
     LanguageModule.setup_embeddings_and_output_layer = _keep_cuda_moves_on_cpu(
         LanguageModule.setup_embeddings_and_output_layer)
-    rotary_pos_embedding.get_pos_emb_on_this_cp_rank = _pos_emb_on_this_cp_rank_cpu
+    for module in (rotary_pos_embedding, yarn_rotary_pos_embedding):
+        module.get_pos_emb_on_this_cp_rank = _pos_emb_on_this_cp_rank_cpu
 
     _applied = True
     return True

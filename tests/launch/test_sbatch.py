@@ -83,7 +83,10 @@ def test_preemption_signal_saves_then_requeued_job_resumes(local_slurm, tmp_path
     assert 2 <= saved_step < 8
     assert _steps(run_dir) == list(range(1, saved_step + 1))
     assert "requeueing job" in log.read_text()
-    # Slurm holds a requeued job for a while (BeginTime); let it start now.
+    # Slurm holds a requeued job for a while (BeginTime); let it start now, but not within
+    # the second its old credential was revoked: slurmd refuses credentials created in that
+    # second ("Job credential revoked") and the job would end FAILED.
+    time.sleep(2)
     local_slurm.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=False)
 
     info = local_slurm.wait(job, timeout=300)

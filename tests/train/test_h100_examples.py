@@ -60,7 +60,9 @@ def test_128k_example_is_valid_on_cuda_with_context_parallelism(monkeypatch):
     assert config.data.max_prompt_tokens + config.sampling.max_new_tokens == 131072
     # Each CP rank holds 2 load-balanced chunks, each split over TP by sequence parallelism.
     assert 131072 % (2 * parallel.context_parallel * parallel.tensor_parallel) == 0
-    assert student.max_position_embeddings == 131072
+    for model in (student, config.teacher.model_config()):
+        assert model.max_position_embeddings == 131072
+        assert (model.yarn_factor, model.yarn_original_max_position_embeddings) == (4.0, 32768)
     with pytest.raises(ValueError, match="cannot run a context-parallel model; use "
                                          "rollout.engine=vllm"):
         _load(monkeypatch, LARGE, CUDA, "rollout.engine=embedded")

@@ -5,7 +5,8 @@ Reference: the unsharded run. The same step at CP=1 on one rank must give the sa
 metrics and updated weights (to fp32 rounding), for the fused and the materialized loss,
 with micro-batches and a teacher running on its shards too. With vLLM rollouts, the
 trainer's CP forward must reproduce the engine's log-probs of the sampled tokens (refit
-verification) and its reference log-probs are gathered back over the CP ranks.
+verification, with YaRN rotary scaling on both sides) and its reference log-probs are
+gathered back over the CP ranks.
 """
 
 import dataclasses
@@ -100,14 +101,18 @@ def test_context_parallel_step_equals_the_unsharded_step(setup):
 
 @pytest.mark.vllm
 def test_context_parallel_dgrpo_with_vllm_rollouts(setup):
-    """dGRPO at CP=2 with a reference anchor: the engine, refitted after each step, and the
-    trainer's sharded forward agree on the log-probs of the sampled tokens."""
+    """dGRPO at CP=2 with a reference anchor and a YaRN student: the engine, refitted after
+    each step, and the trainer's sharded forward agree on the log-probs of the sampled
+    tokens."""
     config = _config(setup, "cp2-dgrpo-vllm", "dgrpo", CONTEXT_PARALLEL, steps=2,
                      sampling={"n": 2, "max_new_tokens": 6, "temperature": 1.0},
                      rollout={"engine": "vllm", "dtype": "float32", "verify_every": 1,
                               "verify_logprob_tol": TOLERANCE},
                      optim={"lr": 1e-2})
     config["loss"]["ref_kl_coef"] = 0.05  # reference log-probs, gathered over CP
+    # YaRN in both Megatron (CP shards) and vLLM (from the exported config.json): the
+    # verification compares them (vLLM caps max_model_len at original x factor = 4096).
+    config["student"]["model"].update(yarn_factor=4.0, yarn_original_max_position_embeddings=1024)
     assert run_distributed(_train_each, 2, args=([config],)) == [[0], [0]]
     first, second = read_metrics(config["run_dir"])
     for record in (first, second):
