@@ -326,7 +326,6 @@ def _model_config_to_hf(config: ModelConfig) -> dict[str, Any]:
     }
 
 
-
 def _rope_parameters_to_hf(config: ModelConfig) -> dict[str, Any]:
     if config.yarn_factor is None:
         return {"rope_type": "default", "rope_theta": config.rope_base}

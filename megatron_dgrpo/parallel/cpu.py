@@ -176,7 +176,10 @@ def adapt_megatron_for_cpu() -> bool:
 
     from megatron.core import utils as core_utils
     from megatron.core.fusions import fused_softmax
-    from megatron.core.models.common.embeddings import rotary_pos_embedding, yarn_rotary_pos_embedding
+    from megatron.core.models.common.embeddings import (
+        rotary_pos_embedding,
+        yarn_rotary_pos_embedding,
+    )
     from megatron.core.models.common.language_module.language_module import (
         LanguageModule,
     )

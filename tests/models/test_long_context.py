@@ -38,7 +38,11 @@ def _logits_per_layout(rank, world_size, checkpoint, config):
     from megatron.core import parallel_state as ps
 
     from megatron_dgrpo.models.convert import load_megatron_checkpoint_into
-    from megatron_dgrpo.models.provider import build_gpt_model, destroy_parallel, initialize_parallel
+    from megatron_dgrpo.models.provider import (
+        build_gpt_model,
+        destroy_parallel,
+        initialize_parallel,
+    )
     from megatron_dgrpo.parallel.context import cp_all_gather, cp_shard
 
     results = []

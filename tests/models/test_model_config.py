@@ -151,7 +151,8 @@ def test_to_hf_config_round_trips_and_transformers_reads_it():
 @pytest.mark.parametrize("edit, message", [
     ({"model_type": "llama"}, "unsupported architecture: config.json has model_type='llama'"),
     ({"head_dim": None}, "missing required field(s): head_dim"),
-    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "only plain RoPE is supported"),
+    ({"rope_scaling": {"rope_type": "dynamic", "factor": 4.0}},
+     "rope scaling 'dynamic'; supported: plain RoPE and yarn"),
     ({"attention_bias": True}, "unsupported option(s): attention_bias=True"),
     ({"torch_dtype": "float16"}, "dtype 'float16' is not supported"),
 ])
