@@ -2,14 +2,15 @@
 
 Three pieces, composed by :func:`refit`:
 
-1. :func:`hf_weight_buckets` (every trainer rank of the data-parallel-rank-0 replica):
-   walks the parameters of all pipeline stages in table order (:mod:`megatron_dgrpo.models.
+1. :func:`hf_weight_buckets` (every trainer rank of one model replica): walks the
+   parameters of all pipeline stages in table order (:mod:`megatron_dgrpo.models.
    mapping`, the same table as checkpoint conversion), packs consecutive parameters of one
    stage into buckets of at most ``bucket_mb`` MB (a larger parameter is a bucket alone),
    all-gathers each bucket's TP shards in one flat collective, merges them into full
    tensors, converts them to Hugging Face ``(name, tensor)`` pairs and, for stages other
-   than rank 0's, sends them to global rank 0 point-to-point. Only rank 0 yields buckets;
-   the other ranks take part in the collectives and yield nothing. At most one bucket of
+   than the receiver's, sends them to the receiver (the replica's first global rank, 0 by
+   default) point-to-point. Only the receiver yields buckets; the other ranks take part in
+   the collectives and yield nothing. At most one bucket of
    full tensors (plus its shards) exists at a time: never a second copy of the model.
 2. A transport moves each bucket into the engine's worker (selected by
    :func:`select_transport`): the tensors themselves when the engine is in-process (any
@@ -168,13 +169,14 @@ def _hf_shapes_of(params: list[StageParam],
 
 
 def hf_weight_buckets(model: torch.nn.Module, config: ModelConfig,
-                      bucket_mb: float = 256.0) -> Iterator[Bucket]:
-    """Buckets of ``(hf_name, full tensor)`` pairs, yielded on global rank 0 only.
+                      bucket_mb: float = 256.0, receiver: int = 0) -> Iterator[Bucket]:
+    """Buckets of ``(hf_name, full tensor)`` pairs, yielded on global rank ``receiver`` only
+    (the first rank of the replica: TP, CP and pipeline rank 0).
 
     Checks the arguments and the live parameters against the mapping table at once
     (ValueError), then returns the iterator.
 
-    Call on every rank of the data-parallel-rank-0 model replica, with the unwrapped
+    Call on every rank of the receiver's model replica, with the unwrapped
     ``GPTModel`` of the rank's stage; iterate to the end on every rank (the iteration runs
     the collectives). Tensors keep the trainer's dtype and device; each bucket holds at most
     ``bucket_mb`` MB of full tensors, or one parameter if that is larger. At TP=1 tensors
@@ -185,15 +187,15 @@ def hf_weight_buckets(model: torch.nn.Module, config: ModelConfig,
         raise ValueError(f"refit bucket size must be > 0 MB, got {bucket_mb}")
     layout = _layout()
     live = live_parameters(model, config, layout.pp_rank, layout.pp)
-    return _stream_buckets(live, config, layout, int(bucket_mb * 1e6))
+    return _stream_buckets(live, config, layout, int(bucket_mb * 1e6), receiver)
 
 
 def _stream_buckets(live: dict[str, torch.Tensor], config: ModelConfig, layout: _Layout,
-                    bucket_bytes: int) -> Iterator[Bucket]:
+                    bucket_bytes: int, receiver: int) -> Iterator[Bucket]:
     """The generator behind :func:`hf_weight_buckets` (arguments already checked)."""
     like = next(iter(live.values()))
-    is_receiver = dist.get_rank() == 0
-    in_receiver_pipeline = layout.pp_group_ranks[0] == 0
+    is_receiver = dist.get_rank() == receiver
+    in_receiver_pipeline = layout.pp_group_ranks[0] == receiver
     for stage, params in _plan(config, layout, bucket_bytes):
         if stage == layout.pp_rank:
             fulls = _gather_full(params, live, config, layout)
@@ -202,14 +204,14 @@ def _stream_buckets(live: dict[str, torch.Tensor], config: ModelConfig, layout: 
             if is_receiver:
                 yield pairs
             elif stage > 0 and layout.tp_rank == 0 and in_receiver_pipeline:
-                dist.send(torch.cat([t.reshape(-1) for _, t in pairs]), dst=0)
+                dist.send(torch.cat([t.reshape(-1) for _, t in pairs]), dst=receiver)
         elif is_receiver:
             yield _receive(params, config, like, src=layout.pp_group_ranks[stage])
 
 
 def _receive(params: list[StageParam], config: ModelConfig, like: torch.Tensor,
              src: int) -> Bucket:
-    """Rank 0: the HF tensors of ``params``, sent flat by global rank ``src`` (the first TP
+    """Receiver: the HF tensors of ``params``, sent flat by global rank ``src`` (the first TP
     rank of their stage); dtype and device those of ``like``."""
     named_shapes = _hf_shapes_of(params, config)
     flat = torch.empty(sum(_numel(s) for _, s in named_shapes), dtype=like.dtype,
@@ -493,13 +495,13 @@ def push_buckets(engine, buckets: Iterable[Bucket], transport=None,
 
 
 def refit(engine, model: torch.nn.Module, config: ModelConfig, bucket_mb: float = 256.0,
-          transport: str = "auto") -> RefitReport | None:
+          transport: str = "auto", receiver: int = 0) -> RefitReport | None:
     """Stream ``model``'s weights into ``engine`` (call on every trainer rank of the
-    data-parallel-rank-0 replica; ``engine`` is the engine on global rank 0, None elsewhere).
+    replica whose first rank, global rank ``receiver``, holds ``engine``; None elsewhere).
 
-    Returns the :class:`RefitReport` on rank 0 and None on the other ranks.
+    Returns the :class:`RefitReport` on the receiver and None on the other ranks.
     """
-    buckets = hf_weight_buckets(model, config, bucket_mb)
+    buckets = hf_weight_buckets(model, config, bucket_mb, receiver)
     if engine is None:
         for _ in buckets:  # not the receiver: take part in the collectives only
             pass

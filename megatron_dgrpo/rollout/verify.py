@@ -32,6 +32,7 @@ from megatron_dgrpo.models import mapping
 from megatron_dgrpo.models.config import ModelConfig
 from megatron_dgrpo.models.mapping import TPSplit
 from megatron_dgrpo.parallel.context import cp_all_gather, cp_shard
+from megatron_dgrpo.parallel.replicas import Replica
 
 _DEFAULT_FINGERPRINT_RTOL = {"torch.float32": 1e-5, "torch.bfloat16": 2e-2, "torch.float16": 5e-3}
 
@@ -88,9 +89,11 @@ def _full_fingerprint(split: TPSplit, shard: torch.Tensor, config: ModelConfig,
     return mapping.merge_tp_shards(split, rows, config.vocab_size)
 
 
-def trainer_fingerprints(model: torch.nn.Module, config: ModelConfig) -> dict[str, torch.Tensor]:
-    """HF name -> fingerprint of the live model (every rank calls; rank 0 gets all stages,
-    other ranks get an empty dict)."""
+def trainer_fingerprints(model: torch.nn.Module, config: ModelConfig,
+                         replica: Replica | None = None) -> dict[str, torch.Tensor]:
+    """HF name -> fingerprint of the live model (every rank of ``replica`` calls, default
+    the whole world as one replica; its leader gets all stages, the other ranks an empty
+    dict)."""
     from megatron.core import parallel_state as ps
 
     from megatron_dgrpo.rollout.refit import live_parameters
@@ -108,9 +111,10 @@ def trainer_fingerprints(model: torch.nn.Module, config: ModelConfig) -> dict[st
                                      tp_rank, tp, group)
             for name, piece in mapping.megatron_to_hf(param, full, config):
                 local[name] = piece.reshape(-1)
-    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(local if tp_rank == 0 else {}, gathered, dst=0)
-    if dist.get_rank() != 0:
+    leader, group = (replica.leader, replica.group) if replica else (0, None)
+    gathered = [None] * dist.get_world_size(group) if dist.get_rank() == leader else None
+    dist.gather_object(local if tp_rank == 0 else {}, gathered, dst=leader, group=group)
+    if dist.get_rank() != leader:
         return {}
     merged: dict[str, torch.Tensor] = {}
     for part in gathered:
@@ -279,18 +283,20 @@ def failure_message(report: VerificationReport, logprob_tol: float,
 
 def verify_refit(engine, model: torch.nn.Module, config: ModelConfig,
                  probe_sequences: Sequence[Sequence[int]], prompt_lengths: Sequence[int],
-                 logprob_tol: float = 1e-4,
-                 fingerprint_rtol: float | None = None) -> VerificationReport | None:
-    """Check the engine against the trainer; raise :class:`RefitVerificationError` on every
-    rank if either check fails. Call on every trainer rank (PP = 1 for the log-prob probe);
-    ``engine`` is the engine on rank 0 and None elsewhere. Returns the report on rank 0.
+                 logprob_tol: float = 1e-4, fingerprint_rtol: float | None = None,
+                 replica: Replica | None = None) -> VerificationReport | None:
+    """Check each replica's engine against the replica's model; raise
+    :class:`RefitVerificationError` on every rank if any check of any replica fails. Call on
+    every trainer rank (PP = 1 for the log-prob probe) with this rank's ``replica`` (default:
+    the world is one replica, led by rank 0) and its probes; ``engine`` is the engine on the
+    replica's leader and None elsewhere. Returns the report on the leaders.
 
     ``fingerprint_rtol`` defaults by the engine's dtype (1e-5 for float32, 2e-2 bfloat16).
     """
     trainer_logprobs = trainer_token_logprobs(model, config, probe_sequences, prompt_lengths)
-    trainer_prints = trainer_fingerprints(model, config)
+    trainer_prints = trainer_fingerprints(model, config, replica)
     message, report = None, None
-    if dist.get_rank() == 0:
+    if dist.get_rank() == (replica.leader if replica else 0):
         engine_logprobs = engine.score(probe_sequences, prompt_lengths)
         all_shapes = mapping.hf_shapes(config)
         shapes = {name: all_shapes[name] for name in trainer_prints}
@@ -299,10 +305,12 @@ def verify_refit(engine, model: torch.nn.Module, config: ModelConfig,
             _DEFAULT_FINGERPRINT_RTOL.get(dtype, 2e-2)
         report = compare(engine_logprobs, trainer_logprobs, engine_prints, trainer_prints)
         message = failure_message(report, logprob_tol, rtol)
-    box = [message]
-    if dist.get_world_size() > 1:
-        dist.broadcast_object_list(box, src=0)
-    if box[0]:
-        raise RefitVerificationError(box[0])
+    messages = [message]
+    if dist.get_world_size() > 1:  # every replica's verdict, on every rank
+        messages = [None] * dist.get_world_size()
+        dist.all_gather_object(messages, message)
+    failures = [m for m in messages if m]
+    if failures:
+        raise RefitVerificationError(failures[0])
     return report
 

@@ -44,6 +44,7 @@ from megatron_dgrpo.parallel.context import (
 from megatron_dgrpo.parallel.cpu import collective_device
 from megatron_dgrpo.parallel.fused import PADDED_VOCAB_LOGIT, loss_from_hidden
 from megatron_dgrpo.parallel.materialized import loss_from_logits
+from megatron_dgrpo.parallel.replicas import model_replica
 from megatron_dgrpo.parallel.vocab import vocab_parallel_terms
 from megatron_dgrpo.rollout.engine import RolloutBatch, SamplingParams
 from megatron_dgrpo.teacher_cache import TeacherTopKCache
@@ -131,6 +132,9 @@ class Trainer:
         # Gradients and per-token sums span the data- and context-parallel ranks.
         self.dp_cp_group = ps.get_data_parallel_group(with_context_parallel=True)
         self.sequence_align = _sequence_alignment(config.parallel)
+        uses_vllm = config.uses_vllm_teacher() or (objective in ON_POLICY_OBJECTIVES
+                                                   and config.rollout.engine == "vllm")
+        self.replica = model_replica() if uses_vllm else None  # engines live on its leader
 
         self.tokenizer = load_chat_tokenizer(config.tokenizer)
         self.model_config = config.student.model_config()
@@ -151,7 +155,7 @@ class Trainer:
             if config.uses_vllm_teacher():  # exported once to the engine, then dropped
                 self.vllm_teacher = VLLMTeacher.start(
                     self.teacher, teacher_source.model_config(), teacher_source.topk,
-                    config.rollout, config.teacher_max_model_len(), config.seed, self.dp_rank,
+                    config.rollout, config.teacher_max_model_len(), config.seed, self.replica,
                     self.tp_rank)
                 self.teacher = None
         self.teacher_offload = (Offloader(self.teacher, self.device, config.teacher.offload)
@@ -171,7 +175,7 @@ class Trainer:
                        if on_policy and engine == "embedded" else None)
         self.vllm = (VLLMRollouts(config.rollout, self.model_config,
                                   config.data.max_prompt_tokens + config.sampling.max_new_tokens,
-                                  config.seed, self.dp_rank)
+                                  config.seed, self.replica)
                      if on_policy and engine == "vllm" else None)
         self.prompts = PromptStream(LongBlocksLoader(config.data, self.tokenizer))
         self.step = 0
@@ -243,20 +247,16 @@ class Trainer:
         return loss_from_logits(config.loss, token_batch, self._outputs(self.ddp, batch),
                                 teacher_outputs, self.tp_group)
 
-    def _generate(self, step_examples: list[LongBlocksExample],
-                  examples: list[LongBlocksExample]) -> tuple[RolloutBatch, dict[str, float]]:
-        """This DP rank's rollouts of its ``examples`` (of the step's global ``step_examples``),
-        and engine metrics (vLLM start-up)."""
-        seed = self.config.seed + 7919 * self.step
-        if self.vllm is not None:  # one engine samples the global batch
-            params = SamplingParams(**{**asdict(self.config.sampling), "seed": seed})
-            return self.vllm.generate(self.student, [e.prompt_ids for e in step_examples],
-                                      params, len(examples))
-        params = SamplingParams(**{**asdict(self.config.sampling), "seed": seed + self.dp_rank})
-        return self.engine.generate([e.prompt_ids for e in examples], params), {}
+    def _generate(self, examples: list[LongBlocksExample]) -> tuple[RolloutBatch, dict[str, float]]:
+        """This DP rank's rollouts of its ``examples``, and engine metrics (vLLM start-up)."""
+        seed = self.config.seed + 7919 * self.step + self.dp_rank
+        params = SamplingParams(**{**asdict(self.config.sampling), "seed": seed})
+        prompts = [e.prompt_ids for e in examples]
+        if self.vllm is not None:  # the replica's own engine
+            return self.vllm.generate(self.student, prompts, params)
+        return self.engine.generate(prompts, params), {}
 
-    def _sequences(self, step_examples: list[LongBlocksExample],
-                   examples: list[LongBlocksExample]) -> dict[str, Any]:
+    def _sequences(self, examples: list[LongBlocksExample]) -> dict[str, Any]:
         """Rollouts and rewards (on-policy), or prompt + reference answer (SFT/KD)."""
         if self.engine is None and self.vllm is None:
             responses = [self.tokenizer.encode(self.tokenizer.render_response(e.user_message,
@@ -265,7 +265,7 @@ class Trainer:
             return {"batch": build_sequences([e.prompt_ids for e in examples], responses,
                                              align=self.sequence_align).to(self.device),
                     "examples": examples}
-        rollouts, engine_metrics = self._generate(step_examples, examples)
+        rollouts, engine_metrics = self._generate(examples)
         owners = [examples[r.prompt_index] for r in rollouts.rollouts]
         texts = [(r.text if r.text is not None else self.tokenizer.decode(r.response_ids))
                  .split(IM_END, 1)[0] for r in rollouts.rollouts]
@@ -334,7 +334,7 @@ class Trainer:
         examples = step_examples[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank]
 
         started = time.perf_counter()
-        data = self._sequences(step_examples, examples)
+        data = self._sequences(examples)
         batch: SequenceBatch = data["batch"]
         scored = time.perf_counter()
 

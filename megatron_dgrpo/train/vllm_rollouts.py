@@ -1,23 +1,24 @@
 """Rollouts from a colocated vLLM engine, kept on the trainer's weights by refit + verification.
 
-One engine (:class:`megatron_dgrpo.rollout.vllm_engine.VLLMEngine`, engine TP=1) lives on
-global rank 0. Per step:
+One engine (:class:`megatron_dgrpo.rollout.vllm_engine.VLLMEngine`, engine TP=1) per model
+replica (data-parallel rank), on the replica's leader (its first global rank, see
+:mod:`megatron_dgrpo.parallel.replicas`), so rollout capacity grows with data parallelism.
+Per step:
 
-1. :meth:`VLLMRollouts.generate`: rank 0 samples the whole global batch and broadcasts it;
-   each data-parallel rank keeps the rollouts of its own prompts. The engine starts at the
-   first call, from the student's weights at that moment (after any resume), exported to a
-   temporary Hugging Face directory. On GPU it then sleeps (``sleep_level``) while the
-   trainer works.
-2. :meth:`VLLMRollouts.sync` after the optimizer step: wake the engine, stream the new
-   weights into it (:func:`megatron_dgrpo.rollout.refit.refit`), and every
-   ``verify_every`` steps compare engine and trainer (log-probs of probe sequences taken
-   from this step's rollouts, weight fingerprints; :func:`megatron_dgrpo.rollout.verify.
-   verify_refit`). A mismatch raises :class:`RefitVerificationError` on every rank, which
-   stops training.
+1. :meth:`VLLMRollouts.generate`: each leader samples its replica's prompts and broadcasts
+   the rollouts to the replica's other ranks. The engines start at the first call, from the
+   student's weights at that moment (after any resume), exported to a temporary Hugging
+   Face directory. On GPU they then sleep (``sleep_level``) while the trainer works.
+2. :meth:`VLLMRollouts.sync` after the optimizer step: wake the engines, stream each
+   replica's weights into its engine (:func:`megatron_dgrpo.rollout.refit.refit`), and every
+   ``verify_every`` steps compare each engine with its replica (log-probs of probe
+   sequences taken from the replica's rollouts, weight fingerprints;
+   :func:`megatron_dgrpo.rollout.verify.verify_refit`). A mismatch in any replica raises
+   :class:`RefitVerificationError` on every rank, which stops training.
 
-Metrics (identical on every rank): ``time/engine_start_s`` (first step), ``time/refit_s``,
-``refit/gb``, ``verify/max_logprob_gap`` (nats), ``verify/worst_fingerprint_error``
-(relative), ``verify/passed``.
+Metrics (identical on every rank; the worst replica's): ``time/engine_start_s`` (first
+step), ``time/refit_s``, ``refit/gb`` (per engine), ``verify/max_logprob_gap`` (nats),
+``verify/worst_fingerprint_error`` (relative), ``verify/passed``.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_dgrpo.models.config import ModelConfig
+from megatron_dgrpo.parallel.replicas import Replica
 from megatron_dgrpo.rollout.engine import RolloutBatch, SamplingParams
 from megatron_dgrpo.rollout.verify import RefitVerificationError
 
@@ -42,59 +44,58 @@ class VLLMRollouts:
         config: the run's ``rollout`` section (:class:`megatron_dgrpo.train.config.RolloutConfig`).
         model_config: the student's architecture (HF export and refit mapping).
         max_model_len: longest prompt + response the engine must hold (tokens).
-        seed: engine seed.
-        dp_rank: this rank's data-parallel rank (the refit runs on replica 0).
+        seed: engine seed (each replica's engine adds its index).
+        replica: this rank's model replica (:func:`megatron_dgrpo.parallel.replicas.
+            model_replica`).
     """
 
     def __init__(self, config, model_config: ModelConfig, max_model_len: int, seed: int,
-                 dp_rank: int):
+                 replica: Replica):
         self.config = config
         self.model_config = model_config
         self.max_model_len = max_model_len
         self.seed = seed
-        self.dp_rank = dp_rank
-        self.engine = None  # the VLLMEngine on global rank 0, once started
+        self.replica = replica
+        self.engine = None  # the replica's VLLMEngine on its leader, once started
         self.started = False
         self._probe: list[tuple[list[int], int]] = []  # (sequence, prompt length) of this step
 
     # ------------------------------------------------------------------ start-up
 
     def _start(self, model: torch.nn.Module) -> float:
-        """Start the engine on rank 0 from ``model``'s current weights; returns seconds."""
+        """Start the replica's engine from ``model``'s current weights; returns seconds."""
         started = time.perf_counter()
         self.engine = start_engine_from_model(
-            model, self.model_config, self.dp_rank, self.config.refit_bucket_mb,
+            model, self.model_config, self.replica, self.config.refit_bucket_mb,
             dtype=self.config.dtype, max_model_len=self.max_model_len,
             kv_cache_gib=self.config.kv_cache_gib,
-            gpu_memory_utilization=self.config.gpu_memory_utilization, seed=self.seed)
+            gpu_memory_utilization=self.config.gpu_memory_utilization,
+            seed=self.seed + self.replica.index)
         self.started = True
         return time.perf_counter() - started
 
     # ------------------------------------------------------------------ per step
 
-    def generate(self, model: torch.nn.Module, prompts: list[list[int]], params: SamplingParams,
-                 prompts_per_rank: int) -> tuple[RolloutBatch, dict[str, float]]:
-        """This DP rank's rollouts of the global ``prompts`` (DP rank ``r`` owns prompts
-        ``[r * prompts_per_rank, (r + 1) * prompts_per_rank)``), grouped by prompt with
-        ``prompt_index`` relative to its own prompts; and the start-up metric if any."""
+    def generate(self, model: torch.nn.Module, prompts: list[list[int]],
+                 params: SamplingParams) -> tuple[RolloutBatch, dict[str, float]]:
+        """Rollouts of this replica's ``prompts`` (the same on all its ranks; ``params``
+        should differ per replica, e.g. by seed), grouped by prompt; and the start-up
+        metric if any."""
         metrics = {}
         if not self.started:
-            metrics["time/engine_start_s"] = self._start(model)
+            metrics["time/engine_start_s"] = _max_over_world(self._start(model))
         box = [None]
-        if dist.get_rank() == 0:
+        if self.replica.is_leader:
             box[0] = self.engine.generate(prompts, params)
             if self.config.sleep_level:
                 self.engine.sleep(self.config.sleep_level)
-        dist.broadcast_object_list(box, src=0)
+        if len(self.replica.ranks) > 1:
+            dist.broadcast_object_list(box, src=self.replica.leader, group=self.replica.group)
         batch: RolloutBatch = box[0]
         count = self.config.verify_sequences
         self._probe = [(r.prompt_ids + r.response_ids, len(r.prompt_ids))
                        for r in batch.rollouts[:count]]
-        first = self.dp_rank * prompts_per_rank
-        mine = [r for r in batch.rollouts if first <= r.prompt_index < first + prompts_per_rank]
-        for rollout in mine:
-            rollout.prompt_index -= first
-        return RolloutBatch(rollouts=mine, seconds=batch.seconds), metrics
+        return batch, metrics
 
     def sync(self, model: torch.nn.Module, step: int) -> dict[str, float]:
         """After an optimizer step: refit the engine, and verify it on ``verify_every`` steps."""
@@ -102,11 +103,10 @@ class VLLMRollouts:
         from megatron_dgrpo.rollout.verify import verify_refit
 
         started = time.perf_counter()
-        if dist.get_rank() == 0 and self.config.sleep_level:
+        if self.replica.is_leader and self.config.sleep_level:
             self.engine.wake_up()
-        report = None
-        if self.dp_rank == 0:
-            report = refit(self.engine, model, self.model_config, self.config.refit_bucket_mb)
+        report = refit(self.engine, model, self.model_config, self.config.refit_bucket_mb,
+                       receiver=self.replica.leader)
         metrics = {"time/refit_s": time.perf_counter() - started}
         if report is not None:
             metrics["refit/gb"] = report.bytes / 1e9
@@ -115,7 +115,8 @@ class VLLMRollouts:
             try:
                 verified = verify_refit(self.engine, model, self.model_config,
                                         [s for s, _ in self._probe], [n for _, n in self._probe],
-                                        logprob_tol=self.config.verify_logprob_tol)
+                                        logprob_tol=self.config.verify_logprob_tol,
+                                        replica=self.replica)
             except RefitVerificationError as exc:
                 raise RefitVerificationError(
                     f"step {step}: {exc}. Training stopped: the vLLM engine no longer samples "
@@ -125,23 +126,36 @@ class VLLMRollouts:
                 metrics["verify/max_logprob_gap"] = verified.max_logprob_gap
                 metrics["verify/worst_fingerprint_error"] = verified.worst_parameter[1]
                 metrics["verify/passed"] = 1.0
-        box = [metrics]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
+        return _worst_over_world(metrics if self.replica.is_leader else {})
 
 
-def export_hf(model: torch.nn.Module, model_config: ModelConfig, out_dir: Path, dp_rank: int,
-              bucket_mb: float) -> None:
-    """The live Megatron ``model`` as a Hugging Face directory ``out_dir`` on global rank 0
-    (every rank of data-parallel replica 0 takes part in the TP gathers)."""
+def _max_over_world(value: float) -> float:
+    values: list = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return max(values)
+
+
+def _worst_over_world(metrics: dict[str, float]) -> dict[str, float]:
+    """Every key's largest value over the ranks' dicts (times, gaps: the worst replica)."""
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, metrics)
+    merged: dict[str, float] = {}
+    for part in parts:
+        for key, value in part.items():
+            merged[key] = max(merged.get(key, value), value)
+    return merged
+
+
+def export_hf(model: torch.nn.Module, model_config: ModelConfig, out_dir: Path,
+              replica: Replica, bucket_mb: float) -> None:
+    """The live Megatron ``model`` as a Hugging Face directory ``out_dir`` on the replica's
+    leader (call on every rank of ``replica``: they take part in the TP gathers)."""
     from megatron_dgrpo.models.convert import write_hf_weights
     from megatron_dgrpo.rollout.refit import hf_weight_buckets
 
-    if dp_rank != 0:
-        return
-    buckets = hf_weight_buckets(model, model_config, bucket_mb)
+    buckets = hf_weight_buckets(model, model_config, bucket_mb, receiver=replica.leader)
     pairs = (pair for bucket in buckets for pair in bucket)
-    if dist.get_rank() != 0:
+    if not replica.is_leader:
         for _ in pairs:  # take part in the collectives only
             pass
         return
@@ -149,17 +163,19 @@ def export_hf(model: torch.nn.Module, model_config: ModelConfig, out_dir: Path, 
     write_hf_weights(out_dir, pairs)
 
 
-def start_engine_from_model(model: torch.nn.Module, model_config: ModelConfig, dp_rank: int,
-                            bucket_mb: float, **engine_kwargs):
-    """A :class:`~megatron_dgrpo.rollout.vllm_engine.VLLMEngine` on global rank 0 (``None``
-    on the other ranks) started from ``model``'s current weights, exported to a temporary
-    Hugging Face directory; ``engine_kwargs`` go to the engine. Call on every rank."""
+def start_engine_from_model(model: torch.nn.Module, model_config: ModelConfig,
+                            replica: Replica, bucket_mb: float, **engine_kwargs):
+    """A :class:`~megatron_dgrpo.rollout.vllm_engine.VLLMEngine` on the leader of ``replica``
+    (``None`` on its other ranks) started from ``model``'s current weights, exported to a
+    temporary Hugging Face directory; ``engine_kwargs`` go to the engine. Call on every rank
+    of ``replica``."""
     from megatron_dgrpo.rollout.vllm_engine import VLLMEngine
 
     engine = None
-    with tempfile.TemporaryDirectory(prefix="dgrpo-vllm-") as tmp:  # used on rank 0
-        export_hf(model, model_config, Path(tmp), dp_rank, bucket_mb)
-        if dist.get_rank() == 0:
+    with tempfile.TemporaryDirectory(prefix="dgrpo-vllm-") as tmp:  # used on the leader
+        export_hf(model, model_config, Path(tmp), replica, bucket_mb)
+        if replica.is_leader:
             engine = VLLMEngine(tmp, **engine_kwargs)
-        dist.barrier()  # the engine has loaded the files before the directory goes
+        if len(replica.ranks) > 1:  # the engine has loaded the files before they go
+            dist.barrier(group=replica.group)
     return engine

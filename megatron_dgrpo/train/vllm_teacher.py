@@ -57,18 +57,22 @@ class VLLMTeacher:
 
     @classmethod
     def start(cls, teacher: torch.nn.Module, model_config, k: int, rollout_config,
-              max_model_len: int, seed: int, dp_rank: int, tp_rank: int) -> VLLMTeacher:
-        """Export the (Megatron) ``teacher`` and start its engine on rank 0 with the engine
-        settings of the run's ``rollout`` section (dtype, KV cache, GPU memory share)."""
+              max_model_len: int, seed: int, replica, tp_rank: int) -> VLLMTeacher:
+        """Export the (Megatron) ``teacher`` from replica 0 and start its engine on rank 0
+        with the engine settings of the run's ``rollout`` section (dtype, KV cache, GPU
+        memory share). ``replica``: this rank's :class:`~megatron_dgrpo.parallel.replicas.
+        Replica`."""
         from megatron_dgrpo.train.vllm_rollouts import start_engine_from_model
 
-        engine = start_engine_from_model(
-            teacher, model_config, dp_rank, rollout_config.refit_bucket_mb,
-            dtype=rollout_config.dtype, max_model_len=max_model_len,
-            kv_cache_gib=rollout_config.kv_cache_gib,
-            gpu_memory_utilization=rollout_config.gpu_memory_utilization, seed=seed,
-            max_logprobs=k)
-        return cls(engine, k, dp_rank, tp_rank)
+        engine = None
+        if replica.index == 0:
+            engine = start_engine_from_model(
+                teacher, model_config, replica, rollout_config.refit_bucket_mb,
+                dtype=rollout_config.dtype, max_model_len=max_model_len,
+                kv_cache_gib=rollout_config.kv_cache_gib,
+                gpu_memory_utilization=rollout_config.gpu_memory_utilization, seed=seed,
+                max_logprobs=k)
+        return cls(engine, k, replica.index, tp_rank)
 
     def score(self, batch: SequenceBatch) -> tuple[Tensor, Tensor, Tensor]:
         """The teacher at ``batch``'s loss positions, on the batch's device (0 elsewhere):

@@ -82,3 +82,17 @@ def test_head_dim_unsupported_by_vllm_cpu_is_refused_at_start_up(setup):
     config["student"]["model"]["head_dim"] = 16
     with pytest.raises(ValueError, match="head_dim 16 is not supported by vLLM's CPU attention"):
         from_dict(RunConfig, config)
+
+
+def test_each_data_parallel_replica_samples_from_its_own_engine(setup):
+    """DP=2: one engine per replica (on its leader, in a child process), each refitted from
+    and verified against its own replica every step."""
+    config = _config(setup, "vllm-dp2")
+    config["parallel"] = {"tensor_parallel": 1}
+    assert run_distributed(_train, 2, args=(config, False)) == [0, 0]
+    first, second = read_metrics(config["run_dir"])
+    assert first["response/length_mean"] > 0
+    for record in (first, second):
+        assert record["verify/passed"] == 1.0
+        assert record["verify/max_logprob_gap"] < TOLERANCE
+    assert second["policy/rollout_logp_gap_max"] < TOLERANCE
