@@ -138,7 +138,10 @@ class RolloutConfig:
         """The vLLM engine's start-up requirements, before any model is built."""
         if self.engine != "vllm":
             return
-        from megatron_dgrpo.rollout.vllm_engine import cpu_attention_head_dims, require_engine_package
+        from megatron_dgrpo.rollout.vllm_engine import (
+            cpu_attention_head_dims,
+            require_engine_package,
+        )
 
         try:
             require_engine_package()

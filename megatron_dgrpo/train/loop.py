@@ -113,7 +113,10 @@ class Trainer:
 
     def __init__(self, config: RunConfig):
         from megatron.core import parallel_state as ps
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed import (
+            DistributedDataParallel,
+            DistributedDataParallelConfig,
+        )
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
         from megatron_dgrpo.models.provider import initialize_parallel

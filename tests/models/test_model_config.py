@@ -43,9 +43,9 @@ def test_layout_that_divides_evenly_is_accepted():
 
 @pytest.mark.parametrize("parallel, message", [
     (ParallelConfig(tensor_parallel=2, context_parallel=2),
-     "context parallelism with cp_comm_type=p2p needs Transformer Engine on CUDA; this machine "
-     "has no CUDA and no Transformer Engine; parallel.cp_comm_type=allgather runs context "
-     "parallelism without it"),
+     ("context parallelism with cp_comm_type=p2p needs Transformer Engine on CUDA; this "
+      "machine has no CUDA and no Transformer Engine; parallel.cp_comm_type=allgather runs "
+      "context parallelism without it")),
     (ParallelConfig(context_parallel=2, cp_comm_type="ring"),
      "parallel.cp_comm_type must be one of p2p, a2a, a2a+p2p, allgather, got 'ring'"),
     (ParallelConfig(tensor_parallel=2, sequence_parallel=True),
