@@ -109,6 +109,25 @@ def test_megatron_bf16_on_cuda_close_to_transformers_bf16(hf_and_megatron):
     assert ours < max(4 * theirs, 5e-2)
 
 
+def test_megatron_yarn_fp32_on_cuda_matches_transformers(tmp_path):
+    """YaRN rotary scaling (Megatron's YarnRotaryEmbedding and the attention's q/k factor)
+    on CUDA: logits and cached greedy decoding against transformers."""
+    from megatron_dgrpo.models.presets import get_preset
+    from megatron_dgrpo.testing.distributed import run_distributed
+    from megatron_dgrpo.testing.tiny_models import write_random_qwen3
+
+    config = dataclasses.replace(get_preset("small-qwen3"), params_dtype="fp32", yarn_factor=4.0,
+                                 yarn_original_max_position_embeddings=16)
+    hf_model = write_random_qwen3(config, tmp_path / "hf", tmp_path / "megatron", seed=1)
+    reference_logits, reference_greedy = _hf_reference(hf_model, torch.float32)
+    result = run_distributed(_megatron_on_cuda, 1, args=(str(tmp_path / "megatron"), "fp32"),
+                             backend="nccl")[0]
+    diff = (result["logits"] - reference_logits).abs().max().item()
+    print(f"YaRN fp32 logits max |diff| vs transformers on CUDA: {diff:.3e}")
+    assert diff < 1e-4
+    assert result["greedy"] == reference_greedy
+
+
 def test_fused_loss_on_cuda_matches_materialized_and_float64():
     from megatron_dgrpo.algorithms import LossConfig, TokenBatch, token_weights
     from megatron_dgrpo.parallel.fused import loss_from_hidden

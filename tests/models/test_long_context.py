@@ -82,6 +82,45 @@ def test_yarn_and_context_parallel_logits_match_transformers(tmp_path):
             assert diff <= 1e-5, f"{parallel}: max |logit diff| {diff:.2e}"
 
 
+def _greedy_from_embedded_engine(rank, world_size, checkpoint, config, prompts, new_tokens):
+    from megatron_dgrpo.models.convert import load_megatron_checkpoint_into
+    from megatron_dgrpo.models.provider import build_gpt_model, initialize_parallel
+    from megatron_dgrpo.rollout.embedded import EmbeddedEngine
+    from megatron_dgrpo.rollout.engine import SamplingParams
+
+    initialize_parallel(ParallelConfig(), seed=1)
+    model = build_gpt_model(config, ParallelConfig()).eval()
+    load_megatron_checkpoint_into(model, checkpoint)
+    batch = EmbeddedEngine(model, vocab_size=config.vocab_size).generate(
+        prompts, SamplingParams(temperature=0.0, max_new_tokens=new_tokens))
+    return [r.response_ids for r in batch.rollouts]
+
+
+@pytest.mark.multiproc
+def test_yarn_greedy_decoding_with_the_kv_cache_matches_transformers(tmp_path):
+    """The embedded engine's cached decode (rotary tables sliced by offset) with YaRN:
+    ragged prompts that end past the original 64 positions."""
+    config = _yarn_config()
+    hf_model = build_hf_model(config, seed=4)
+    plain = build_hf_model(dataclasses.replace(config, yarn_factor=None,
+                                               yarn_original_max_position_embeddings=None), seed=4)
+    prompts = [_input_ids()[0, :70].tolist(), _input_ids()[1, :90].tolist()]
+
+    def greedy(model):
+        with torch.no_grad():
+            return [model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False,
+                                   eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+                    for prompt in prompts]
+
+    expected = greedy(hf_model)
+    assert expected != greedy(plain), "YaRN must change these continuations"
+    checkpoint = convert.hf_to_megatron_checkpoint(save_hf_dir(hf_model, tmp_path / "hf"),
+                                                   tmp_path / "mcore", 1, 1)
+    got = run_distributed(_greedy_from_embedded_engine, 1,
+                          args=(checkpoint, config, prompts, 8))[0]
+    assert got == expected
+
+
 @pytest.mark.parametrize("hf_rope, message", [
     ({"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "beta_fast": 16},
      "default beta_fast/beta_slow/attention scaling"),
