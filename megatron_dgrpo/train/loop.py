@@ -158,8 +158,7 @@ class Trainer:
             if config.uses_vllm_teacher():  # exported once to the engine, then dropped
                 self.vllm_teacher = VLLMTeacher.start(
                     self.teacher, teacher_source.model_config(), teacher_source.topk,
-                    config.rollout, config.teacher_max_model_len(), config.seed, self.replica,
-                    self.tp_rank)
+                    config.rollout, config.teacher_max_model_len(), config.seed, self.replica)
                 self.teacher = None
         self.teacher_offload = (Offloader(self.teacher, self.device, config.teacher.offload)
                                 if self.teacher is not None else None)

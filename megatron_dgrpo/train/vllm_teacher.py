@@ -1,7 +1,8 @@
 """The teacher as a vLLM engine returning top-k log-probs (``teacher.engine: vllm``).
 
-The engine starts once, on global rank 0, from the teacher's Megatron weights exported to
-Hugging Face (the same path as the rollout engine,
+One engine per data-parallel replica starts once, on the replica's leader (its first rank,
+:mod:`megatron_dgrpo.parallel.replicas`), from the teacher's Megatron weights exported to
+Hugging Face (the same path as the rollout engines,
 :func:`megatron_dgrpo.train.vllm_rollouts.start_engine_from_model`); the teacher never
 changes, so there is no refit. Per step, :meth:`VLLMTeacher.score` turns a
 :class:`~megatron_dgrpo.train.sequences.SequenceBatch` into what the loss reads at the loss
@@ -10,9 +11,8 @@ log-prob of each target for the sampled estimators (k1/k2/k3), the advantage for
 ``kl_teacher`` metric. No teacher logits exist, so ``kl_estimator: full`` is refused at
 start-up (:meth:`megatron_dgrpo.train.config.RunConfig.validate`).
 
-Several ranks: each data-parallel replica's TP rank 0 sends its sequences to rank 0, which
-scores them all in one engine call and broadcasts the results; every rank keeps its
-replica's (TP peers hold the same batch).
+Several ranks: every rank of a replica holds the same batch (TP and CP peers), so the
+leader scores it in one engine call and broadcasts the results to the replica's ranks.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from megatron_dgrpo.parallel.replicas import Replica
 from megatron_dgrpo.train.sequences import SequenceBatch
 
 
@@ -46,33 +47,31 @@ class VLLMTeacher:
     """Teacher scores from a vLLM engine; call :meth:`score` on every rank.
 
     Args:
-        engine: the :class:`~megatron_dgrpo.rollout.vllm_engine.VLLMEngine` on global rank 0
-            (``None`` on the other ranks), e.g. from :meth:`start`.
+        engine: the :class:`~megatron_dgrpo.rollout.vllm_engine.VLLMEngine` on the replica's
+            leader (``None`` on its other ranks), e.g. from :meth:`start`.
         k: top-k tokens per position.
-        dp_rank, tp_rank: this rank's data- and tensor-parallel ranks.
+        replica: this rank's :class:`~megatron_dgrpo.parallel.replicas.Replica`; ``None``:
+            a single process holding ``engine``.
     """
 
-    def __init__(self, engine, k: int, dp_rank: int = 0, tp_rank: int = 0):
-        self.engine, self.k, self.dp_rank, self.tp_rank = engine, k, dp_rank, tp_rank
+    def __init__(self, engine, k: int, replica: Replica | None = None):
+        self.engine, self.k, self.replica = engine, k, replica
 
     @classmethod
     def start(cls, teacher: torch.nn.Module, model_config, k: int, rollout_config,
-              max_model_len: int, seed: int, replica, tp_rank: int) -> VLLMTeacher:
-        """Export the (Megatron) ``teacher`` from replica 0 and start its engine on rank 0
-        with the engine settings of the run's ``rollout`` section (dtype, KV cache, GPU
-        memory share). ``replica``: this rank's :class:`~megatron_dgrpo.parallel.replicas.
-        Replica`."""
+              max_model_len: int, seed: int, replica: Replica) -> VLLMTeacher:
+        """Export the (Megatron) ``teacher`` and start the replica's engine on its leader with
+        the engine settings of the run's ``rollout`` section (dtype, KV cache, GPU memory
+        share). Call on every rank of ``replica``."""
         from megatron_dgrpo.train.vllm_rollouts import start_engine_from_model
 
-        engine = None
-        if replica.index == 0:
-            engine = start_engine_from_model(
-                teacher, model_config, replica, rollout_config.refit_bucket_mb,
-                dtype=rollout_config.dtype, max_model_len=max_model_len,
-                kv_cache_gib=rollout_config.kv_cache_gib,
-                gpu_memory_utilization=rollout_config.gpu_memory_utilization, seed=seed,
-                max_logprobs=k)
-        return cls(engine, k, replica.index, tp_rank)
+        engine = start_engine_from_model(
+            teacher, model_config, replica, rollout_config.refit_bucket_mb,
+            dtype=rollout_config.dtype, max_model_len=max_model_len,
+            kv_cache_gib=rollout_config.kv_cache_gib,
+            gpu_memory_utilization=rollout_config.gpu_memory_utilization, seed=seed,
+            max_logprobs=k)
+        return cls(engine, k, replica)
 
     def score(self, batch: SequenceBatch) -> tuple[Tensor, Tensor, Tensor]:
         """The teacher at ``batch``'s loss positions, on the batch's device (0 elsewhere):
@@ -95,25 +94,17 @@ class VLLMTeacher:
         return indices.to(device), topk_logp.to(device), logp.to(device)
 
     def _scores(self, requests):
-        """This replica's scores, one per request (``None`` for ``None``), from rank 0."""
-        single = not dist.is_initialized() or dist.get_world_size() == 1
-        if single:
-            gathered = {0: requests}
-        else:
-            parts: list = [None] * dist.get_world_size()
-            dist.all_gather_object(parts, (self.dp_rank, requests if self.tp_rank == 0 else None))
-            gathered = {dp: part for dp, part in parts if part is not None}
+        """The replica's scores, one per request (``None`` for ``None``), from its leader."""
+        replica = self.replica
         results = [None]
-        if single or dist.get_rank() == 0:
-            flat = [(dp, i, r) for dp, part in gathered.items() for i, r in enumerate(part)
-                    if r is not None]
-            scored = self.engine.score_topk([r[0] for _, _, r in flat], [r[1] for _, _, r in flat],
-                                            self.k) if flat else []
-            by_replica = {dp: [None] * len(part) for dp, part in gathered.items()}
-            for (dp, i, _), scores in zip(flat, scored):
-                by_replica[dp][i] = scores
-            results[0] = by_replica
-        if not single:
-            dist.broadcast_object_list(results, src=0)
-        replica = 0 if single else self.dp_rank
-        return results[0][replica]
+        if replica is None or replica.is_leader:
+            chosen = [i for i, r in enumerate(requests) if r is not None]
+            scored = self.engine.score_topk([requests[i][0] for i in chosen],
+                                            [requests[i][1] for i in chosen],
+                                            self.k) if chosen else []
+            results[0] = [None] * len(requests)
+            for i, scores in zip(chosen, scored):
+                results[0][i] = scores
+        if replica is not None and len(replica.ranks) > 1:
+            dist.broadcast_object_list(results, src=replica.leader, group=replica.group)
+        return results[0]

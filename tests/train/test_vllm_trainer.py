@@ -85,13 +85,16 @@ def test_head_dim_unsupported_by_vllm_cpu_is_refused_at_start_up(setup):
 
 
 def test_each_data_parallel_replica_samples_from_its_own_engine(setup):
-    """DP=2: one engine per replica (on its leader, in a child process), each refitted from
-    and verified against its own replica every step."""
+    """DP=2: one rollout engine per replica (on its leader, in a child process), each
+    refitted from and verified against its own replica every step; the teacher is a vLLM
+    engine per replica too (top-k)."""
     config = _config(setup, "vllm-dp2")
     config["parallel"] = {"tensor_parallel": 1}
+    config["teacher"].update(engine="vllm", topk=4)
+    config["loss"]["kl_estimator"] = "topk"
     assert run_distributed(_train, 2, args=(config, False)) == [0, 0]
     first, second = read_metrics(config["run_dir"])
-    assert first["response/length_mean"] > 0
+    assert first["response/length_mean"] > 0 and first["policy/kl_teacher"] > 0
     for record in (first, second):
         assert record["verify/passed"] == 1.0
         assert record["verify/max_logprob_gap"] < TOLERANCE
