@@ -54,7 +54,7 @@ Bucket = list[tuple[str, torch.Tensor]]
 
 @dataclass
 class RefitReport:
-    """What one refit moved and where the time went (seconds, wall clock on rank 0).
+    """What one refit moved and where the time went (seconds, wall clock on the receiver).
 
     ``produce_seconds``: waiting for buckets (TP gather, HF mapping, pipeline-stage
     receives); ``load_seconds``: transport plus the engine writing the weights (in a
@@ -453,7 +453,8 @@ class IncompleteRefitError(RuntimeError):
 
 def push_buckets(engine, buckets: Iterable[Bucket], transport=None,
                  expected_names: Iterable[str] | None = None) -> RefitReport:
-    """Load HF-named buckets into ``engine`` in place (rank 0); returns what moved.
+    """Load HF-named buckets into ``engine`` in place (on the engine's rank); returns what
+    moved.
 
     With ``expected_names`` (every HF tensor name of the model), raises
     :class:`IncompleteRefitError` naming those the stream did not deliver.

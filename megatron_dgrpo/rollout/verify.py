@@ -43,7 +43,8 @@ class RefitVerificationError(RuntimeError):
 
 @dataclass
 class VerificationReport:
-    """Result on rank 0: largest log-prob gap (nats) and per-tensor relative errors."""
+    """Result on the engine's rank: largest log-prob gap (nats) and per-tensor relative
+    errors."""
 
     max_logprob_gap: float
     relative_errors: dict[str, float]

@@ -103,8 +103,8 @@ class RolloutConfig:
     """Which engine samples the on-policy rollouts, and how it follows the trainer.
 
     ``embedded``: the trainer's own Megatron model with a KV cache (always on the current
-    weights). ``vllm``: a colocated vLLM engine on global rank 0 (see
-    :mod:`megatron_dgrpo.train.vllm_rollouts`), refitted after every optimizer step and
+    weights). ``vllm``: a colocated vLLM engine per data-parallel replica, on its first
+    rank (see :mod:`megatron_dgrpo.train.vllm_rollouts`), refitted after every optimizer step and
     verified every ``verify_every`` steps (0: never); verification failing stops training.
     """
 
