@@ -22,6 +22,12 @@ from megatron_dgrpo.algorithms.metrics import LossMetrics
 from megatron_dgrpo.parallel.vocab import all_reduce
 
 
+def sequence_alignment(cp_size: int, tp_size: int, sequence_parallel: bool) -> int:
+    """Sequence lengths must be multiples of this: ``2 * cp_size`` load-balanced chunks
+    (with CP), each split over the TP ranks under sequence parallelism."""
+    return (2 * cp_size if cp_size > 1 else 1) * (tp_size if sequence_parallel else 1)
+
+
 def _chunks(length: int, cp_size: int) -> int:
     if cp_size < 1 or length % (2 * cp_size):
         raise ValueError(f"sequence length {length} must be divisible by 2 * cp_size = {2 * cp_size}")

@@ -121,12 +121,11 @@ def _keep_cuda_moves_on_cpu(method):
 
 
 def _pos_emb_on_this_cp_rank_cpu(pos_emb: torch.Tensor, seq_dim: int, cp_group) -> torch.Tensor:
-    """Chunks ``r`` and ``2 * cp - 1 - r`` of ``2 * cp`` along ``seq_dim`` (CP rank ``r``)."""
-    cp_size, cp_rank = cp_group.size(), cp_group.rank()
-    chunks = pos_emb.view(*pos_emb.shape[:seq_dim], 2 * cp_size, -1, *pos_emb.shape[seq_dim + 1:])
-    index = torch.tensor([cp_rank, 2 * cp_size - 1 - cp_rank], device=pos_emb.device)
-    mine = chunks.index_select(seq_dim, index)
-    return mine.reshape(*pos_emb.shape[:seq_dim], -1, *pos_emb.shape[seq_dim + 1:])
+    """This CP rank's load-balanced chunks of ``pos_emb`` along ``seq_dim`` (Megatron's
+    layout, the one :func:`megatron_dgrpo.parallel.context.cp_shard` cuts)."""
+    from megatron_dgrpo.parallel.context import cp_shard
+
+    return cp_shard(pos_emb, cp_group.rank(), cp_group.size(), seq_dim)
 
 
 def _new_cpu_state(seed: int) -> torch.Tensor:

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from megatron_dgrpo.models import mapping
 from megatron_dgrpo.models.config import ModelConfig
 from megatron_dgrpo.models.mapping import TPSplit
-from megatron_dgrpo.parallel.context import cp_all_gather, cp_shard
+from megatron_dgrpo.parallel.context import cp_all_gather, cp_shard, sequence_alignment
 from megatron_dgrpo.parallel.replicas import Replica
 
 _DEFAULT_FINGERPRINT_RTOL = {"torch.float32": 1e-5, "torch.bfloat16": 2e-2, "torch.float16": 5e-3}
@@ -135,9 +135,8 @@ def trainer_token_logprobs(model: torch.nn.Module, config: ModelConfig,
         raise ValueError("trainer_token_logprobs needs pipeline_parallel=1; with PP > 1 "
                          "compute the probe log-probs with the training forward")
     cp_group, cp_size = ps.get_context_parallel_group(), ps.get_context_parallel_world_size()
-    align = 2 * cp_size if cp_size > 1 else 1
-    if getattr(model.config, "sequence_parallel", False):
-        align *= ps.get_tensor_model_parallel_world_size()
+    align = sequence_alignment(cp_size, ps.get_tensor_model_parallel_world_size(),
+                               getattr(model.config, "sequence_parallel", False))
     length = -(-max(len(s) for s in sequences) // align) * align
     tokens = torch.zeros(len(sequences), length, dtype=torch.long)
     for i, sequence in enumerate(sequences):

@@ -40,6 +40,7 @@ from megatron_dgrpo.parallel.context import (
     cp_all_gather,
     global_sequence_count,
     global_token_count,
+    sequence_alignment,
 )
 from megatron_dgrpo.parallel.cpu import collective_device
 from megatron_dgrpo.parallel.fused import PADDED_VOCAB_LOGIT, loss_from_hidden
@@ -134,7 +135,9 @@ class Trainer:
                                       ps.get_context_parallel_world_size())
         # Gradients and per-token sums span the data- and context-parallel ranks.
         self.dp_cp_group = ps.get_data_parallel_group(with_context_parallel=True)
-        self.sequence_align = _sequence_alignment(config.parallel)
+        self.sequence_align = sequence_alignment(config.parallel.context_parallel,
+                                                 config.parallel.tensor_parallel,
+                                                 config.parallel.sequence_parallel)
         uses_vllm = config.uses_vllm_teacher() or (objective in ON_POLICY_OBJECTIVES
                                                    and config.rollout.engine == "vllm")
         self.replica = model_replica() if uses_vllm else None  # engines live on its leader
@@ -417,14 +420,6 @@ class Trainer:
         slowest = _max_over(data["rollout_seconds"], self.dp_group)
         metrics["throughput/rollout_tokens_per_s"] = sum(lengths) / max(slowest, 1e-9)
         return metrics
-
-
-def _sequence_alignment(parallel) -> int:
-    """Batch widths must be multiples of this: ``2 * CP`` load-balanced chunks, each split
-    over TP under sequence parallelism."""
-    cp = parallel.context_parallel
-    return (2 * cp if cp > 1 else 1) * (parallel.tensor_parallel if parallel.sequence_parallel
-                                        else 1)
 
 
 def _sum_over(value: torch.Tensor, group) -> float:

@@ -20,6 +20,7 @@ from megatron_dgrpo.parallel.context import (
     cp_unshard,
     global_sequence_count,
     global_token_count,
+    sequence_alignment,
     sequence_token_counts,
 )
 from megatron_dgrpo.parallel.fused import loss_from_hidden
@@ -108,3 +109,9 @@ def test_cp2_shard_losses_sum_to_the_reference_and_grads_unshard_to_it():
             grad_hidden = cp_unshard([parts[0][1], parts[1][1]], seq_dim=1)
             assert relative_error(grad_hidden, ref_grad_hidden) < GRAD_RTOL, what
             assert relative_error(parts[0][2] + parts[1][2], ref_grad_weight) < GRAD_RTOL, what
+
+
+@pytest.mark.parametrize("cp_size, tp_size, sequence_parallel, expected", [
+    (1, 4, False, 1), (2, 4, False, 4), (4, 8, True, 64), (1, 4, True, 4)])
+def test_sequence_alignment(cp_size, tp_size, sequence_parallel, expected):
+    assert sequence_alignment(cp_size, tp_size, sequence_parallel) == expected
