@@ -46,3 +46,21 @@ def teacher_with_cache(tmp_path_factory, hf_tokenizer_dir) -> TeacherWithCache:
         check=False, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return TeacherWithCache(root, teacher.eval(), tokenizer, Path(hf_tokenizer_dir))
+
+
+@pytest.fixture(scope="session")
+def make_synth_setup(tmp_path_factory, hf_tokenizer_dir):
+    """Factory ``make(name, num, seed)`` -> ``(root, tokenizer dir, vocabulary size)``: a new
+    directory with ``num`` synthetic 256-token tasks in ``root/data`` (``dgrpo data synth``)."""
+    from megatron_dgrpo.cli import main
+    from megatron_dgrpo.data.chat import load_chat_tokenizer
+
+    vocab = load_chat_tokenizer(hf_tokenizer_dir).vocab_size
+
+    def make(name: str, num: int, seed: int):
+        root = tmp_path_factory.mktemp(name)
+        assert main(["data", "synth", "--out", str(root / "data"), "--num", str(num),
+                     "--lengths", "256", "--seed", str(seed)]) == 0
+        return root, hf_tokenizer_dir, vocab
+
+    return make

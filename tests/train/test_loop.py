@@ -23,14 +23,8 @@ NON_DETERMINISTIC = ("time/", "throughput/", "memory/")
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, hf_tokenizer_dir):
-    from megatron_dgrpo.cli import main
-    from megatron_dgrpo.data.chat import load_chat_tokenizer
-
-    root = tmp_path_factory.mktemp("train")
-    assert main(["data", "synth", "--out", str(root / "data"), "--num", "8", "--lengths", "256",
-                 "--seed", "3"]) == 0
-    return root, hf_tokenizer_dir, load_chat_tokenizer(hf_tokenizer_dir).vocab_size
+def setup(make_synth_setup):
+    return make_synth_setup("train", num=8, seed=3)
 
 
 def _config(setup, objective, run_name, steps=2, **top_level):

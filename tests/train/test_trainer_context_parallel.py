@@ -15,10 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from megatron_dgrpo.config import from_dict
 from megatron_dgrpo.models.presets import get_preset
 from megatron_dgrpo.testing.distributed import run_distributed
-from megatron_dgrpo.train.config import RunConfig
+from megatron_dgrpo.testing.runs import train_runs
 from megatron_dgrpo.train.metrics import read_metrics
 
 pytestmark = pytest.mark.multiproc
@@ -29,14 +28,8 @@ TOLERANCE = 1e-3  # nats, engine vs trainer (fp32 agree to ~1e-5)
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, hf_tokenizer_dir):
-    from megatron_dgrpo.cli import main
-    from megatron_dgrpo.data.chat import load_chat_tokenizer
-
-    root = tmp_path_factory.mktemp("cp-train")
-    assert main(["data", "synth", "--out", str(root / "data"), "--num", "4", "--lengths", "256",
-                 "--seed", "11"]) == 0
-    return root, hf_tokenizer_dir, load_chat_tokenizer(hf_tokenizer_dir).vocab_size
+def setup(make_synth_setup):
+    return make_synth_setup("cp-train", num=4, seed=11)
 
 
 def _config(setup, run_name, objective, parallel, **top_level):
@@ -54,17 +47,6 @@ def _config(setup, run_name, objective, parallel, **top_level):
             "optim": {"lr": 1e-4}, **top_level}
 
 
-def _train_each(rank, world_size, config_dicts):
-    from megatron_dgrpo.models.provider import destroy_parallel
-    from megatron_dgrpo.train.runner import run_training
-
-    codes = []
-    for config_dict in config_dicts:
-        codes.append(run_training(from_dict(RunConfig, config_dict), show_progress=False))
-        destroy_parallel()
-    return codes
-
-
 def _comparable(record):
     return {k: v for k, v in record.items() if k != "time" and not k.startswith(NON_DETERMINISTIC)}
 
@@ -80,8 +62,8 @@ def test_context_parallel_step_equals_the_unsharded_step(setup):
                        micro_batch_size=micro, loss_chunk_tokens=5)
                for impl, micro in (("fused", 1), ("materialized", None))]
     reference = _config(setup, "cp1", "kd", {}, loss_impl="fused")
-    assert run_distributed(_train_each, 2, args=(sharded,)) == [[0, 0], [0, 0]]
-    assert run_distributed(_train_each, 1, args=([reference],)) == [[0]]
+    assert run_distributed(train_runs, 2, args=(sharded,)) == [[0, 0], [0, 0]]
+    assert run_distributed(train_runs, 1, args=([reference],)) == [[0]]
     (expected,) = read_metrics(reference["run_dir"])
     expected = _comparable(expected)
     assert expected["loss"] > 0
@@ -113,7 +95,7 @@ def test_context_parallel_dgrpo_with_vllm_rollouts(setup):
     # YaRN in both Megatron (CP shards) and vLLM (from the exported config.json): the
     # verification compares them (vLLM caps max_model_len at original x factor = 4096).
     config["student"]["model"].update(yarn_factor=4.0, yarn_original_max_position_embeddings=1024)
-    assert run_distributed(_train_each, 2, args=([config],)) == [[0], [0]]
+    assert run_distributed(train_runs, 2, args=([config],)) == [[0], [0]]
     first, second = read_metrics(config["run_dir"])
     for record in (first, second):
         assert record["verify/passed"] == 1.0

@@ -17,6 +17,7 @@ import torch
 from megatron_dgrpo.config import from_dict
 from megatron_dgrpo.models.presets import get_preset
 from megatron_dgrpo.testing.distributed import run_distributed
+from megatron_dgrpo.testing.runs import train_runs
 from megatron_dgrpo.train.config import RunConfig
 from megatron_dgrpo.train.metrics import read_metrics
 
@@ -47,18 +48,6 @@ def _config(setup, run_name, objective="kd", **overrides):
     for key, value in overrides.items():
         config[key] = {**config.get(key, {}), **value} if isinstance(value, dict) else value
     return config
-
-
-def _train(rank, world_size, *config_dicts):
-    """One run per config, one after the other in this process (one start-up, not two)."""
-    from megatron_dgrpo.models.provider import destroy_parallel
-    from megatron_dgrpo.train.runner import run_training
-
-    codes = []
-    for config_dict in config_dicts:
-        codes.append(run_training(from_dict(RunConfig, config_dict), show_progress=False))
-        destroy_parallel()
-    return codes
 
 
 def test_engine_topk_equals_transformers_at_the_loss_positions(setup):
@@ -112,8 +101,8 @@ def runs(setup):
             data={"max_prompt_tokens": 2048}),
     }
     names = list(configs)
-    assert run_distributed(_train, 1, args=tuple(configs[n] for n in names[:2])) == [[0, 0]]
-    assert run_distributed(_train, 1, args=(configs[names[2]],)) == [[0]]
+    assert run_distributed(train_runs, 1, args=([configs[n] for n in names[:2]],)) == [[0, 0]]
+    assert run_distributed(train_runs, 1, args=([configs[names[2]]],)) == [[0]]
     return {name: read_metrics(config["run_dir"]) for name, config in configs.items()}
 
 

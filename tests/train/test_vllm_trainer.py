@@ -19,14 +19,8 @@ TOLERANCE = 1e-3  # nats; fp32 engine and trainer agree to ~1e-5
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, hf_tokenizer_dir):
-    from megatron_dgrpo.cli import main
-    from megatron_dgrpo.data.chat import load_chat_tokenizer
-
-    root = tmp_path_factory.mktemp("vllm-train")
-    assert main(["data", "synth", "--out", str(root / "data"), "--num", "4", "--lengths", "256",
-                 "--seed", "5"]) == 0
-    return root, hf_tokenizer_dir, load_chat_tokenizer(hf_tokenizer_dir).vocab_size
+def setup(make_synth_setup):
+    return make_synth_setup("vllm-train", num=4, seed=5)
 
 
 def _config(setup, run_name, steps=2, **rollout):
