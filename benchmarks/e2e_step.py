@@ -217,7 +217,7 @@ def ours_worker(rank: int, world_size: int, config_dict: dict, threads: int) -> 
 def run_ours(config_dict: dict, args: argparse.Namespace) -> dict:
     """Our run on ``args.tp`` fresh processes; rank 0's records with CPU seconds and peak RSS
     summed over ranks."""
-    from megatron_dgrpo.testing.distributed import run_distributed
+    from megatron_dgrpo.parallel.launch import run_distributed
 
     results = run_distributed(ours_worker, args.tp, args=(config_dict, args.threads))
     steps = [{**step, "cpu_s": sum(r["steps"][i]["cpu_s"] for r in results)}

@@ -121,7 +121,7 @@ def _repack_seconds(worker) -> float:
     )
     from vllm.model_executor.model_loader.reload.layerwise import get_layerwise_info
 
-    from megatron_dgrpo.rollout.refit import _unquantized_linears
+    from megatron_dgrpo.rollout.vllm_worker import _unquantized_linears
 
     model = worker.model_runner.get_model()
     shapes = [tuple(get_layerwise_info(m).restore_metadata[0]["weight"].shape)

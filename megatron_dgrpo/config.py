@@ -9,8 +9,8 @@ nested dicts (from YAML) into those dataclasses, strictly:
   ``Optional[...]``, ``Literal[...]``, ``list[...]``, ``dict[str, ...]``, nested dataclasses);
 * after building, ``validate()`` runs on every nested dataclass, inner ones first.
 
-Overrides use dotted paths and YAML scalars, e.g. ``model.num_layers=4 loss.beta=0.05
-parallel.tensor_parallel=2 data.lengths=[1024,4096]``.
+Overrides use dotted paths and YAML scalars, e.g. ``student.model.num_layers=4 loss.kl_coef=0.05
+parallel.tensor_parallel=2 data.languages=[en,fr]``.
 """
 
 from __future__ import annotations
@@ -112,7 +112,18 @@ def _build(cls: type[T], data: Mapping[str, Any], where: str) -> T:
     for name, value in data.items():
         key = f"{where}.{name}" if where else name
         kwargs[name] = _coerce(value, hints[name], key)
-    return cls(**kwargs)
+    built = cls(**kwargs)
+    object.__setattr__(built, _PROVIDED, frozenset(data))  # not a field: asdict ignores it
+    return built
+
+
+_PROVIDED = "_provided_keys"
+
+
+def provided_keys(config: Any) -> frozenset[str]:
+    """The keys the YAML / overrides set explicitly on this (nested) config dataclass (empty
+    for one built in code): what the user asked for, as opposed to defaults."""
+    return getattr(config, _PROVIDED, frozenset())
 
 
 def validate_tree(config: Any) -> None:

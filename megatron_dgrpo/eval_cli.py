@@ -27,24 +27,19 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     from megatron_dgrpo.data.chat import load_chat_tokenizer
     from megatron_dgrpo.models.config import ParallelConfig
-    from megatron_dgrpo.models.convert import MegatronCheckpoint, load_megatron_checkpoint_into
-    from megatron_dgrpo.models.provider import build_gpt_model, initialize_parallel
+    from megatron_dgrpo.models.loading import checkpoint_model
+    from megatron_dgrpo.models.provider import initialize_parallel
     from megatron_dgrpo.rollout.embedded import EmbeddedEngine
     from megatron_dgrpo.rollout.engine import SamplingParams
 
     params = SamplingParams(temperature=args.temperature, max_new_tokens=args.max_new_tokens,
                             stop_strings=[IM_END])
     params.validate()
-    config = MegatronCheckpoint(args.checkpoint).config
     tokenizer = load_chat_tokenizer(args.tokenizer)
-    if tokenizer.vocab_size > config.vocab_size:
-        raise ValueError(f"tokenizer {args.tokenizer} has {tokenizer.vocab_size} tokens but the "
-                         f"model's vocabulary is {config.vocab_size}: they do not belong together")
     if ensure_process_group_env() != 1:
         raise ValueError("dgrpo eval runs in one process (TP=1); launch it without torchrun")
     initialize_parallel(ParallelConfig())
-    model = build_gpt_model(config, ParallelConfig())
-    load_megatron_checkpoint_into(model, args.checkpoint)
+    model, config = checkpoint_model(args.checkpoint, ParallelConfig(), tokenizer)
     engine = EmbeddedEngine(model, config.vocab_size, decode=tokenizer.decode)
 
     def generate(prompts: list[str]) -> list[str]:

@@ -61,15 +61,6 @@ def atomic_output_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(tmp)
 
 
-def broadcast_from_rank0(value: Any) -> Any:
-    """``value`` as rank 0 has it, on every rank (any picklable object)."""
-    import torch.distributed as dist
-
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def write_dir_from_all_ranks(out_dir: str | os.PathLike,
                              write_rank_files: Callable[[Path], None],
                              finalize: Callable[[Path], None]) -> Path:
@@ -80,16 +71,20 @@ def write_dir_from_all_ranks(out_dir: str | os.PathLike,
     to ``out_dir``. Any failure, on any rank, raises ``OSError`` on every rank naming the
     ranks and leaves nothing behind. Call on every rank of the default process group.
     """
-    import torch.distributed as dist
+    from megatron_dgrpo.parallel.collectives import (
+        all_gather_objects,
+        broadcast_object,
+        world_rank,
+    )
 
-    rank = dist.get_rank()
+    rank = world_rank()
     reserved: tuple[str | None, str | None] = (None, None)
     if rank == 0:
         try:
             reserved = (str(reserve_output_dir(out_dir)), None)
         except OSError as exc:
             reserved = (None, str(exc))
-    tmp_name, error = broadcast_from_rank0(reserved)
+    tmp_name, error = broadcast_object(reserved, src=0)
     if error:
         raise OutputExistsError(error)
     tmp = Path(tmp_name)
@@ -99,8 +94,7 @@ def write_dir_from_all_ranks(out_dir: str | os.PathLike,
             write_rank_files(tmp)
         except Exception as exc:  # reported on every rank below
             error = f"rank {rank}: {exc}"
-        errors: list[str | None] = [None] * dist.get_world_size()
-        dist.all_gather_object(errors, error)
+        errors = all_gather_objects(error)
         failure = "; ".join(e for e in errors if e)
         if rank == 0 and not failure:
             try:
@@ -108,7 +102,7 @@ def write_dir_from_all_ranks(out_dir: str | os.PathLike,
                 commit_output_dir(tmp, out_dir)
             except OSError as exc:
                 failure = str(exc)
-        failure = broadcast_from_rank0(failure)
+        failure = broadcast_object(failure, src=0)
     finally:
         if rank == 0 and tmp.exists():
             shutil.rmtree(tmp)

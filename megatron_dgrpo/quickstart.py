@@ -111,7 +111,7 @@ def make_assets(out: Path, plan: QuickstartPlan, seed: int) -> dict[str, Path]:
     return assets
 
 
-def _checkpoint_model(run_dir: Path, step: int) -> Path:
+def _model_dir(run_dir: Path, step: int) -> Path:
     return run_dir / "checkpoints" / f"step_{step:08d}" / "model"
 
 
@@ -140,7 +140,7 @@ def _train(rank: int, world_size: int, config: dict[str, Any]) -> int:
 def _run_phase(config: dict[str, Any], tp: int) -> None:
     """Train one phase on ``tp`` spawned ranks, then render its curves (``dgrpo report``)."""
     from megatron_dgrpo.report import write_report
-    from megatron_dgrpo.testing.distributed import run_distributed
+    from megatron_dgrpo.parallel.launch import run_distributed
 
     codes = run_distributed(_train, tp, args=(config,), timeout_s=3600)
     if any(codes):
@@ -157,8 +157,8 @@ def _evaluate(rank: int, world_size: int, models: list[tuple[str, str]], tokeniz
     from megatron_dgrpo.data.evaluate import ALL, evaluate
     from megatron_dgrpo.data.longblocks import LongBlocksConfig, LongBlocksLoader
     from megatron_dgrpo.models.config import ParallelConfig
-    from megatron_dgrpo.models.convert import MegatronCheckpoint, load_megatron_checkpoint_into
-    from megatron_dgrpo.models.provider import build_gpt_model, initialize_parallel
+    from megatron_dgrpo.models.loading import checkpoint_model
+    from megatron_dgrpo.models.provider import initialize_parallel
     from megatron_dgrpo.rollout.embedded import EmbeddedEngine
     from megatron_dgrpo.rollout.engine import SamplingParams
 
@@ -168,9 +168,7 @@ def _evaluate(rank: int, world_size: int, models: list[tuple[str, str]], tokeniz
     initialize_parallel(ParallelConfig())
     scores = {}
     for label, checkpoint in models:
-        config = MegatronCheckpoint(checkpoint).config
-        model = build_gpt_model(config, ParallelConfig())
-        load_megatron_checkpoint_into(model, checkpoint)
+        model, config = checkpoint_model(checkpoint, ParallelConfig(), tokenizer)
         engine = EmbeddedEngine(model, config.vocab_size, decode=tokenizer.decode)
 
         def generate(prompts: list[str], engine: EmbeddedEngine = engine) -> list[str]:
@@ -236,7 +234,7 @@ def run_quickstart(args: argparse.Namespace) -> int:
 
     from megatron_dgrpo.data.chat import IM_END
     from megatron_dgrpo.outputs import refuse_existing
-    from megatron_dgrpo.testing.distributed import run_distributed
+    from megatron_dgrpo.parallel.launch import run_distributed
 
     plan, plan_name = (SHORT, "short") if args.short else (FULL, "full")
     console = Console()
@@ -276,8 +274,8 @@ def run_quickstart(args: argparse.Namespace) -> int:
                            save_every=plan.cold_start_steps, **sft), args.tp)
     done("cold start")
 
-    teacher_ckpt = _checkpoint_model(teacher_run, plan.teacher_sft_steps)
-    cold_ckpt = _checkpoint_model(cold_run, plan.cold_start_steps)
+    teacher_ckpt = _model_dir(teacher_run, plan.teacher_sft_steps)
+    cold_ckpt = _model_dir(cold_run, plan.cold_start_steps)
     phase("dgrpo", f"dGRPO of the student for {plan.dgrpo_steps} steps, teacher as the anchor")
     _run_phase(_run_config(
         dgrpo_run, assets, args.tp, args.seed + 2,
@@ -294,7 +292,7 @@ def run_quickstart(args: argparse.Namespace) -> int:
     phase("eval", "greedy answers on the held-out set: teacher, student through dGRPO")
     eval_steps = list(range(plan.eval_every, plan.dgrpo_steps + 1, plan.eval_every))
     models = [("teacher", str(teacher_ckpt)), ("student-step-0", str(cold_ckpt))]
-    models += [(f"student-step-{s}", str(_checkpoint_model(dgrpo_run, s))) for s in eval_steps]
+    models += [(f"student-step-{s}", str(_model_dir(dgrpo_run, s))) for s in eval_steps]
     heldout = run_distributed(_evaluate, 1, args=(models, str(assets["tokenizer"]),
                                                   str(assets["heldout"]), str(out / "eval"),
                                                   plan.max_new_tokens), timeout_s=3600)[0]

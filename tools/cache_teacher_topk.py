@@ -8,7 +8,7 @@
 import argparse
 import sys
 
-from megatron_dgrpo.teacher_cache import add_cache_arguments, run_cache
+from megatron_dgrpo.train.teacher_cache import add_cache_arguments, run_cache
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__,

@@ -15,15 +15,17 @@ from megatron_dgrpo.algorithms.checks import require_finite
 
 
 def group_advantages(rewards: Tensor, group_size: int, scale_by_std: bool = True,
-                     eps: float = 1e-6) -> Tensor:
+                     eps: float = 1e-6, unbiased_std: bool = False) -> Tensor:
     """Sequence-level advantages ``A_i = (R_i - mean_g R) / (std_g R + eps)``.
 
     Args:
         rewards: ``[num_groups * group_size]`` scalar reward per response (any float dtype).
         group_size: responses per prompt, ``G >= 1``.
-        scale_by_std: divide by the group's population standard deviation (GRPO); when
-            False only the group mean is subtracted (Dr. GRPO).
+        scale_by_std: divide by the group's standard deviation (GRPO); when False only the
+            group mean is subtracted (Dr. GRPO).
         eps: added to the standard deviation so that constant-reward groups give 0.
+        unbiased_std: the sample standard deviation (divide by ``G - 1``, as verl and TRL
+            compute it) instead of the population one (divide by ``G``, the default).
 
     Returns:
         ``[num_groups * group_size]`` advantages, same dtype as ``rewards``, no grad.
@@ -39,7 +41,9 @@ def group_advantages(rewards: Tensor, group_size: int, scale_by_std: bool = True
     grouped = rewards.detach().reshape(-1, group_size)
     centered = grouped - grouped.mean(dim=1, keepdim=True)
     if scale_by_std:
-        centered = centered / (grouped.std(dim=1, unbiased=False, keepdim=True) + eps)
+        if unbiased_std and group_size < 2:
+            raise ValueError("the unbiased group std needs group_size >= 2")
+        centered = centered / (grouped.std(dim=1, unbiased=unbiased_std, keepdim=True) + eps)
     return centered.reshape(-1)
 
 

@@ -11,14 +11,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-AGGREGATIONS = ("token_mean", "seq_mean")
+AGGREGATIONS = ("token_mean", "seq_mean", "constant_length")
 
 
 def token_weights(loss_mask: Tensor, aggregation: str,
                   global_token_count: Tensor | float | None = None,
                   sequence_token_counts: Tensor | None = None,
                   global_sequence_count: Tensor | float | None = None,
-                  dtype: torch.dtype = torch.float32) -> Tensor:
+                  dtype: torch.dtype = torch.float32,
+                  length_norm: float | None = None) -> Tensor:
     """Per-token weights ``[B, T]`` of ``dtype`` (use the loss's dtype, e.g. float64 in tests).
 
     Args:
@@ -49,6 +50,11 @@ def token_weights(loss_mask: Tensor, aggregation: str,
         sequences = (row_counts > 0).sum() if global_sequence_count is None else global_sequence_count
         denominator = (torch.as_tensor(row_counts)[:, None] * torch.as_tensor(sequences))
         denominator = denominator.expand(loss_mask.shape)
+    elif aggregation == "constant_length":
+        if length_norm is None or not length_norm > 0:
+            raise ValueError(f"aggregation='constant_length' needs length_norm > 0, got {length_norm}")
+        sequences = loss_mask.shape[0] if global_sequence_count is None else global_sequence_count
+        denominator = (torch.as_tensor(sequences) * length_norm).expand(loss_mask.shape)
     else:
         raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {AGGREGATIONS}")
     denominator = denominator.to(dtype)

@@ -4,6 +4,26 @@ Conventions: ``logp`` are natural-log probabilities under the distribution KL is
 *from* (P in KL(P || Q)), ``logq`` under the one it is taken *to*. Reverse KL
 KL(student || anchor) passes the student as P; the forward KL of KD passes the teacher as P.
 All results are in nats, one value per token.
+
+The sampled estimators are evaluated at a token ``y ~ P`` (P = the trained policy
+``pi_theta``, Q = the anchor). Their value and, when differentiated as a loss w.r.t. the
+policy's parameters, their expected gradient ``E_{y~P}[grad est(y)]`` (with
+``grad KL(P||Q) = E_P[(log p - log q) grad log p]`` and ``E_P[grad log p] = 0``):
+
+=========  ===============================  ==========================  =======================
+estimator  per token                        E[value]                    E[gradient] as a loss
+=========  ===============================  ==========================  =======================
+``k1``     ``log p - log q``                KL(P || Q) (unbiased)       0: trains nothing
+``k2``     ``(log p - log q)^2 / 2``        >= KL (biased, 2nd order)   grad KL(P || Q) (reverse)
+``k3``     ``q/p - log(q/p) - 1``           KL(P || Q) (unbiased, >= 0) grad KL(Q || P) (forward)
+``full``   ``sum_v p(v) log(p(v) / q(v))``  KL(P || Q) exactly          grad KL(P || Q) exactly
+=========  ===============================  ==========================  =======================
+
+So the reverse-KL objectives use ``full`` (exact, needs the anchor's logits) or ``k2``;
+``k1`` is only meaningful as a per-token *advantage* (``-(log p - log q)`` as a reward, whose
+policy gradient is ``-grad KL(P || Q)``); ``k3`` as a loss is the convention of verl and
+DeepSeek-R1's GRPO (its value estimates the reverse KL but its gradient is the forward KL's).
+``tests/algorithms/test_kl_gradients.py`` checks every row by exact enumeration.
 """
 
 from __future__ import annotations

@@ -45,6 +45,18 @@ class LossMetrics:
             maxima=_combine(self.maxima, other.maxima, torch.maximum),
         )
 
+    @staticmethod
+    def average(pieces: list[LossMetrics]) -> LossMetrics:
+        """Metrics of several updates, each already complete (reduced over its batch): means
+        averaged over the updates, extremes over all of them."""
+        if len(pieces) == 1:
+            return pieces[0]
+        merged = LossMetrics()
+        for piece in pieces:
+            merged = merged.merge(piece)
+        return LossMetrics({name: value / len(pieces) for name, value in merged.means.items()},
+                           merged.minima, merged.maxima)
+
     def as_dict(self) -> dict[str, float]:
         """Flat ``{name: float}`` for logging: means as is, extremes as ``name_min/_max``."""
         flat = {name: float(value) for name, value in self.means.items()}

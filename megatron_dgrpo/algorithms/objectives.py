@@ -55,16 +55,20 @@ class LossConfig:
 
     Attributes:
         objective: one of ``sft``, ``kd``, ``grpo``, ``opd``, ``dgrpo`` (default ``dgrpo``).
-        aggregation: ``token_mean`` over the global batch (default) or ``seq_mean``.
-        kl_estimator: anchor KL estimator: ``k1``/``k2``/``k3`` on the sampled token,
-            ``full`` (exact, needs teacher logits) or ``topk`` (teacher top-k + tail).
-            ``None`` picks the objective's default: kd ``full``, grpo ``k3``, opd ``full``,
-            dgrpo ``full``.
+        aggregation: ``token_mean`` over the global batch (default), ``seq_mean`` or
+            ``constant_length`` (Dr. GRPO); see
+            :func:`megatron_dgrpo.algorithms.aggregation.token_weights`.
+        kl_estimator: anchor KL estimator: ``k2``/``k3`` on the sampled token (``k1`` only
+            with ``form='advantage'``: as a loss its expected gradient is 0), ``full``
+            (exact, needs teacher logits) or ``topk`` (teacher top-k + tail); the gradient
+            each gives is tabulated in :mod:`megatron_dgrpo.algorithms.kl`. ``None`` picks
+            the objective's default: kd ``full``, grpo ``k2``, opd ``full``, dgrpo ``full``.
         kl_coef: beta, weight of the anchor KL (reference for grpo, teacher for dgrpo) and
             of the teacher shaping in dgrpo's advantage form. Default 0.04. opd's KL
             has unit weight.
         ref_kl_coef: dgrpo only: weight of an extra KL to the reference (default 0 = none).
-        ref_kl_estimator: sampled estimator of that reference term (default ``k3``).
+        ref_kl_estimator: sampled estimator of that reference term (default ``k2``, the
+            reverse-KL gradient; ``k3`` gives the forward KL's, ``k1`` is refused).
         form: ``loss`` (differentiate the KL; default) or ``advantage`` (teacher log-ratio
             as a per-token advantage), for opd and dgrpo.
         eps_low, eps_high: clip range ``[1 - eps_low, 1 + eps_high]`` of the ratio;
@@ -77,6 +81,10 @@ class LossConfig:
         adv_scale_by_std: group advantages divide by the group std (default True; False is
             Dr. GRPO). Read by the caller of ``advantages.group_advantages``.
         adv_eps: epsilon of that division (default 1e-6).
+        adv_std_unbiased: divide by the sample std (``G - 1``; verl, TRL) instead of the
+            population std (``G``; default).
+        length_norm: ``aggregation='constant_length'`` (Dr. GRPO): the constant ``L`` every
+            sequence is normalised by (``None``: the trainer uses ``sampling.max_new_tokens``).
     """
 
     objective: str = "dgrpo"
@@ -84,7 +92,7 @@ class LossConfig:
     kl_estimator: str | None = None
     kl_coef: float = 0.04
     ref_kl_coef: float = 0.0
-    ref_kl_estimator: str = "k3"
+    ref_kl_estimator: str = "k2"
     form: str = "loss"
     eps_low: float = 0.2
     eps_high: float = 0.28
@@ -93,6 +101,31 @@ class LossConfig:
     topk_tail: str = "bucket"
     adv_scale_by_std: bool = True
     adv_eps: float = 1e-6
+    adv_std_unbiased: bool = False
+    length_norm: int | None = None
+
+    @property
+    def spec(self) -> Objective:
+        """The registry entry of :attr:`objective` (its traits)."""
+        return get_objective(self.objective)
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether a frozen copy of the initial policy is read (a reference KL is on)."""
+        return self.spec.needs_reference(self)
+
+    def notices(self) -> list[str]:
+        """Start-up notes on choices that do something other than their name suggests."""
+        notes = []
+        for option, estimator, active in (
+                ("kl_estimator", self.resolved_kl_estimator,
+                 self.form == "loss" and self.spec.kl_estimators),
+                ("ref_kl_estimator", self.ref_kl_estimator, self.ref_kl_coef > 0)):
+            if estimator == "k3" and active:
+                notes.append(f"loss.{option}=k3 follows the verl / DeepSeek-R1 convention: its "
+                             "value estimates KL(policy || anchor), but its gradient is that of "
+                             "the forward KL(anchor || policy); k2 gives the reverse KL's")
+        return notes
 
     @property
     def resolved_kl_estimator(self) -> str:
@@ -110,15 +143,28 @@ class LossConfig:
             if not spec.kl_estimators:
                 raise ValueError(f"objective {self.objective!r} has no KL term; kl_estimator must be None")
             _require_choice("kl_estimator", self.kl_estimator, spec.kl_estimators)
+        if self.form not in spec.forms:
+            accepting = sorted(n for n, o in OBJECTIVES.items() if self.form in o.forms)
+            raise ValueError(f"form={self.form!r} applies to {', '.join(accepting)}, not "
+                             f"{self.objective!r}")
         if self.form == "advantage":
-            if self.objective not in ("opd", "dgrpo"):
-                raise ValueError(f"form='advantage' applies to opd and dgrpo, not {self.objective!r}")
             if self.kl_estimator not in (None, "k1"):
                 raise ValueError("form='advantage' shapes advantages with the per-token "
                                  f"log-ratio (k1); kl_estimator={self.kl_estimator!r} is unused")
-        if self.ref_kl_coef and self.objective != "dgrpo":
-            raise ValueError(f"ref_kl_coef is a dgrpo option (keep a reference term); "
-                             f"{self.objective!r} has none")
+        if self.form == "loss":
+            for option, estimator, active in (
+                    ("kl_estimator", self.resolved_kl_estimator, spec.kl_estimators),
+                    ("ref_kl_estimator", self.ref_kl_estimator, self.ref_kl_coef > 0)):
+                if estimator == "k1" and active:
+                    raise ValueError(
+                        f"{option}='k1' as a loss has zero expected gradient (E_p[grad log p] "
+                        f"= 0), so the KL term would train nothing; use 'k2' (the gradient of "
+                        f"the reverse KL), 'full' where teacher logits exist, or k1 as a "
+                        f"per-token advantage (form='advantage')")
+        if self.ref_kl_coef and not spec.accepts_ref_kl:
+            accepting = sorted(n for n, o in OBJECTIVES.items() if o.accepts_ref_kl)
+            raise ValueError(f"ref_kl_coef adds a KL term to the reference, which applies to "
+                             f"{', '.join(accepting)}; {self.objective!r} has none")
         for name in ("kl_coef", "ref_kl_coef", "adv_eps", "eps_low", "eps_high"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
@@ -128,6 +174,10 @@ class LossConfig:
                              f"positive), got {self.eps_low}")
         if self.adv_eps == 0:
             raise ValueError("adv_eps must be > 0")
+        if self.length_norm is not None and (self.length_norm < 1
+                                             or self.aggregation != "constant_length"):
+            raise ValueError(f"length_norm (got {self.length_norm}) must be >= 1 and applies to "
+                             f"aggregation='constant_length' only")
         if self.dual_clip is not None and not (self.dual_clip > 1 and math.isfinite(self.dual_clip)):
             raise ValueError(f"dual_clip must be a finite number > 1 (or None), got {self.dual_clip}")
         if self.tis_cap is not None and not (self.tis_cap >= 1 and math.isfinite(self.tis_cap)):
@@ -147,15 +197,45 @@ class TokenLoss:
 
 @dataclass(frozen=True)
 class Objective:
-    """A registry entry: ``loss_fn(config, terms, batch) -> TokenLoss``; the direction of
-    the full-vocabulary teacher KL it reads (``reverse`` = KL(student || teacher),
-    ``forward`` = KL(teacher || student)); the KL estimators it accepts and its default."""
+    """A registry entry: the objective's loss and every trait the trainer and the config
+    validation read (no other module keeps lists of objective names).
+
+    Attributes:
+        name: the ``loss.objective`` value.
+        loss_fn: ``loss_fn(config, terms, batch) -> TokenLoss``.
+        teacher_kl_direction: direction of the full-vocabulary teacher KL it reads
+            (``reverse`` = KL(student || teacher), ``forward`` = KL(teacher || student)).
+        kl_estimators: the ``kl_estimator`` values it accepts; ``default_kl_estimator``: its
+            default (``None``: no KL term).
+        on_policy: trains on the student's own rollouts (else on fixed sequences: prompt +
+            target answer).
+        uses_rewards: needs outcome rewards (group advantages), hence ``min_group_size``
+            responses per prompt.
+        needs_teacher: reads the teacher (logits, top-k or target log-probs).
+        kl_coef_anchor: what ``kl_coef`` weighs: ``reference``, ``teacher`` or ``None``
+            (``kl_coef`` has no effect).
+        accepts_ref_kl: ``ref_kl_coef`` adds a KL to the frozen reference on top.
+        forms: the ``form`` values it accepts (``loss``, ``advantage``).
+        min_group_size: the fewest responses per prompt (``sampling.n``) it can train on.
+    """
 
     name: str
     loss_fn: Callable[[LossConfig, StudentTerms, TokenBatch], TokenLoss]
     teacher_kl_direction: str
     kl_estimators: tuple[str, ...]
     default_kl_estimator: str | None
+    on_policy: bool
+    uses_rewards: bool
+    needs_teacher: bool
+    kl_coef_anchor: str | None = None
+    accepts_ref_kl: bool = False
+    forms: tuple[str, ...] = ("loss",)
+    min_group_size: int = 1
+
+    def needs_reference(self, config: LossConfig) -> bool:
+        """Whether ``config`` turns on a KL term to the frozen initial policy."""
+        return ((self.kl_coef_anchor == "reference" and config.kl_coef > 0)
+                or (self.accepts_ref_kl and config.ref_kl_coef > 0))
 
 
 def evaluate(config: LossConfig, terms: StudentTerms, batch: TokenBatch) -> tuple[Tensor, LossMetrics]:
@@ -319,11 +399,18 @@ def _dgrpo(config: LossConfig, terms: StudentTerms, batch: TokenBatch) -> TokenL
 
 OBJECTIVES: dict[str, Objective] = {
     spec.name: spec for spec in (
-        Objective("sft", _sft, "reverse", (), None),
-        Objective("kd", _kd, "forward", ("full", "topk"), "full"),
-        Objective("grpo", _grpo, "reverse", SAMPLED_ESTIMATORS, "k3"),
-        Objective("opd", _opd, "reverse", KL_ESTIMATORS, "full"),
-        Objective("dgrpo", _dgrpo, "reverse", KL_ESTIMATORS, "full"),
+        Objective("sft", _sft, "reverse", (), None, on_policy=False, uses_rewards=False,
+                  needs_teacher=False),
+        Objective("kd", _kd, "forward", ("full", "topk"), "full", on_policy=False,
+                  uses_rewards=False, needs_teacher=True),
+        Objective("grpo", _grpo, "reverse", SAMPLED_ESTIMATORS, "k2", on_policy=True,
+                  uses_rewards=True, needs_teacher=False, kl_coef_anchor="reference",
+                  min_group_size=2),
+        Objective("opd", _opd, "reverse", KL_ESTIMATORS, "full", on_policy=True,
+                  uses_rewards=False, needs_teacher=True, forms=FORMS),
+        Objective("dgrpo", _dgrpo, "reverse", KL_ESTIMATORS, "full", on_policy=True,
+                  uses_rewards=True, needs_teacher=True, kl_coef_anchor="teacher",
+                  accepts_ref_kl=True, forms=FORMS, min_group_size=2),
     )
 }
 

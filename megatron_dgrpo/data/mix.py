@@ -1,6 +1,10 @@
-"""Mix long-context and short-context data by token share, deterministically and resumably.
+"""The stream of training examples a run draws from: one source, or several mixed by token share.
 
-The rule needs no random numbers: the next item comes from the long source whenever the long
+:class:`ExampleStream` serves one loader's examples in file order, epoch after epoch, and
+resumes from a position (what ``dgrpo train`` reads today). :class:`TokenShareMixer` mixes a
+long-context and a short-context source by token share:
+
+the rule needs no random numbers: the next item comes from the long source whenever the long
 share of tokens drawn so far is at or below ``long_share`` (default 0.9, the paper's best trade-off),
 otherwise from the short source. After N tokens the realized share is within
 ``max_item_tokens / N`` of the target. Each source is opened as ``open(epoch, position)`` and
@@ -134,3 +138,45 @@ class TokenShareMixer(Generic[T]):
             )
         for name in SOURCES:
             self._cursors[name].restore(state[name])
+
+
+class ExampleStream(Generic[T]):
+    """Examples of one re-iterable source (e.g. a
+    :class:`~megatron_dgrpo.data.longblocks.LongBlocksLoader`) in a fixed order, epoch
+    after epoch; resumable.
+
+    ``position`` counts examples consumed in the current epoch. Resuming re-reads the epoch
+    up to that position (the loader streams; nothing is held in memory).
+    """
+
+    def __init__(self, source: Iterable[T]):
+        self.source = source
+        self.epoch, self.position = 0, 0
+        self._iterator = iter(source)
+
+    def take(self, count: int) -> list[T]:
+        """The next ``count`` examples (a new epoch starts when the source is exhausted)."""
+        examples = []
+        while len(examples) < count:
+            example = next(self._iterator, _END)
+            if example is _END:
+                if self.position == 0:
+                    summary = getattr(self.source, "summary", None)
+                    raise ValueError("the training data has no usable rows"
+                                     + (f" ({summary.format()})" if summary else ""))
+                self.epoch, self.position = self.epoch + 1, 0
+                self._iterator = iter(self.source)
+                continue
+            self.position += 1
+            examples.append(example)
+        return examples
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.position = state["epoch"], 0
+        self._iterator = iter(self.source)
+        for _ in range(state["position"]):
+            next(self._iterator)
+        self.position = state["position"]

@@ -29,6 +29,7 @@ import unicodedata
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 from rouge_score import rouge_scorer
 
@@ -213,8 +214,19 @@ class RewardConfig:
     per_task: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_TASK_REWARDS))
     default: str = "token_f1"
     answer_format: AnswerFormat = field(default_factory=AnswerFormat)
+    # Responses cut at sampling.max_new_tokens: "none" (scored like any other), "mask" (their
+    # tokens leave the loss: DAPO's overlong filtering; they still count in their group's
+    # reward statistics), "penalty" (DAPO's soft overlong punishment added to the reward,
+    # see :func:`overlong_penalty`, times ``overlong_weight``).
+    overlong: Literal["none", "mask", "penalty"] = "none"
+    overlong_buffer: int = 0  # penalty: the last L_cache tokens of the budget where it ramps
+    overlong_weight: float = 1.0
 
     def validate(self) -> None:
+        if self.overlong == "penalty" and (self.overlong_buffer < 1 or self.overlong_weight <= 0):
+            raise ValueError("rewards.overlong=penalty needs rewards.overlong_buffer >= 1 "
+                             f"(got {self.overlong_buffer}) and overlong_weight > 0 "
+                             f"(got {self.overlong_weight})")
         for task, name in {**self.per_task, "<default>": self.default}.items():
             if name not in REWARDS:
                 option = "rewards.default" if task == "<default>" else f"rewards.per_task[{task!r}]"
@@ -227,3 +239,19 @@ class RewardConfig:
     def score(self, response: str, reference: str, task: str | None = None) -> float:
         """Extract the answer from ``response`` and score it against ``reference`` (float in [0, 1])."""
         return REWARDS[self.reward_name(task)](extract_answer(response, self.answer_format), reference)
+
+    def score_all(self, responses: list[str], references: list[str],
+                  tasks: list[str | None]) -> list[float]:
+        """:meth:`score` of each (response, reference, task)."""
+        return [self.score(response, reference, task)
+                for response, reference, task in zip(responses, references, tasks, strict=True)]
+
+
+def overlong_penalty(length: int, max_length: int, buffer: int) -> float:
+    """DAPO's soft overlong punishment of a response of ``length`` tokens under a budget of
+    ``max_length``: 0 up to ``max_length - buffer`` tokens, then falling linearly to -1 at
+    ``max_length`` (``(max_length - buffer - length) / buffer``), -1 beyond."""
+    free = max_length - buffer
+    if length <= free:
+        return 0.0
+    return max(-1.0, (free - length) / buffer)

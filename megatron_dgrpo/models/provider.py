@@ -1,4 +1,4 @@
-"""Build student and teacher models as Megatron-core ``GPTModel`` from typed configs.
+"""Megatron-core ``GPTModel``: built from typed configs, and run to logits or final hidden states.
 
 Typical use on every rank (``torchrun`` or :func:`megatron_dgrpo.testing.run_distributed`)::
 
@@ -12,6 +12,14 @@ without CUDA the CPU adaptations of :mod:`megatron_dgrpo.parallel.cpu` are appli
 fusion flags that need CUDA are switched off. The model's forward with
 ``labels=None`` returns logits [batch, seq, padded_vocab / tp] on the last pipeline stage
 (columns at and past ``model.vocab_size`` are padding).
+
+Running a model for the loss: :func:`final_hidden_states` runs the same two stages as
+``GPTModel.forward`` (``_preprocess``: embeddings and rotary tables; ``decoder``: the
+transformer block, final RMSNorm included) and stops before the output layer, for the fused
+loss; :func:`output_weight` is the weight the output layer would multiply with (the
+embedding table when embeddings are tied); :func:`masked_logits` is the full forward with
+the padding columns masked. All use the live parameters, so gradients accumulate into them
+(and Megatron DDP's ``main_grad`` buffers) exactly as through ``GPTModel.forward``.
 """
 
 from __future__ import annotations
@@ -20,7 +28,6 @@ import dataclasses
 import os
 
 import torch
-import torch.distributed as dist
 
 from megatron_dgrpo.models.config import (
     ModelConfig,
@@ -28,6 +35,7 @@ from megatron_dgrpo.models.config import (
     Runtime,
     validate_layout,
 )
+from megatron_dgrpo.parallel.collectives import init_default_group, world_size
 from megatron_dgrpo.parallel.cpu import adapt_megatron_for_cpu, default_backend
 
 _TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -154,10 +162,9 @@ def initialize_parallel(parallel: ParallelConfig, seed: int = 1234) -> None:
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     parallel.validate()
-    if not dist.is_initialized():
-        dist.init_process_group(backend=default_backend())
-    if dist.get_world_size() % parallel.model_parallel_size:
-        raise ValueError(f"world size {dist.get_world_size()} is not a multiple of "
+    init_default_group(default_backend())
+    if world_size() % parallel.model_parallel_size:
+        raise ValueError(f"world size {world_size()} is not a multiple of "
                          f"TP x PP x CP = {parallel.model_parallel_size}")
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -174,3 +181,90 @@ def destroy_parallel() -> None:
     from megatron.core import parallel_state as ps
 
     ps.destroy_model_parallel()
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The ``GPTModel`` inside a Megatron DDP (or similar ``.module``) wrapper."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def final_hidden_states(model: torch.nn.Module, tokens: torch.Tensor,
+                        positions: torch.Tensor) -> torch.Tensor:
+    """``[B, T, H]`` final hidden states (after the last norm) for ``tokens``/``positions``
+    ``[B, T]``, replicated over the TP group (gathered back if sequence parallelism split
+    them; the gather's backward only splits, because the fused loss already all-reduces the
+    hidden-state gradient over TP). Training path only: no inference context, no packing."""
+    gpt = unwrap(model)
+    if not (gpt.pre_process and gpt.post_process):
+        raise ValueError("final_hidden_states needs the whole model on one pipeline stage "
+                         "(parallel.pipeline_parallel=1)")
+    if getattr(gpt, "mtp_process", False):
+        raise ValueError("multi-token prediction heads are not supported by the fused loss")
+    decoder_input, rotary_pos_emb, rotary_cos, rotary_sin, offset, _ = gpt._preprocess(
+        input_ids=tokens, position_ids=positions)[:6]
+    hidden = gpt.decoder(hidden_states=decoder_input, attention_mask=None,
+                         rotary_pos_emb=rotary_pos_emb, rotary_pos_cos=rotary_cos,
+                         rotary_pos_sin=rotary_sin, sequence_len_offset=offset)
+    if gpt.config.sequence_parallel:
+        from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+        hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
+    return hidden.transpose(0, 1)  # Megatron is sequence-first: [T, B, H] -> [B, T, H]
+
+
+def output_weight(model: torch.nn.Module) -> torch.Tensor:
+    """``[V_local, H]``: this TP rank's shard of the output layer's weight (the embedding
+    table when ``share_embeddings_and_output_weights``)."""
+    gpt = unwrap(model)
+    if gpt.share_embeddings_and_output_weights:
+        return gpt.shared_embedding_or_output_weight()
+    return gpt.output_layer.weight
+
+
+def masked_logits(model: torch.nn.Module, tokens: torch.Tensor, positions: torch.Tensor,
+                  vocab_size: int) -> torch.Tensor:
+    """``[B, T, V_local]`` logits of this TP rank for ``tokens``/``positions`` ``[B, T]``,
+    the padding columns (ids at and past ``vocab_size``) set to
+    :data:`~megatron_dgrpo.parallel.vocab.PADDED_VOCAB_LOGIT`."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_dgrpo.parallel.vocab import mask_padded_vocab
+
+    logits = model(tokens, positions, None)
+    return mask_padded_vocab(logits, vocab_size, ps.get_tensor_model_parallel_rank())
+
+
+@torch.no_grad()
+def token_logp(model: torch.nn.Module, tokens: torch.Tensor, positions: torch.Tensor,
+               targets: torch.Tensor, loss_mask: torch.Tensor, vocab_size: int,
+               chunk_tokens: int | None = None, temperature: float = 1.0) -> torch.Tensor:
+    """``[B, T]`` float32 log-probs of ``targets`` under ``model`` (``log_softmax(logits /
+    temperature)``) at the positions where ``loss_mask`` is True, 0 elsewhere.
+
+    Only the loss positions reach the output layer, chunk by chunk and vocabulary-parallel
+    (:func:`megatron_dgrpo.parallel.vocab.target_logp`): peak memory is ``chunk_tokens x
+    V_local`` logits whatever ``B x T``. All TP ranks call with the same tensors (under CP:
+    this rank's shard; gather the result with ``cp_all_gather``)."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_dgrpo.parallel.vocab import target_logp
+
+    hidden = final_hidden_states(model, tokens, positions)
+    out = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
+    out[loss_mask] = target_logp(hidden[loss_mask], output_weight(model), targets[loss_mask],
+                                 vocab_size, ps.get_tensor_model_parallel_group(),
+                                 chunk_tokens, temperature)
+    return out
+
+
+def loss_inputs(model: torch.nn.Module, tokens: torch.Tensor, positions: torch.Tensor,
+                vocab_size: int, fused: bool):
+    """What the loss reads from ``model`` for ``tokens``/``positions`` ``[B, T]``: with
+    ``fused``, ``([B, T, H]`` final hidden states, ``[V_local, H]`` output weight) (the
+    logits are formed chunk by chunk inside the loss); otherwise ``[B, T, V_local]`` masked
+    logits (:func:`masked_logits`)."""
+    if fused:
+        return final_hidden_states(model, tokens, positions), output_weight(model)
+    return masked_logits(model, tokens, positions, vocab_size)

@@ -26,11 +26,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
+from megatron_dgrpo.parallel.collectives import all_gather_tensors, all_reduce, group_rank_and_size
 from megatron_dgrpo.parallel.context import cp_unshard
 
 
@@ -106,22 +106,19 @@ class _GatherShards(torch.autograd.Function):
     @staticmethod
     def forward(ctx, shard: torch.Tensor, group) -> torch.Tensor:
         ctx.group = group
-        parts = [torch.empty_like(shard) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, shard.contiguous(), group=group)
-        return torch.stack(parts)
+        return torch.stack(all_gather_tensors(shard, group))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        grad = grad.contiguous()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad[dist.get_rank(ctx.group)], None
+        grad = all_reduce(grad.contiguous(), "sum", ctx.group)
+        return grad[group_rank_and_size(ctx.group)[0]], None
 
 
 def _gather_context(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, group):
     """Whole-sequence ``key``/``value`` ``[T, b, groups, d]`` from this rank's load-balanced
     shards ``[T / cp, b, groups, d]``, and the mask (True = masked out) ``[T / cp, T]`` that
     lets each local query see the keys at or before its global position."""
-    cp, rank = dist.get_world_size(group), dist.get_rank(group)
+    rank, cp = group_rank_and_size(group)
     full_key, full_value = (cp_unshard(list(_GatherShards.apply(t, group)), seq_dim=0)
                             for t in (key, value))
     chunk = query.shape[0] // 2

@@ -15,11 +15,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from megatron_dgrpo.algorithms.metrics import LossMetrics
-from megatron_dgrpo.parallel.vocab import all_reduce
+from megatron_dgrpo.parallel.collectives import all_gather_tensors, all_reduce
 
 
 def sequence_alignment(cp_size: int, tp_size: int, sequence_parallel: bool) -> int:
@@ -61,11 +60,8 @@ def cp_unshard(shards: Sequence[Tensor], seq_dim: int = 1) -> Tensor:
 def cp_all_gather(shard: Tensor, group, seq_dim: int = 1) -> Tensor:
     """The full tensor from every CP rank's :func:`cp_shard` of it (no autograd; ``group``
     ``None`` or of size 1: ``shard`` itself)."""
-    if group is None or dist.get_world_size(group) == 1:
-        return shard
-    parts = [torch.empty_like(shard) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, shard.contiguous(), group=group)
-    return cp_unshard(parts, seq_dim=seq_dim)
+    parts = all_gather_tensors(shard, group)
+    return shard if len(parts) == 1 else cp_unshard(parts, seq_dim=seq_dim)
 
 
 def _as_list(loss_masks: Tensor | Sequence[Tensor]) -> list[Tensor]:
@@ -75,13 +71,13 @@ def _as_list(loss_masks: Tensor | Sequence[Tensor]) -> list[Tensor]:
 def sequence_token_counts(loss_mask: Tensor, cp_group=None) -> Tensor:
     """``[B]`` int64 loss tokens of each sequence over all its CP shards (``loss_mask``:
     this rank's ``[B, T_local]`` shard)."""
-    return all_reduce(loss_mask.sum(dim=1), dist.ReduceOp.SUM, cp_group)
+    return all_reduce(loss_mask.sum(dim=1), "sum", cp_group)
 
 
 def global_token_count(loss_masks: Tensor | Sequence[Tensor], dp_group=None, cp_group=None) -> Tensor:
     """Scalar int64: loss tokens in the global batch (all microbatches, DP and CP ranks)."""
     local = torch.stack([mask.sum() for mask in _as_list(loss_masks)]).sum()
-    return all_reduce(all_reduce(local, dist.ReduceOp.SUM, cp_group), dist.ReduceOp.SUM, dp_group)
+    return all_reduce(all_reduce(local, "sum", cp_group), "sum", dp_group)
 
 
 def global_sequence_count(loss_masks: Tensor | Sequence[Tensor], dp_group=None, cp_group=None) -> Tensor:
@@ -89,7 +85,7 @@ def global_sequence_count(loss_masks: Tensor | Sequence[Tensor], dp_group=None, 
     hold the same sequences, so they are counted once)."""
     local = torch.stack([(sequence_token_counts(mask, cp_group) > 0).sum()
                          for mask in _as_list(loss_masks)]).sum()
-    return all_reduce(local, dist.ReduceOp.SUM, dp_group)
+    return all_reduce(local, "sum", dp_group)
 
 
 def all_reduce_metrics(metrics: LossMetrics, group=None) -> LossMetrics:
@@ -97,12 +93,12 @@ def all_reduce_metrics(metrics: LossMetrics, group=None) -> LossMetrics:
     extremes min/max-reduced over ``group`` (the DP x CP group; TP ranks agree already).
     Every rank must hold the same metric names."""
     names = sorted(metrics.means)
-    means = all_reduce(torch.stack([metrics.means[n] for n in names]), dist.ReduceOp.SUM, group) \
+    means = all_reduce(torch.stack([metrics.means[n] for n in names]), "sum", group) \
         if names else None
     minima_names, maxima_names = sorted(metrics.minima), sorted(metrics.maxima)
-    minima = all_reduce(torch.stack([metrics.minima[n] for n in minima_names]), dist.ReduceOp.MIN, group) \
+    minima = all_reduce(torch.stack([metrics.minima[n] for n in minima_names]), "min", group) \
         if minima_names else None
-    maxima = all_reduce(torch.stack([metrics.maxima[n] for n in maxima_names]), dist.ReduceOp.MAX, group) \
+    maxima = all_reduce(torch.stack([metrics.maxima[n] for n in maxima_names]), "max", group) \
         if maxima_names else None
     return LossMetrics(
         means={n: means[i] for i, n in enumerate(names)},

@@ -215,16 +215,6 @@ def is_adapted() -> bool:
     return _applied
 
 
-def collective_device(group=None) -> torch.device:
-    """Where a tensor must live to take part in a collective of ``group`` (default: the
-    world): this rank's GPU under NCCL, the CPU under gloo."""
-    import torch.distributed as dist
-
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def default_backend() -> str:
     """The torch.distributed backend for this machine: NCCL with CUDA, gloo without."""
     return "nccl" if torch.cuda.is_available() else "gloo"

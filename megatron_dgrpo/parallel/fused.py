@@ -14,7 +14,7 @@ Logits are reduced in float32 when the models are bf16 (and in float64 for float
 Peak memory beyond the inputs: the output-weight gradient ``[V_local, H]`` (float32), the hidden-state
 gradient ``[M, H]`` and three chunk-sized ``[chunk_tokens, V_local]`` buffers (student
 logits, which become the logits' gradient in place, teacher logits, probabilities). The default chunk holds
-``DEFAULT_CHUNK_ELEMENTS`` logits per model.
+``DEFAULT_CHUNK_ELEMENTS`` (:mod:`.vocab`) logits per model.
 
 Composition: TP: the weights are vocabulary shards ``[V_local, H]``, hidden states are
 replicated over TP, and the returned hidden-state gradient is all-reduced over the TP group
@@ -27,39 +27,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from megatron_dgrpo.algorithms.inputs import StudentTerms, TokenBatch
 from megatron_dgrpo.algorithms.metrics import LossMetrics
 from megatron_dgrpo.algorithms.objectives import LossConfig, evaluate, get_objective
-from megatron_dgrpo.parallel.materialized import check_logits_shapes
+from megatron_dgrpo.parallel.materialized import check_logits_shapes, check_temperature
+from megatron_dgrpo.parallel.collectives import all_reduce, group_rank_and_size
 from megatron_dgrpo.parallel.vocab import (
-    all_reduce,
-    group_rank_and_size,
+    PADDED_VOCAB_LOGIT,
+    default_chunk_tokens,
+    first_padded_column,
     terms_backward,
     terms_forward,
 )
-
-DEFAULT_CHUNK_ELEMENTS = 2 ** 25  # 128 MiB of fp32 logits per model and chunk
-
-# Logit given to the rows Megatron adds to pad the vocabulary for TP: far below any real
-# logit, so they carry no probability, yet finite, so 0 * logit stays 0 in entropy and KL.
-PADDED_VOCAB_LOGIT = -1.0e4
-
-
-def first_padded_column(vocab_size: int | None, local_vocab: int, tp_rank: int) -> int:
-    """Index in this rank's ``[*, V_local]`` shard of the first padding column (ids at and
-    past ``vocab_size``); ``local_vocab`` when the shard has none or ``vocab_size`` is None."""
-    if vocab_size is None:
-        return local_vocab
-    return min(local_vocab, max(0, vocab_size - tp_rank * local_vocab))
-
-
-def default_chunk_tokens(local_vocab: int) -> int:
-    """Tokens per chunk so that one chunk of logits holds ~``DEFAULT_CHUNK_ELEMENTS``."""
-    return max(16, DEFAULT_CHUNK_ELEMENTS // local_vocab)
 
 
 @dataclass
@@ -74,6 +56,7 @@ class _ChunkedRun:
     tp_group: object
     chunk_tokens: int
     padded_from: int
+    temperature: float = 1.0
     metrics: LossMetrics | None = None
 
 
@@ -83,6 +66,16 @@ def _differentiable(terms: StudentTerms) -> tuple[StudentTerms, list[Tensor]]:
     leaves = [t.detach().requires_grad_() if t is not None else None
               for t in (terms.logp, terms.entropy, terms.teacher_kl, terms.topk_logp)]
     return StudentTerms(*leaves, teacher_logp=terms.teacher_logp), leaves
+
+
+def _scaled_logits(hidden: Tensor, weight: Tensor, compute: torch.dtype,
+                   run: _ChunkedRun) -> Tensor:
+    """``hidden @ weight.T / T`` in ``compute`` precision, padding columns masked."""
+    logits = (hidden @ weight.T).to(compute)
+    if run.temperature != 1.0:
+        logits /= run.temperature
+    logits[:, run.padded_from:] = PADDED_VOCAB_LOGIT
+    return logits
 
 
 class _FusedLinearLoss(torch.autograd.Function):
@@ -101,12 +94,11 @@ class _FusedLinearLoss(torch.autograd.Function):
             stop = min(start + run.chunk_tokens, student_hidden.shape[0])
             chunk = run.batch.token_slice(start, stop)
             hidden = student_hidden[start:stop]
-            logits = (hidden @ student_weight.T).to(compute)
+            logits = _scaled_logits(hidden, student_weight, compute, run)
             teacher_logits = None
             if run.teacher_hidden is not None:
-                teacher_logits = (run.teacher_hidden[start:stop] @ run.teacher_weight.T).to(compute)
-                teacher_logits[:, run.padded_from:] = PADDED_VOCAB_LOGIT
-            logits[:, run.padded_from:] = PADDED_VOCAB_LOGIT
+                teacher_logits = _scaled_logits(run.teacher_hidden[start:stop], run.teacher_weight,
+                                                compute, run)
             terms, saved, student_exp = terms_forward(logits, teacher_logits, chunk.targets,
                                                 chunk.teacher_topk_indices, run.kl_direction,
                                                 run.tp_group)
@@ -125,6 +117,8 @@ class _FusedLinearLoss(torch.autograd.Function):
                 grad_logits = terms_backward(saved, *grad_terms, student_exp=student_exp,
                                              overwrite_logits=True)
                 grad_logits[:, run.padded_from:] = 0.0  # padding logits are constants
+                if run.temperature != 1.0:  # d(z / T) / dz
+                    grad_logits /= run.temperature
                 del student_exp, saved, logits
                 torch.mm(grad_logits.to(student_weight.dtype), student_weight,
                          out=grad_hidden[start:stop])
@@ -133,7 +127,7 @@ class _FusedLinearLoss(torch.autograd.Function):
             total = total + loss.detach()
             metrics = metrics.merge(chunk_metrics)
         if want_grads:
-            all_reduce(grad_hidden, dist.ReduceOp.SUM, run.tp_group)
+            all_reduce(grad_hidden, "sum", run.tp_group)
         run.metrics = metrics
         ctx.grads = (grad_hidden, grad_weight)
         ctx.weight_dtype = student_weight.dtype
@@ -155,8 +149,8 @@ class _FusedLinearLoss(torch.autograd.Function):
 def loss_from_hidden(config: LossConfig, batch: TokenBatch, student_hidden: Tensor,
                      student_weight: Tensor, teacher_hidden: Tensor | None = None,
                      teacher_weight: Tensor | None = None, tp_group=None,
-                     chunk_tokens: int | None = None,
-                     vocab_size: int | None = None) -> tuple[Tensor, LossMetrics]:
+                     chunk_tokens: int | None = None, vocab_size: int | None = None,
+                     temperature: float = 1.0) -> tuple[Tensor, LossMetrics]:
     """This rank's share of the global loss computed from final hidden states.
 
     Args:
@@ -178,6 +172,7 @@ def loss_from_hidden(config: LossConfig, batch: TokenBatch, student_hidden: Tens
         (all-reduced over TP) and ``student_weight``.
     """
     config.validate()
+    check_temperature(temperature)
     check_logits_shapes(batch, student_hidden, teacher_hidden, "student_hidden", "teacher_hidden")
     if (teacher_hidden is None) != (teacher_weight is None):
         raise ValueError("teacher_hidden and teacher_weight must be given together")
@@ -215,6 +210,7 @@ def loss_from_hidden(config: LossConfig, batch: TokenBatch, student_hidden: Tens
         tp_group=tp_group,
         chunk_tokens=chunk_tokens or default_chunk_tokens(local_vocab),
         padded_from=first_padded_column(vocab_size, local_vocab, group_rank_and_size(tp_group)[0]),
+        temperature=temperature,
     )
     loss = _FusedLinearLoss.apply(student_hidden.reshape(-1, hidden_size)[keep], student_weight,
                                   run)

@@ -12,7 +12,8 @@ from torch import Tensor
 from megatron_dgrpo.algorithms.inputs import TokenBatch
 from megatron_dgrpo.algorithms.metrics import LossMetrics
 from megatron_dgrpo.algorithms.objectives import LossConfig, evaluate, get_objective
-from megatron_dgrpo.parallel.vocab import group_rank_and_size, vocab_parallel_terms
+from megatron_dgrpo.parallel.collectives import group_rank_and_size
+from megatron_dgrpo.parallel.vocab import vocab_parallel_terms
 
 
 def check_logits_shapes(batch: TokenBatch, student: Tensor, teacher: Tensor | None,
@@ -28,8 +29,15 @@ def check_logits_shapes(batch: TokenBatch, student: Tensor, teacher: Tensor | No
                          f"(loss_mask), got {tuple(teacher.shape)}")
 
 
+def check_temperature(temperature: float) -> None:
+    """The loss divides logits by ``temperature``: it must be a positive number."""
+    if not temperature > 0:
+        raise ValueError(f"the loss temperature must be > 0, got {temperature}")
+
+
 def loss_from_logits(config: LossConfig, batch: TokenBatch, student_logits: Tensor,
-                     teacher_logits: Tensor | None = None, tp_group=None) -> tuple[Tensor, LossMetrics]:
+                     teacher_logits: Tensor | None = None, tp_group=None,
+                     temperature: float = 1.0) -> tuple[Tensor, LossMetrics]:
     """This rank's share of the global loss, and its metrics.
 
     Args:
@@ -39,6 +47,8 @@ def loss_from_logits(config: LossConfig, batch: TokenBatch, student_logits: Tens
         teacher_logits: ``[*S, V_local]`` teacher shard (same vocabulary), or ``None``.
         tp_group: tensor-parallel group over which the vocabulary is sharded
             (``None``: unsharded).
+        temperature: both models' logits are divided by it before the loss (the trained
+            policy is ``softmax(logits / T)``).
 
     Returns:
         ``(loss, metrics)``: scalar loss, identical on all TP ranks; summing it over
@@ -53,11 +63,16 @@ def loss_from_logits(config: LossConfig, batch: TokenBatch, student_logits: Tens
                          f"a tokenizer")
     batch.validate(vocab_size=local_vocab * group_rank_and_size(tp_group)[1])
     flat = batch.flatten()
+    check_temperature(temperature)
     # bf16 logits are reduced in float32 (a bf16 log-sum-exp is off by ~1e-2 nats).
     compute = torch.promote_types(student_logits.dtype, torch.float32)
+    student = student_logits.reshape(-1, local_vocab).to(compute)
     teacher = (None if teacher_logits is None
                else teacher_logits.reshape(-1, local_vocab).to(compute))
-    terms = vocab_parallel_terms(student_logits.reshape(-1, local_vocab).to(compute), teacher,
+    if temperature != 1.0:
+        student = student / temperature
+        teacher = None if teacher is None else teacher / temperature
+    terms = vocab_parallel_terms(student, teacher,
                                  flat.targets,
                                  flat.teacher_topk_indices,
                                  get_objective(config.objective).teacher_kl_direction, tp_group)

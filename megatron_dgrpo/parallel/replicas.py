@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch.distributed as dist
+from megatron_dgrpo.parallel.collectives import all_gather_objects, new_group, world_rank
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class Replica:
 
     @property
     def is_leader(self) -> bool:
-        return dist.get_rank() == self.leader
+        return world_rank() == self.leader
 
 
 def model_replica() -> Replica:
@@ -39,12 +39,11 @@ def model_replica() -> Replica:
     from megatron.core import parallel_state as ps
 
     index = ps.get_data_parallel_rank()
-    indices: list = [None] * dist.get_world_size()
-    dist.all_gather_object(indices, index)
+    indices = all_gather_objects(index)
     mine = None
     for replica in sorted(set(indices)):  # every rank creates every group, in one order
         ranks = tuple(rank for rank, i in enumerate(indices) if i == replica)
-        group = dist.new_group(list(ranks))
+        group = new_group(list(ranks))
         if replica == index:
             mine = Replica(index, ranks, group)
     return mine

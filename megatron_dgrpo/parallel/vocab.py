@@ -18,26 +18,47 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from megatron_dgrpo.algorithms.inputs import StudentTerms
+from megatron_dgrpo.parallel.collectives import all_gather_tensors, all_reduce, group_rank_and_size
 
 KL_DIRECTIONS = ("reverse", "forward")
 
+# Logit given to the rows Megatron adds to pad the vocabulary for TP (up to a multiple of
+# 128 x TP): far below any real logit, so they carry no probability, yet finite, so that
+# 0 * logit stays 0 in entropy and KL sums. Every path that forms logits masks them so.
+PADDED_VOCAB_LOGIT = -1.0e4
+DEFAULT_CHUNK_ELEMENTS = 2 ** 25  # 128 MiB of fp32 logits per model and chunk
 
-def group_rank_and_size(group) -> tuple[int, int]:
-    """``(rank, world size)`` in ``group``; ``(0, 1)`` for ``group=None`` (no parallelism)."""
-    if group is None:
-        return 0, 1
-    return dist.get_rank(group), dist.get_world_size(group)
+
+def first_padded_column(vocab_size: int | None, local_vocab: int, tp_rank: int) -> int:
+    """Index in this rank's ``[*, V_local]`` shard of the first padding column (ids at and
+    past ``vocab_size``); ``local_vocab`` when the shard has none or ``vocab_size`` is None."""
+    if vocab_size is None:
+        return local_vocab
+    return min(local_vocab, max(0, vocab_size - tp_rank * local_vocab))
 
 
-def all_reduce(tensor: Tensor, op, group) -> Tensor:
-    """In-place all-reduce over ``group``; a no-op for ``group=None``."""
-    if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(tensor, op=op, group=group)
-    return tensor
+def mask_padded_vocab(logits: Tensor, vocab_size: int, tp_rank: int) -> Tensor:
+    """Logits ``[..., V_local]`` of TP rank ``tp_rank`` with the padding columns set to
+    :data:`PADDED_VOCAB_LOGIT` (out of place, autograd-safe)."""
+    padded_from = first_padded_column(vocab_size, logits.shape[-1], tp_rank)
+    if padded_from == logits.shape[-1]:
+        return logits
+    ids = torch.arange(logits.shape[-1], device=logits.device)
+    return logits.masked_fill(ids >= padded_from, PADDED_VOCAB_LOGIT)
+
+
+def drop_padded_vocab(full_logits: Tensor, vocab_size: int) -> Tensor:
+    """Gathered ``[..., V_padded]`` logits (all TP shards) without the padding columns:
+    ``[..., vocab_size]`` (for sampling, where only real tokens may be drawn)."""
+    return full_logits[..., :vocab_size]
+
+
+def default_chunk_tokens(local_vocab: int) -> int:
+    """Tokens per chunk so that one chunk of logits holds ~``DEFAULT_CHUNK_ELEMENTS``."""
+    return max(16, DEFAULT_CHUNK_ELEMENTS // local_vocab)
 
 
 @dataclass
@@ -73,7 +94,7 @@ def _shifted_exp(logits: Tensor, global_max: Tensor, group) -> tuple[Tensor, Ten
     """``exp(z - max)`` ``[N, V_local]`` (unnormalised probabilities: one pass fewer), its
     full-vocabulary row sum ``[N]`` and the log-sum-exp ``[N]``."""
     shifted = (logits - global_max[:, None]).exp_()
-    total = all_reduce(shifted.sum(dim=1), dist.ReduceOp.SUM, group)
+    total = all_reduce(shifted.sum(dim=1), "sum", group)
     return shifted, total, global_max + total.log()
 
 
@@ -106,7 +127,7 @@ def terms_forward(student_logits: Tensor, teacher_logits: Tensor | None, targets
     maxima = [student_logits.max(dim=1).values]
     if has_teacher:
         maxima.append(teacher_logits.max(dim=1).values)
-    maxima = all_reduce(torch.stack(maxima), dist.ReduceOp.MAX, group)
+    maxima = all_reduce(torch.stack(maxima), "max", group)
     target_slot, target_is_local = _local_slots(targets, start, local_vocab)
 
     # Teacher first, so its probabilities are freed before the student's are allocated:
@@ -138,7 +159,7 @@ def terms_forward(student_logits: Tensor, teacher_logits: Tensor | None, targets
         topk_slot, topk_is_local = _local_slots(topk_indices, start, local_vocab)
         topk_logits = torch.where(topk_is_local, student_logits.gather(1, topk_slot), 0.0)
         stacked = torch.cat([stacked, topk_logits.T])
-    stacked = all_reduce(stacked, dist.ReduceOp.SUM, group)
+    stacked = all_reduce(stacked, "sum", group)
 
     student_dot_logits, target_logit = stacked[0], stacked[1]
     entropy = student_lse - student_dot_logits
@@ -243,3 +264,76 @@ def vocab_parallel_terms(student_logits: Tensor, teacher_logits: Tensor | None, 
                         teacher_kl=kl if teacher_logits is not None else None,
                         topk_logp=topk_logp if topk_indices is not None else None,
                         teacher_logp=teacher_logp if teacher_logits is not None else None)
+
+
+@torch.no_grad()
+def target_logp(hidden: Tensor, weight: Tensor, targets: Tensor, vocab_size: int,
+                tp_group=None, chunk_tokens: int | None = None,
+                temperature: float = 1.0) -> Tensor:
+    """``log_softmax(hidden @ weight.T / temperature)[target]`` per token, chunk by chunk:
+    never more than ``chunk_tokens x V_local`` logits at once and no gather of the
+    vocabulary. The one function that turns final hidden states into target log-probs
+    (trainer scoring passes, refit verification, the teacher cache's target column).
+
+    Args:
+        hidden: ``[*S, H]`` final hidden states (replicated over TP).
+        weight: ``[V_local, H]`` this TP rank's output-layer shard (padded vocabulary).
+        targets: int64 ``S`` global token ids.
+        vocab_size: real vocabulary size; ids at and past it are TP padding (masked).
+        tp_group: the vocabulary's TP group (``None``: unsharded).
+        chunk_tokens: tokens per chunk (default :func:`default_chunk_tokens`).
+        temperature: logits are divided by it (the sampling temperature; 1 = unscaled).
+
+    Returns:
+        ``S`` float32 log-probs (reduced in float32 at least), identical on every TP rank.
+    """
+    local_vocab = weight.shape[0]
+    padded_from = first_padded_column(vocab_size, local_vocab, group_rank_and_size(tp_group)[0])
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    flat_targets = targets.reshape(-1)
+    step = chunk_tokens or default_chunk_tokens(local_vocab)
+    compute = torch.promote_types(weight.dtype, torch.float32)
+    pieces = []
+    for start in range(0, flat_hidden.shape[0], step):
+        logits = (flat_hidden[start:start + step] @ weight.T).to(compute)
+        if temperature != 1.0:
+            logits /= temperature
+        logits[:, padded_from:] = PADDED_VOCAB_LOGIT
+        pieces.append(vocab_parallel_terms(logits, None, flat_targets[start:start + step],
+                                           group=tp_group).logp)
+    if not pieces:
+        return torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
+    return torch.cat(pieces).reshape(targets.shape).float()
+
+
+@torch.no_grad()
+def vocab_parallel_topk(logits: Tensor, k: int, vocab_size: int,
+                        tp_group=None) -> tuple[Tensor, Tensor]:
+    """Top-k of the full-vocabulary log-softmax of TP-sharded logits, without gathering them.
+
+    Args:
+        logits: ``[N, V_local]`` this TP rank's shard (ids ``[r * V_local, (r+1) * V_local)``).
+        k: tokens to keep per row; vocab_size: real vocabulary (padding columns are masked
+            with :data:`PADDED_VOCAB_LOGIT`, so they are never chosen while ``k`` is at most
+            the real vocabulary).
+
+    Returns:
+        ``(indices int64 [N, k], logp float32 [N, k])``, best first, identical on all ranks.
+    """
+    tp_rank, tp_size = group_rank_and_size(tp_group)
+    local = mask_padded_vocab(logits.float(), vocab_size, tp_rank)
+    terms = _lse(local, tp_group)
+    values, slots = local.topk(min(k, local.shape[-1]), dim=-1)
+    global_ids = slots + tp_rank * local.shape[-1]
+    if tp_size > 1:
+        values = torch.cat(all_gather_tensors(values, tp_group), dim=-1)
+        global_ids = torch.cat(all_gather_tensors(global_ids, tp_group), dim=-1)
+    best, order = values.topk(k, dim=-1)
+    return global_ids.gather(-1, order), best - terms[:, None]
+
+
+def _lse(logits: Tensor, group) -> Tensor:
+    """``[N]`` log-sum-exp over the full (sharded) vocabulary of ``[N, V_local]`` logits."""
+    row_max = all_reduce(logits.max(dim=-1).values, "max", group)
+    _, _, lse = _shifted_exp(logits, row_max, group)
+    return lse

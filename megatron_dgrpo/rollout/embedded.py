@@ -26,6 +26,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from megatron_dgrpo.parallel.collectives import broadcast_tensor
+from megatron_dgrpo.parallel.vocab import drop_padded_vocab
 from megatron_dgrpo.rollout.engine import Rollout, RolloutBatch, SamplingParams
 from megatron_dgrpo.rollout.sampling import sample_next
 
@@ -78,11 +80,11 @@ class EmbeddedEngine:
         output = self.model(tokens, positions, masked, inference_context=context,
                             runtime_gather_output=True)
         context.sequence_len_offset += tokens.shape[1]
-        return output[:, -1, :self.vocab_size].float()
+        return drop_padded_vocab(output[:, -1], self.vocab_size).float()
 
     def _same_on_all_tp_ranks(self, tokens: torch.Tensor) -> torch.Tensor:
         if self._tp_size > 1:
-            torch.distributed.broadcast(tokens, src=self._tp_src, group=self._tp_group)
+            broadcast_tensor(tokens, self._tp_src, self._tp_group)
         return tokens
 
     @torch.no_grad()

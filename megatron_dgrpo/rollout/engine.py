@@ -13,13 +13,15 @@ restrict which tokens may be drawn. The trainer scores with the same convention.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Protocol, Sequence
 
 
 @dataclass
-class SamplingParams:
-    """How to sample. ``n`` completions per prompt (the group size G of GRPO)."""
+class SamplingConfig:
+    """How to sample (a run config's ``sampling`` section). ``n`` completions per prompt (the
+    group size G of GRPO). The seed of each engine call is not configured here: the trainer
+    derives it from the run's ``seed``, the step and the replica (:meth:`params`)."""
 
     n: int = 1
     temperature: float = 1.0
@@ -28,7 +30,10 @@ class SamplingParams:
     max_new_tokens: int = 64
     stop_token_ids: list[int] = field(default_factory=list)
     stop_strings: list[str] = field(default_factory=list)
-    seed: int = 0
+
+    def params(self, seed: int) -> SamplingParams:
+        """These settings for one engine call seeded with ``seed``."""
+        return SamplingParams(**{**asdict(self), "seed": seed})
 
     def validate(self) -> None:
         if self.n < 1:
@@ -41,6 +46,13 @@ class SamplingParams:
             raise ValueError(f"sampling.top_k must be >= 0, got {self.top_k}")
         if self.max_new_tokens < 1:
             raise ValueError(f"sampling.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass
+class SamplingParams(SamplingConfig):
+    """:class:`SamplingConfig` plus the seed of one ``generate`` call."""
+
+    seed: int = 0
 
 
 @dataclass

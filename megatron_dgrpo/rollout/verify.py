@@ -26,13 +26,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from megatron_dgrpo.models import mapping
 from megatron_dgrpo.models.config import ModelConfig
 from megatron_dgrpo.models.mapping import TPSplit
+from megatron_dgrpo.parallel.collectives import (
+    all_gather_objects,
+    all_gather_tensors,
+    all_reduce,
+    gather_objects,
+    world_rank,
+)
 from megatron_dgrpo.parallel.context import cp_all_gather, cp_shard, sequence_alignment
 from megatron_dgrpo.parallel.replicas import Replica
+from megatron_dgrpo.rollout.sequences import build_sequences
+from megatron_dgrpo.rollout.vllm_worker import engine_fingerprints, probe_vector
 
 _DEFAULT_FINGERPRINT_RTOL = {"torch.float32": 1e-5, "torch.bfloat16": 2e-2, "torch.float16": 5e-3}
 
@@ -55,22 +63,8 @@ class VerificationReport:
         return name, self.relative_errors[name]
 
 
-def probe_vector(length: int) -> torch.Tensor:
-    """The fixed probe ``x_K`` [length] (float64, uniform in [-1, 1), seeded by length)."""
-    generator = torch.Generator().manual_seed(1_000_003 + length)
-    return torch.rand(length, generator=generator, dtype=torch.float64) * 2 - 1
-
-
 # ---------------------------------------------------------------------------------------
 # Trainer side
-
-
-def _tp_all_gather(tensor: torch.Tensor, group, size: int) -> list[torch.Tensor]:
-    if size == 1:
-        return [tensor]
-    gathered = [torch.empty_like(tensor) for _ in range(size)]
-    dist.all_gather(gathered, tensor, group=group)
-    return gathered
 
 
 def _full_fingerprint(split: TPSplit, shard: torch.Tensor, config: ModelConfig,
@@ -82,11 +76,8 @@ def _full_fingerprint(split: TPSplit, shard: torch.Tensor, config: ModelConfig,
     if split is TPSplit.ROW:
         columns = shard.shape[1]
         probe = probe_vector(columns * tp)[tp_rank * columns:(tp_rank + 1) * columns]
-        partial = shard @ probe
-        if tp > 1:
-            dist.all_reduce(partial, group=group)
-        return partial[:, None]
-    rows = _tp_all_gather((shard @ probe_vector(shard.shape[1]))[:, None], group, tp)
+        return all_reduce(shard @ probe, "sum", group)[:, None]
+    rows = all_gather_tensors((shard @ probe_vector(shard.shape[1]))[:, None], group)
     return mapping.merge_tp_shards(split, rows, config.vocab_size)
 
 
@@ -113,9 +104,8 @@ def trainer_fingerprints(model: torch.nn.Module, config: ModelConfig,
             for name, piece in mapping.megatron_to_hf(param, full, config):
                 local[name] = piece.reshape(-1)
     leader, group = (replica.leader, replica.group) if replica else (0, None)
-    gathered = [None] * dist.get_world_size(group) if dist.get_rank() == leader else None
-    dist.gather_object(local if tp_rank == 0 else {}, gathered, dst=leader, group=group)
-    if dist.get_rank() != leader:
+    gathered = gather_objects(local if tp_rank == 0 else {}, leader, group)
+    if world_rank() != leader:
         return {}
     merged: dict[str, torch.Tensor] = {}
     for part in gathered:
@@ -124,12 +114,17 @@ def trainer_fingerprints(model: torch.nn.Module, config: ModelConfig,
 
 
 def trainer_token_logprobs(model: torch.nn.Module, config: ModelConfig,
-                           sequences: Sequence[Sequence[int]],
-                           prompt_lengths: Sequence[int]) -> list[list[float]]:
-    """``log_softmax(logits)`` (T = 1) of each token at positions ``prompt_lengths[i] ..``,
-    from the trainer's forward. PP = 1, any TP and CP (all TP and CP ranks call with the
-    same inputs; under CP each runs its load-balanced shard and the logits are gathered)."""
+                           sequences: Sequence[Sequence[int]], prompt_lengths: Sequence[int],
+                           temperature: float = 1.0,
+                           chunk_tokens: int | None = None) -> list[list[float]]:
+    """``log_softmax(logits / temperature)`` of each token at positions ``prompt_lengths[i]
+    ..``, from the trainer's forward: only those positions reach the output layer, chunk by
+    chunk and vocabulary-parallel (no ``[T, V]`` logits, no gather of the vocabulary). PP =
+    1, any TP and CP (all TP and CP ranks call with the same inputs; under CP each runs its
+    load-balanced shard and the per-token log-probs are gathered)."""
     from megatron.core import parallel_state as ps
+
+    from megatron_dgrpo.models.provider import token_logp
 
     if ps.get_pipeline_model_parallel_world_size() != 1:
         raise ValueError("trainer_token_logprobs needs pipeline_parallel=1; with PP > 1 "
@@ -137,102 +132,23 @@ def trainer_token_logprobs(model: torch.nn.Module, config: ModelConfig,
     cp_group, cp_size = ps.get_context_parallel_group(), ps.get_context_parallel_world_size()
     align = sequence_alignment(cp_size, ps.get_tensor_model_parallel_world_size(),
                                getattr(model.config, "sequence_parallel", False))
-    length = -(-max(len(s) for s in sequences) // align) * align
-    tokens = torch.zeros(len(sequences), length, dtype=torch.long)
-    for i, sequence in enumerate(sequences):
-        tokens[i, :len(sequence)] = torch.tensor(sequence)
-    positions = torch.arange(length).unsqueeze(0).expand_as(tokens)
+    batch = build_sequences([s[:n] for s, n in zip(sequences, prompt_lengths)],
+                            [s[n:] for s, n in zip(sequences, prompt_lengths)], align=align)
     if cp_size > 1:
         rank = ps.get_context_parallel_rank()
-        tokens, positions = cp_shard(tokens, rank, cp_size), cp_shard(positions, rank, cp_size)
+        batch = batch.map(lambda tensor: cp_shard(tensor, rank, cp_size))
     device = next(model.parameters()).device
+    batch = batch.to(device)
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
-            logits = model(tokens.to(device), positions.to(device), None,
-                           runtime_gather_output=True)
+        logp = token_logp(model, batch.tokens, batch.positions, batch.targets, batch.loss_mask,
+                          config.vocab_size, chunk_tokens, temperature)
     finally:
         model.train(was_training)
-    logits = cp_all_gather(logits, cp_group if cp_size > 1 else None).cpu()
-    logprobs = torch.log_softmax(logits[..., :config.vocab_size].double(), dim=-1)
-    return [[float(logprobs[i, j - 1, sequence[j]]) for j in range(start, len(sequence))]
-            for i, (sequence, start) in enumerate(zip(sequences, prompt_lengths))]
-
-
-# ---------------------------------------------------------------------------------------
-# Engine side (runs on the vLLM worker)
-
-
-def engine_fingerprints(worker, shapes: dict[str, tuple[int, ...]]
-                        ) -> tuple[str, dict[str, list[list[float]]]]:
-    """Worker: (model dtype name, HF name -> fingerprints of every engine path that uses
-    the tensor; an empty list where the engine lacks it). Plain lists and strings, so the
-    result survives vLLM's RPC when the engine runs in another process.
-
-    Linear layers are probed through their forward (whatever layout the backend packed
-    them into); a fused layer (qkv_proj, gate_up_proj) gives each HF tensor its output
-    slice. Embeddings give the stored weight and the GEMM that produces logits, plus the
-    tied ``lm_head``'s GEMM when the output layer shares the embedding.
-    """
-    from vllm.model_executor.layers.linear import LinearBase
-    from vllm.model_executor.layers.vocab_parallel_embedding import (
-        VocabParallelEmbedding,
-    )
-
-    model = worker.model_runner.get_model()
-    dtype = next(model.parameters()).dtype
-    fused_part = {part: (fused, index) for fused, parts in
-                  getattr(model, "packed_modules_mapping", {}).items()
-                  for index, part in enumerate(parts)}
-    lm_head = getattr(model, "lm_head", None)
-    fingerprints: dict[str, list[torch.Tensor]] = {}
-    with torch.no_grad():
-        for name, shape in shapes.items():
-            module_path, _, param_name = name.rpartition(".")
-            parent, _, leaf = module_path.rpartition(".")
-            part = None
-            if leaf in fused_part:
-                fused, part = fused_part[leaf]
-                module_path = f"{parent}.{fused}"
-            try:
-                module = model.get_submodule(module_path)
-            except AttributeError:
-                fingerprints[name] = []
-                continue
-            if isinstance(module, LinearBase):
-                fingerprints[name] = [_linear_fingerprint(module, shape, part, dtype)]
-            elif isinstance(module, VocabParallelEmbedding):
-                tied = [lm_head] if lm_head is not None and lm_head is not module and \
-                    lm_head.weight is module.weight else []
-                fingerprints[name] = [_stored_fingerprint(module.weight, shape)] + [
-                    _logits_gemm_fingerprint(m, shape, dtype) for m in [module] + tied]
-            else:
-                tensor = getattr(module, param_name, None)
-                fingerprints[name] = ([] if tensor is None
-                                      else [_stored_fingerprint(tensor, shape)])
-    return str(dtype), {name: [f.tolist() for f in prints] for name, prints in fingerprints.items()}
-
-
-def _linear_fingerprint(module, shape: tuple[int, ...], part: int | None,
-                        dtype: torch.dtype) -> torch.Tensor:
-    output = module(probe_vector(shape[1]).to(dtype)[None, :])
-    output = (output[0] if isinstance(output, tuple) else output)[0].double().cpu()
-    if part is not None:
-        start = sum(module.output_sizes[:part])
-        output = output[start:start + module.output_sizes[part]]
-    return output
-
-
-def _logits_gemm_fingerprint(module, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """W @ x through the embedding module's GEMM (the path that computes logits)."""
-    output = module.quant_method.apply(module, probe_vector(shape[1]).to(dtype)[None, :])
-    return output[0, :shape[0]].double().cpu()
-
-
-def _stored_fingerprint(tensor: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    tensor = tensor.detach().double().cpu()
-    return tensor[:shape[0]] @ probe_vector(shape[1]) if len(shape) == 2 else tensor
+    logp = cp_all_gather(logp, cp_group if cp_size > 1 else None).cpu()
+    return [logp[i, n - 1:len(s) - 1].tolist() for i, (s, n) in
+            enumerate(zip(sequences, prompt_lengths))]
 
 
 # ---------------------------------------------------------------------------------------
@@ -296,7 +212,7 @@ def verify_refit(engine, model: torch.nn.Module, config: ModelConfig,
     trainer_logprobs = trainer_token_logprobs(model, config, probe_sequences, prompt_lengths)
     trainer_prints = trainer_fingerprints(model, config, replica)
     message, report = None, None
-    if dist.get_rank() == (replica.leader if replica else 0):
+    if world_rank() == (replica.leader if replica else 0):
         engine_logprobs = engine.score(probe_sequences, prompt_lengths)
         all_shapes = mapping.hf_shapes(config)
         shapes = {name: all_shapes[name] for name in trainer_prints}
@@ -305,10 +221,7 @@ def verify_refit(engine, model: torch.nn.Module, config: ModelConfig,
             _DEFAULT_FINGERPRINT_RTOL.get(dtype, 2e-2)
         report = compare(engine_logprobs, trainer_logprobs, engine_prints, trainer_prints)
         message = failure_message(report, logprob_tol, rtol)
-    messages = [message]
-    if dist.get_world_size() > 1:  # every replica's verdict, on every rank
-        messages = [None] * dist.get_world_size()
-        dist.all_gather_object(messages, message)
+    messages = all_gather_objects(message)  # every replica's verdict, on every rank
     failures = [m for m in messages if m]
     if failures:
         raise RefitVerificationError(failures[0])

@@ -48,8 +48,9 @@ import torch
 
 from megatron_dgrpo.models.config import ModelConfig
 from megatron_dgrpo.models.mapping import get_mapping
+from megatron_dgrpo.parallel.collectives import world_size
 from megatron_dgrpo.rollout.engine import Rollout, RolloutBatch, SamplingParams
-from megatron_dgrpo.rollout.refit import unpack_cpu_linears
+from megatron_dgrpo.rollout.vllm_worker import unpack_cpu_linears
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ def check_model_for_backend(model_dir: str | os.PathLike, on_cpu: bool,
 
 
 def _trainer_has_other_ranks() -> bool:
-    return torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+    return world_size() > 1
 
 
 def _configure_process_model(in_process: bool) -> None:

@@ -7,7 +7,7 @@ from typing import Any
 
 
 def train_runs(rank: int, world_size: int, config_dicts: list[dict[str, Any]]) -> list[int]:
-    """Worker for :func:`~megatron_dgrpo.testing.distributed.run_distributed`: one training
+    """Worker for :func:`~megatron_dgrpo.parallel.launch.run_distributed`: one training
     run per config dict, one after the other in this process (one start-up for all), model
     parallelism torn down between them. Returns each run's exit code."""
     from megatron_dgrpo.config import from_dict

@@ -31,12 +31,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from megatron_dgrpo.models.config import ModelConfig
 from megatron_dgrpo.models.convert import load_megatron_checkpoint_into, save_megatron_model
 from megatron_dgrpo.outputs import write_dir_from_all_ranks
+from megatron_dgrpo.parallel.collectives import barrier, world_rank, world_size
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -52,7 +52,7 @@ def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
 
 
 def _rank_file(root: Path, kind: str) -> Path:
-    return root / kind / f"rank_{dist.get_rank():05d}.safetensors"
+    return root / kind / f"rank_{world_rank():05d}.safetensors"
 
 
 # ---------------------------------------------------------------------------------------
@@ -145,15 +145,15 @@ def save_training_checkpoint(run_dir: str | os.PathLike, step: int, model: torch
             save_file(tensors, str(path), metadata=meta)
 
     def write_state(tmp: Path) -> None:
-        layout = {"world_size": dist.get_world_size()}
+        layout = {"world_size": world_size()}
         (tmp / STATE_FILE).write_text(json.dumps(
             {"step": step, "layout": layout, "state": trainer_state}, indent=2) + "\n")
 
     write_dir_from_all_ranks(final, write_rank_files, write_state)
-    if dist.get_rank() == 0:
+    if world_rank() == 0:
         _point_latest(Path(run_dir), final.name)
         _prune(Path(run_dir), keep_last)
-    dist.barrier()
+    barrier()
     return final
 
 
@@ -196,10 +196,10 @@ def load_training_checkpoint(path: str | os.PathLike, model: torch.nn.Module,
     """
     path = Path(path)
     saved = json.loads((path / STATE_FILE).read_text())
-    if saved["layout"]["world_size"] != dist.get_world_size():
+    if saved["layout"]["world_size"] != world_size():
         raise ResumeError(
             f"{path} was saved by {saved['layout']['world_size']} ranks, this run has "
-            f"{dist.get_world_size()}; resume needs the same layout (re-shard the model with "
+            f"{world_size()}; resume needs the same layout (re-shard the model with "
             f"`dgrpo convert reshard` and start a new run from it instead)")
     load_megatron_checkpoint_into(model, path / "model")
     _optimizer_from_safetensors(optimizer, _rank_file(path, "optimizer"))

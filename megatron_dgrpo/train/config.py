@@ -4,32 +4,28 @@
     steps: 20
     student: {preset: tiny-qwen3, init_from: ckpts/student-tp2}
     teacher: {preset: small-qwen3, init_from: ckpts/teacher-tp2}
-    loss: {objective: dgrpo, kl_coef: 0.05}
+    loss: {objective: dgrpo, kl_coef: 0.04}
     sampling: {n: 4, temperature: 1.0, max_new_tokens: 64}
     data: {paths: [data/synth], max_prompt_tokens: 4096}
     tokenizer: tok/
 
 Every section is a dataclass owned by the module that uses it (``LossConfig`` by the loss,
-``SamplingParams`` by the engines, ``LongBlocksConfig`` by the loader, ...);
+``SamplingConfig`` by the engines, ``LongBlocksConfig`` by the loader, ...);
 :meth:`RunConfig.validate` adds the checks that need two sections at once.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
-from megatron_dgrpo.algorithms.objectives import LossConfig
+from megatron_dgrpo.algorithms.objectives import OBJECTIVES, LossConfig
 from megatron_dgrpo.data.longblocks import LongBlocksConfig
 from megatron_dgrpo.data.rewards import RewardConfig
 from megatron_dgrpo.models.config import ModelConfig, ParallelConfig, Runtime
 from megatron_dgrpo.models.presets import get_preset
-from megatron_dgrpo.rollout.engine import SamplingParams
+from megatron_dgrpo.rollout.engine import SamplingConfig
 from megatron_dgrpo.train.schedule import learning_rate
-
-# Objectives that read the teacher, and those that sample rollouts.
-TEACHER_OBJECTIVES = ("kd", "opd", "dgrpo")
-ON_POLICY_OBJECTIVES = ("grpo", "opd", "dgrpo")
 
 
 @dataclass
@@ -156,6 +152,24 @@ class RolloutConfig:
 
 
 @dataclass
+class DynamicSamplingConfig:
+    """Groups whose rollouts all got the same reward carry no outcome signal (zero
+    advantages). ``mode: keep`` trains on them anyway (their KL terms still act) and only
+    reports their share (``groups/zero_advantage_frac``); ``drop`` (DAPO's dynamic sampling)
+    replaces them: more prompts are drawn and sampled, up to ``max_rounds`` generation rounds
+    per step, until every rank has ``prompts_per_step`` groups with varied rewards (a rank
+    still short after the last round fills up with the best it has; reported as
+    ``groups/short``)."""
+
+    mode: Literal["keep", "drop"] = "keep"
+    max_rounds: int = 4
+
+    def validate(self) -> None:
+        if self.max_rounds < 1:
+            raise ValueError(f"dynamic_sampling.max_rounds must be >= 1, got {self.max_rounds}")
+
+
+@dataclass
 class RunConfig:
     """Everything one training run needs; see the module docstring for the YAML shape."""
 
@@ -179,7 +193,18 @@ class RunConfig:
     # plain reference path. Both give the same loss and gradients for every objective.
     loss_impl: Literal["fused", "materialized"] = "fused"
     loss_chunk_tokens: int | None = None  # fused: tokens per chunk (None: ~128 MiB of logits)
-    sampling: SamplingParams = field(default_factory=lambda: SamplingParams(n=4))
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(n=4))
+    # sampling: the trained policy is softmax(logits / sampling.temperature), the distribution
+    # the engines sample from (student, reference and teacher logits are all divided by T in
+    # the step; verl and slime do the same). one: train the temperature-1 policy on tempered
+    # rollouts (then they are off-policy in a way no importance weight here corrects).
+    train_temperature: Literal["sampling", "one"] = "sampling"
+    # PPO: optimizer steps per rollout batch = ppo_mini_batches (each over a slice of this
+    # rank's prompt groups) x ppo_epochs; with more than one, pi_old comes from a no-grad
+    # forward of the weights that sampled, and the clip range acts.
+    ppo_mini_batches: int = 1
+    ppo_epochs: int = 1
+    dynamic_sampling: DynamicSamplingConfig = field(default_factory=lambda: DynamicSamplingConfig())
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     data: LongBlocksConfig = field(default_factory=LongBlocksConfig)
     rewards: RewardConfig = field(default_factory=RewardConfig)
@@ -190,7 +215,8 @@ class RunConfig:
         from megatron_dgrpo.models.provider import validate_for_runtime
 
         runtime = runtime or Runtime.detect()
-        for name in ("steps", "prompts_per_step", "save_every", "keep_last"):
+        for name in ("steps", "prompts_per_step", "save_every", "keep_last", "ppo_mini_batches",
+                     "ppo_epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
@@ -200,19 +226,29 @@ class RunConfig:
         if not self.tokenizer:
             raise ValueError("tokenizer must name an HF tokenizer directory or a sentencepiece "
                              ".model file")
-        objective = self.loss.objective
+        objective, spec = self.loss.objective, self.loss.spec
         if self.parallel.pipeline_parallel != 1:
             raise ValueError("the trainer runs with parallel.pipeline_parallel=1 for now "
                              "(pipeline-parallel training is not implemented yet)")
         if self.optim.clip_grad > 0 and not runtime.cuda:
             raise ValueError("optim.clip_grad > 0 needs CUDA (Megatron's clipping asserts CUDA "
                              "tensors); set optim.clip_grad=0 on CPU")
-        if objective in ON_POLICY_OBJECTIVES and objective != "opd" and self.sampling.n < 2:
-            raise ValueError(f"{objective} needs sampling.n >= 2 responses per prompt for group "
-                             f"advantages, got {self.sampling.n}")
+        if self.updates_per_step > 1 and not spec.on_policy:
+            raise ValueError(f"ppo_mini_batches / ppo_epochs re-use a rollout batch for several "
+                             f"updates; loss.objective={objective} trains on fixed sequences")
+        if self.prompts_per_step % self.ppo_mini_batches:
+            raise ValueError(f"prompts_per_step ({self.prompts_per_step}) must be a multiple of "
+                             f"ppo_mini_batches ({self.ppo_mini_batches}): each mini-batch takes "
+                             f"whole prompt groups")
+        if self.dynamic_sampling.mode == "drop" and not spec.uses_rewards:
+            raise ValueError(f"dynamic_sampling.mode=drop filters groups by their rewards; "
+                             f"loss.objective={objective} does not train on rewards")
+        if spec.on_policy and self.sampling.n < spec.min_group_size:
+            raise ValueError(f"{objective} needs sampling.n >= {spec.min_group_size} responses "
+                             f"per prompt for group advantages, got {self.sampling.n}")
         student = self.student.model_config()
         validate_for_runtime(student, self.parallel, runtime)
-        if self.rollout.engine != "embedded" and objective not in ON_POLICY_OBJECTIVES:
+        if self.rollout.engine != "embedded" and not spec.on_policy:
             raise ValueError(f"rollout.engine={self.rollout.engine} samples rollouts, but "
                              f"loss.objective={objective} trains on fixed sequences; use "
                              f"rollout.engine=embedded (the default)")
@@ -224,10 +260,13 @@ class RunConfig:
                 f"student's max_position_embeddings ({student.max_position_embeddings}), which "
                 f"vLLM enforces; shorten them or raise model.max_position_embeddings")
         if self.teacher_topk_cache is not None:
-            if objective != "kd" or self.loss.resolved_kl_estimator != "topk":
-                raise ValueError("teacher_topk_cache serves loss.objective=kd with "
+            if (spec.on_policy or not spec.needs_teacher
+                    or self.loss.resolved_kl_estimator != "topk"):
+                serves = "/".join(name for name, o in OBJECTIVES.items()
+                                  if o.needs_teacher and not o.on_policy)
+                raise ValueError(f"teacher_topk_cache serves loss.objective={serves} with "
                                  "loss.kl_estimator=topk (cached sequences are fixed)")
-        elif objective in TEACHER_OBJECTIVES:
+        elif spec.needs_teacher:
             if self.teacher is None:
                 raise ValueError(f"loss.objective={objective} needs a teacher section")
             teacher = self.teacher.model_config()
@@ -250,7 +289,7 @@ class RunConfig:
                              "(teacher.engine=vllm); the student trains in Megatron")
         if self.uses_vllm_teacher():
             self._check_vllm_teacher(runtime)
-        if (self.parallel.context_parallel > 1 and objective in ON_POLICY_OBJECTIVES
+        if (self.parallel.context_parallel > 1 and spec.on_policy
                 and self.rollout.engine == "embedded"):
             raise ValueError(
                 "parallel.context_parallel > 1 with rollout.engine=embedded: the embedded "
@@ -273,6 +312,12 @@ class RunConfig:
                              "teacher.engine=vllm there is none (set teacher.offload=false)")
         if teacher.topk < 1:
             raise ValueError(f"teacher.topk must be >= 1, got {teacher.topk}")
+        if self.policy_temperature() != 1.0:
+            raise ValueError(
+                f"teacher.engine=vllm scores at temperature 1 (vLLM's prompt log-probs are not "
+                f"tempered), but the trained policy is at T={self.policy_temperature()} "
+                f"(sampling.temperature with train_temperature=sampling) and so is the teacher "
+                f"KL: use teacher.engine=megatron, or train_temperature=one")
         if loss.form != "advantage" and loss.resolved_kl_estimator == "full":
             raise ValueError(
                 f"teacher.engine=vllm serves top-k log-probs, not full teacher logits: set "
@@ -288,7 +333,7 @@ class RunConfig:
                 f"teacher.engine=vllm: the teacher's head_dim {config.head_dim} is not "
                 f"supported by vLLM's CPU attention (supported: "
                 f"{', '.join(map(str, cpu_attention_head_dims()))}); use teacher.engine=megatron")
-        if self.loss.objective in ON_POLICY_OBJECTIVES:
+        if self.loss.spec.on_policy:
             longest = self.data.max_prompt_tokens + self.sampling.max_new_tokens
             if longest > config.max_position_embeddings:
                 raise ValueError(
@@ -299,20 +344,76 @@ class RunConfig:
     def teacher_max_model_len(self) -> int:
         """Longest sequence the vLLM teacher must score: prompt + response budget on-policy;
         the teacher's own limit for fixed sequences (SFT/KD answers have no budget)."""
-        if self.loss.objective in ON_POLICY_OBJECTIVES:
+        if self.loss.spec.on_policy:
             return self.data.max_prompt_tokens + self.sampling.max_new_tokens
         return self.teacher.model_config().max_position_embeddings
 
     def uses_vllm_teacher(self) -> bool:
         """The teacher is read (objective) and served by vLLM (``teacher.engine=vllm``)."""
-        return (self.loss.objective in TEACHER_OBJECTIVES and self.teacher is not None
+        return (self.loss.spec.needs_teacher and self.teacher is not None
                 and self.teacher.engine == "vllm")
 
     def needs_teacher_model(self) -> bool:
         """A live teacher runs unless a top-k cache stands in for it (KD)."""
-        return self.loss.objective in TEACHER_OBJECTIVES and self.teacher_topk_cache is None
+        return self.loss.spec.needs_teacher and self.teacher_topk_cache is None
 
-    def needs_reference(self) -> bool:
-        """A frozen copy of the initial student is the KL anchor of GRPO (and optionally dGRPO)."""
-        return ((self.loss.objective == "grpo" and self.loss.kl_coef > 0)
-                or (self.loss.objective == "dgrpo" and self.loss.ref_kl_coef > 0))
+    def notices(self) -> list[str]:
+        """Start-up warnings: options the YAML or overrides set that have no effect in this
+        configuration (each with the reason), and choices whose effect differs from what
+        their name suggests. Empty for every shipped example config (tested)."""
+        from megatron_dgrpo.config import provided_keys
+
+        spec, loss = self.loss.spec, self.loss
+        one_update = self.updates_per_step == 1
+        inert = [
+            (loss, ("eps_low", "eps_high", "dual_clip"), spec.on_policy and one_update,
+             "with one optimizer step per rollout batch (ppo_mini_batches=ppo_epochs=1) the "
+             "ratio pi/pi_old is 1, so the clip never acts"),
+            (loss, ("kl_coef",), spec.kl_coef_anchor is None,
+             f"loss.objective={loss.objective} has no KL term weighted by kl_coef"),
+            (loss, ("tis_cap",), not spec.on_policy,
+             "fixed sequences have no rollout log-probs to correct for"),
+            (loss, ("adv_scale_by_std", "adv_eps", "adv_std_unbiased"), not spec.uses_rewards,
+             f"loss.objective={loss.objective} does not use group advantages"),
+            (self.sampling, tuple(f.name for f in fields(SamplingConfig)), not spec.on_policy,
+             f"loss.objective={loss.objective} samples no rollouts"),
+            (self.rollout, tuple(f.name for f in fields(RolloutConfig) if f.name != "engine"),
+             self.rollout.engine == "embedded" and not self.uses_vllm_teacher(),
+             "rollout.engine=embedded starts no vLLM engine"),
+            (self.dynamic_sampling, ("max_rounds",), self.dynamic_sampling.mode == "keep",
+             "dynamic_sampling.mode=keep draws no extra rounds"),
+            (self.rewards, ("overlong_buffer", "overlong_weight"),
+             self.rewards.overlong != "penalty", "rewards.overlong is not penalty"),
+            (self, ("loss_chunk_tokens",), self.loss_impl == "materialized",
+             "loss_impl=materialized does not chunk"),
+        ]
+        section_names = {id(loss): "loss", id(self.sampling): "sampling",
+                         id(self.rollout): "rollout", id(self.dynamic_sampling): "dynamic_sampling",
+                         id(self.rewards): "rewards", id(self): ""}
+        notes = []
+        for section, names, applies, reason in inert:
+            prefix = section_names[id(section)]
+            for name in sorted(set(names) & provided_keys(section)) if applies else ():
+                key = f"{prefix}.{name}" if prefix else name
+                notes.append(f"{key} has no effect here: {reason}")
+        if self.teacher is not None and self.teacher.offload and not Runtime.detect().cuda:
+            notes.append("teacher.offload does nothing on CPU (the parameters are in host "
+                         "memory already)")
+        return notes + self.loss.notices()
+
+    @property
+    def updates_per_step(self) -> int:
+        """Optimizer steps per rollout batch (``ppo_mini_batches x ppo_epochs``)."""
+        return self.ppo_mini_batches * self.ppo_epochs
+
+    def policy_temperature(self) -> float:
+        """T of the trained policy ``softmax(logits / T)``: the sampling temperature for
+        on-policy objectives with ``train_temperature: sampling`` (greedy counts as 1), else 1."""
+        if (self.loss.spec.on_policy and self.train_temperature == "sampling"
+                and self.sampling.temperature > 0):
+            return self.sampling.temperature
+        return 1.0
+
+    def uses_vllm_rollouts(self) -> bool:
+        """On-policy rollouts come from vLLM engines (``rollout.engine=vllm``)."""
+        return self.loss.spec.on_policy and self.rollout.engine == "vllm"

@@ -16,10 +16,7 @@ from __future__ import annotations
 import signal
 from types import FrameType
 
-import torch
-import torch.distributed as dist
-
-from megatron_dgrpo.parallel.cpu import collective_device
+from megatron_dgrpo.parallel.collectives import reduce_scalar, world_group
 
 DEFAULT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -47,8 +44,4 @@ class PreemptionGuard:
 
     def should_stop(self) -> bool:
         """True if any rank received a signal (an all-reduce when torch.distributed is up)."""
-        flag = torch.tensor([1.0 if self.received is not None else 0.0])
-        if dist.is_available() and dist.is_initialized():
-            flag = flag.to(collective_device())
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return reduce_scalar(float(self.received is not None), "max", world_group()) > 0

@@ -1,8 +1,9 @@
 """Per-step rollout metrics over the global batch: rewards, pass rates and response lengths,
 overall and per task family.
 
-Pure numerics over already-gathered per-rollout values (every DP rank's rollouts), so the
-numbers do not depend on the data-parallel split. Keys:
+:func:`step_rollout_metrics` gathers every DP rank's rollouts of a step, then
+:func:`rollout_metrics` computes over them (pure numerics), so the numbers do not depend on
+the data-parallel split. Keys:
 
 =============================  =================================================================
 ``reward/mean``, ``/std``      reward over all rollouts (std: population, ``unbiased=False``)
@@ -11,6 +12,8 @@ numbers do not depend on the data-parallel split. Keys:
 ``pass_rate/<family>``         pass rate within one task family
 ``response/length_mean|max``   generated tokens per rollout
 ``response/truncated_frac``    fraction of rollouts cut at ``max_new_tokens`` (no stop token)
+``throughput/rollout_tokens``  generated tokens over the slowest DP rank's generation time
+``_per_s``
 =============================  =================================================================
 """
 
@@ -19,6 +22,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+
+from megatron_dgrpo.parallel.collectives import all_gather_objects, all_gather_tensors, reduce_scalar
 
 PASS_REWARD = 1.0  # a rollout "passes" when its reward reaches the full score
 
@@ -53,4 +58,21 @@ def rollout_metrics(rewards: Sequence[float], families: Sequence[str],
     metrics["response/length_mean"] = lengths.mean().item()
     metrics["response/length_max"] = lengths.max().item()
     metrics["response/truncated_frac"] = sum(map(bool, truncated)) / len(truncated)
+    return metrics
+
+
+def step_rollout_metrics(batch, dp_group) -> dict[str, float]:
+    """:func:`rollout_metrics` of a :class:`~megatron_dgrpo.train.batch.StepBatch` (with
+    rewards) over every rank of ``dp_group``, plus the global rollout throughput (DP ranks
+    generate concurrently: all tokens over the slowest rank's time)."""
+    def gathered(values: list) -> list:
+        return [v for part in all_gather_objects(values, dp_group) for v in part]
+
+    rewards = torch.cat(all_gather_tensors(batch.rewards, dp_group)).tolist()
+    lengths = gathered(batch.response_lengths)
+    metrics = rollout_metrics(rewards, gathered([family_of(e.metadata, e.source)
+                                                 for e in batch.examples]),
+                              lengths, gathered(batch.truncated))
+    slowest = reduce_scalar(batch.generation_seconds, "max", dp_group)
+    metrics["throughput/rollout_tokens_per_s"] = sum(lengths) / max(slowest, 1e-9)
     return metrics

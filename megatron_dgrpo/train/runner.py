@@ -8,11 +8,11 @@ exit with :data:`REQUEUE_EXIT_CODE`, so a Slurm requeue loses at most that step.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
-import torch.distributed as dist
-
 from megatron_dgrpo.config import dump_yaml
+from megatron_dgrpo.parallel.collectives import world_rank
 from megatron_dgrpo.train.checkpoint import (
     latest_checkpoint, load_training_checkpoint, save_training_checkpoint)
 from megatron_dgrpo.train.config import RunConfig
@@ -21,6 +21,7 @@ from megatron_dgrpo.train.metrics import MetricsLogger
 from megatron_dgrpo.train.preemption import PreemptionGuard
 
 REQUEUE_EXIT_CODE = 3  # "saved on a signal, run me again"
+log = logging.getLogger(__name__)
 
 
 def _save(trainer: Trainer) -> None:
@@ -46,9 +47,12 @@ def run_training(config: RunConfig, show_progress: bool = True) -> int:
 
     Returns 0 when done, :data:`REQUEUE_EXIT_CODE` after a save-on-signal.
     """
+    writer = world_rank() == 0
+    if writer:
+        for note in config.notices():
+            log.warning("%s", note)
     trainer = Trainer(config)
     resumed_from = _resume(trainer)
-    writer = dist.get_rank() == 0
     run_dir = Path(config.run_dir)
     if writer:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -6,10 +6,11 @@ replica (data-parallel rank), on the replica's leader (its first global rank, se
 Per step:
 
 1. :meth:`VLLMRollouts.generate`: each leader samples its replica's prompts and broadcasts
-   the rollouts to the replica's other ranks. The engines start at the first call, from the
+   the rollouts to the replica's other ranks; they become the step's
+   :class:`~megatron_dgrpo.train.batch.StepBatch`. The engines start at the first call, from the
    student's weights at that moment (after any resume), exported to a temporary Hugging
    Face directory. On GPU they then sleep (``sleep_level``) while the trainer works.
-2. :meth:`VLLMRollouts.sync` after the optimizer step: wake the engines, stream each
+2. :meth:`VLLMRollouts.after_step` after the optimizer step: wake the engines, stream each
    replica's weights into its engine (:func:`megatron_dgrpo.rollout.refit.refit`), and every
    ``verify_every`` steps compare each engine with its replica (log-probs of probe
    sequences taken from the replica's rollouts, weight fingerprints;
@@ -29,44 +30,56 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
+from megatron_dgrpo.data.longblocks import LongBlocksExample
 from megatron_dgrpo.models.config import ModelConfig
+from megatron_dgrpo.parallel.collectives import (
+    barrier,
+    broadcast_object,
+    max_over_world,
+    worst_over_world,
+)
 from megatron_dgrpo.parallel.replicas import Replica
-from megatron_dgrpo.rollout.engine import RolloutBatch, SamplingParams
+from megatron_dgrpo.rollout.engine import SamplingConfig
 from megatron_dgrpo.rollout.verify import RefitVerificationError
+from megatron_dgrpo.train.batch import StepBatch
+from megatron_dgrpo.train.sources import rollout_seed, rollout_step_batch
 
 
 class VLLMRollouts:
-    """The trainer's handle on the engine; call every method on every rank.
+    """The trainer's handle on its replica's engine, a :class:`~megatron_dgrpo.train.
+    sources.SequenceSource`; call every method on every rank.
 
     Args:
         config: the run's ``rollout`` section (:class:`megatron_dgrpo.train.config.RolloutConfig`).
+        model: the student (this rank's shard; the engine starts from and follows it).
         model_config: the student's architecture (HF export and refit mapping).
+        sampling: the run's ``sampling`` section.
         max_model_len: longest prompt + response the engine must hold (tokens).
-        seed: engine seed (each replica's engine adds its index).
+        seed: the run seed (engine seed + replica index; rollout seeds per step).
         replica: this rank's model replica (:func:`megatron_dgrpo.parallel.replicas.
             model_replica`).
+        decode: token ids -> text, for rollouts the engine did not detokenize.
+        align: sequence-width alignment of the step batch; device: where it goes.
     """
 
-    def __init__(self, config, model_config: ModelConfig, max_model_len: int, seed: int,
-                 replica: Replica):
-        self.config = config
-        self.model_config = model_config
-        self.max_model_len = max_model_len
-        self.seed = seed
-        self.replica = replica
+    def __init__(self, config, model: torch.nn.Module, model_config: ModelConfig,
+                 sampling: SamplingConfig, max_model_len: int, seed: int, replica: Replica,
+                 decode, align: int, device: torch.device):
+        self.config, self.model, self.model_config = config, model, model_config
+        self.sampling, self.max_model_len, self.seed = sampling, max_model_len, seed
+        self.replica, self.decode, self.align, self.device = replica, decode, align, device
         self.engine = None  # the replica's VLLMEngine on its leader, once started
         self.started = False
         self._probe: list[tuple[list[int], int]] = []  # (sequence, prompt length) of this step
 
     # ------------------------------------------------------------------ start-up
 
-    def _start(self, model: torch.nn.Module) -> float:
-        """Start the replica's engine from ``model``'s current weights; returns seconds."""
+    def _start(self) -> float:
+        """Start the replica's engine from the student's current weights; returns seconds."""
         started = time.perf_counter()
         self.engine = start_engine_from_model(
-            model, self.model_config, self.replica, self.config.refit_bucket_mb,
+            self.model, self.model_config, self.replica, self.config.refit_bucket_mb,
             dtype=self.config.dtype, max_model_len=self.max_model_len,
             kv_cache_gib=self.config.kv_cache_gib,
             gpu_memory_utilization=self.config.gpu_memory_utilization,
@@ -76,28 +89,27 @@ class VLLMRollouts:
 
     # ------------------------------------------------------------------ per step
 
-    def generate(self, model: torch.nn.Module, prompts: list[list[int]],
-                 params: SamplingParams) -> tuple[RolloutBatch, dict[str, float]]:
-        """Rollouts of this replica's ``prompts`` (the same on all its ranks; ``params``
-        should differ per replica, e.g. by seed), grouped by prompt; and the start-up
-        metric if any."""
+    def generate(self, examples: list[LongBlocksExample], step: int,
+                 draw: int = 0) -> tuple[StepBatch, dict[str, float]]:
+        """Rollouts of this replica's ``examples`` (the same on all its ranks), grouped by
+        prompt; and the start-up metric on the first call."""
         metrics = {}
         if not self.started:
-            metrics["time/engine_start_s"] = _max_over_world(self._start(model))
-        box = [None]
+            metrics["time/engine_start_s"] = max_over_world(self._start())
+        params = self.sampling.params(rollout_seed(self.seed, step, self.replica.index, draw))
+        rollouts = None
         if self.replica.is_leader:
-            box[0] = self.engine.generate(prompts, params)
+            rollouts = self.engine.generate([e.prompt_ids for e in examples], params)
             if self.config.sleep_level:
                 self.engine.sleep(self.config.sleep_level)
-        if len(self.replica.ranks) > 1:
-            dist.broadcast_object_list(box, src=self.replica.leader, group=self.replica.group)
-        batch: RolloutBatch = box[0]
+        rollouts = broadcast_object(rollouts, src=self.replica.leader, group=self.replica.group)
         count = self.config.verify_sequences
         self._probe = [(r.prompt_ids + r.response_ids, len(r.prompt_ids))
-                       for r in batch.rollouts[:count]]
-        return batch, metrics
+                       for r in rollouts.rollouts[:count]]
+        return rollout_step_batch(examples, rollouts, params.n, self.decode, self.align,
+                                  self.device), metrics
 
-    def sync(self, model: torch.nn.Module, step: int) -> dict[str, float]:
+    def after_step(self, step: int) -> dict[str, float]:
         """After an optimizer step: refit the engine, and verify it on ``verify_every`` steps."""
         from megatron_dgrpo.rollout.refit import refit
         from megatron_dgrpo.rollout.verify import verify_refit
@@ -105,7 +117,7 @@ class VLLMRollouts:
         started = time.perf_counter()
         if self.replica.is_leader and self.config.sleep_level:
             self.engine.wake_up()
-        report = refit(self.engine, model, self.model_config, self.config.refit_bucket_mb,
+        report = refit(self.engine, self.model, self.model_config, self.config.refit_bucket_mb,
                        receiver=self.replica.leader)
         metrics = {"time/refit_s": time.perf_counter() - started}
         if report is not None:
@@ -113,7 +125,7 @@ class VLLMRollouts:
         every = self.config.verify_every
         if every and step % every == 0:
             try:
-                verified = verify_refit(self.engine, model, self.model_config,
+                verified = verify_refit(self.engine, self.model, self.model_config,
                                         [s for s, _ in self._probe], [n for _, n in self._probe],
                                         logprob_tol=self.config.verify_logprob_tol,
                                         replica=self.replica)
@@ -126,24 +138,7 @@ class VLLMRollouts:
                 metrics["verify/max_logprob_gap"] = verified.max_logprob_gap
                 metrics["verify/worst_fingerprint_error"] = verified.worst_parameter[1]
                 metrics["verify/passed"] = 1.0
-        return _worst_over_world(metrics if self.replica.is_leader else {})
-
-
-def _max_over_world(value: float) -> float:
-    values: list = [None] * dist.get_world_size()
-    dist.all_gather_object(values, value)
-    return max(values)
-
-
-def _worst_over_world(metrics: dict[str, float]) -> dict[str, float]:
-    """Every key's largest value over the ranks' dicts (times, gaps: the worst replica)."""
-    parts: list = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, metrics)
-    merged: dict[str, float] = {}
-    for part in parts:
-        for key, value in part.items():
-            merged[key] = max(merged.get(key, value), value)
-    return merged
+        return worst_over_world(metrics if self.replica.is_leader else {})
 
 
 def export_hf(model: torch.nn.Module, model_config: ModelConfig, out_dir: Path,
@@ -176,6 +171,5 @@ def start_engine_from_model(model: torch.nn.Module, model_config: ModelConfig,
         export_hf(model, model_config, Path(tmp), replica, bucket_mb)
         if replica.is_leader:
             engine = VLLMEngine(tmp, **engine_kwargs)
-        if len(replica.ranks) > 1:  # the engine has loaded the files before they go
-            dist.barrier(group=replica.group)
+        barrier(replica.group)  # the engine has loaded the files before they go
     return engine

@@ -17,12 +17,15 @@ leader scores it in one engine call and broadcasts the results to the replica's 
 
 from __future__ import annotations
 
-import torch
-import torch.distributed as dist
-from torch import Tensor
+import contextlib
 
+import torch
+
+from megatron_dgrpo.parallel.collectives import broadcast_object
 from megatron_dgrpo.parallel.replicas import Replica
-from megatron_dgrpo.train.sequences import SequenceBatch
+from megatron_dgrpo.rollout.sequences import SequenceBatch
+from megatron_dgrpo.train.batch import StepBatch
+from megatron_dgrpo.train.sources import TeacherScores, _Stopwatch
 
 
 def scoring_requests(batch: SequenceBatch) -> list[tuple[list[int], int] | None]:
@@ -43,8 +46,9 @@ def scoring_requests(batch: SequenceBatch) -> list[tuple[list[int], int] | None]
     return requests
 
 
-class VLLMTeacher:
-    """Teacher scores from a vLLM engine; call :meth:`score` on every rank.
+class VLLMTeacher(_Stopwatch):
+    """Teacher scores from a vLLM engine, a :class:`~megatron_dgrpo.train.sources.
+    TeacherSource`; call :meth:`score` on every rank.
 
     Args:
         engine: the :class:`~megatron_dgrpo.rollout.vllm_engine.VLLMEngine` on the replica's
@@ -55,6 +59,7 @@ class VLLMTeacher:
     """
 
     def __init__(self, engine, k: int, replica: Replica | None = None):
+        super().__init__()
         self.engine, self.k, self.replica = engine, k, replica
 
     @classmethod
@@ -73,14 +78,19 @@ class VLLMTeacher:
             max_logprobs=k)
         return cls(engine, k, replica)
 
-    def score(self, batch: SequenceBatch) -> tuple[Tensor, Tensor, Tensor]:
+    def score(self, batch: StepBatch) -> TeacherScores:
         """The teacher at ``batch``'s loss positions, on the batch's device (0 elsewhere):
         ``topk_indices`` int64 ``[B, T, k]``, ``topk_logp`` float32 ``[B, T, k]`` (best
         first) and ``logp`` float32 ``[B, T]`` of the targets; natural-log probabilities of
         the teacher's full-vocabulary ``log_softmax`` (T = 1)."""
-        requests = scoring_requests(batch)
+        with self.timed():
+            return self.score_sequences(batch.sequences)
+
+    def score_sequences(self, sequences: SequenceBatch) -> TeacherScores:
+        """:meth:`score` of bare ``sequences``."""
+        requests = scoring_requests(sequences)
         mine = self._scores(requests)
-        shape, device = batch.loss_mask.shape, batch.loss_mask.device
+        shape, device = sequences.loss_mask.shape, sequences.loss_mask.device
         indices = torch.zeros(*shape, self.k, dtype=torch.long)
         topk_logp = torch.zeros(*shape, self.k, dtype=torch.float32)
         logp = torch.zeros(shape, dtype=torch.float32)
@@ -91,7 +101,13 @@ class VLLMTeacher:
             stop = start + len(scores.logp)
             indices[row, start:stop], topk_logp[row, start:stop] = scores.topk_ids, scores.topk_logp
             logp[row, start:stop] = scores.logp
-        return indices.to(device), topk_logp.to(device), logp.to(device)
+        return TeacherScores(indices.to(device), topk_logp.to(device), logp.to(device))
+
+    def outputs(self, sequences: SequenceBatch):
+        return None  # no teacher logits: everything comes from score()
+
+    def active(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
 
     def _scores(self, requests):
         """The replica's scores, one per request (``None`` for ``None``), from its leader."""
@@ -105,6 +121,6 @@ class VLLMTeacher:
             results[0] = [None] * len(requests)
             for i, scores in zip(chosen, scored):
                 results[0][i] = scores
-        if replica is not None and len(replica.ranks) > 1:
-            dist.broadcast_object_list(results, src=replica.leader, group=replica.group)
-        return results[0]
+        if replica is None:
+            return results[0]
+        return broadcast_object(results[0], src=replica.leader, group=replica.group)

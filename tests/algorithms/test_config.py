@@ -15,7 +15,7 @@ def test_defaults_are_valid_and_documented_values():
 def test_registry_holds_the_five_objectives_with_their_default_estimators():
     assert sorted(OBJECTIVES) == ["dgrpo", "grpo", "kd", "opd", "sft"]
     assert {name: LossConfig(objective=name).resolved_kl_estimator for name in OBJECTIVES} == {
-        "sft": None, "kd": "full", "grpo": "k3", "opd": "full", "dgrpo": "full"}
+        "sft": None, "kd": "full", "grpo": "k2", "opd": "full", "dgrpo": "full"}
     assert get_objective("kd").teacher_kl_direction == "forward"
 
 
@@ -28,10 +28,14 @@ def test_registry_holds_the_five_objectives_with_their_default_estimators():
     ({"objective": "sft", "kl_estimator": "k3"}, "objective 'sft' has no KL term"),
     ({"objective": "kd", "kl_estimator": "k3"}, "unknown kl_estimator 'k3'"),
     ({"objective": "grpo", "kl_estimator": "full"}, "unknown kl_estimator 'full'"),
-    ({"objective": "grpo", "form": "advantage"}, "form='advantage' applies to opd and dgrpo"),
+    ({"objective": "grpo", "form": "advantage"}, "form='advantage' applies to dgrpo, opd, not 'grpo'"),
     ({"form": "advantage", "kl_estimator": "full"}, "kl_estimator='full' is unused"),
-    ({"objective": "grpo", "ref_kl_coef": 0.1}, "ref_kl_coef is a dgrpo option"),
+    ({"objective": "grpo", "ref_kl_coef": 0.1}, "ref_kl_coef adds a KL term to the reference, which applies to dgrpo; 'grpo' has none"),
     ({"ref_kl_estimator": "full"}, "unknown ref_kl_estimator 'full'"),
+    # as a loss k1 has zero expected gradient: only its advantage form is allowed
+    ({"objective": "grpo", "kl_estimator": "k1"}, "kl_estimator='k1' as a loss has zero expected gradient"),
+    ({"objective": "opd", "kl_estimator": "k1"}, "kl_estimator='k1' as a loss has zero expected gradient"),
+    ({"ref_kl_coef": 0.1, "ref_kl_estimator": "k1"}, "ref_kl_estimator='k1' as a loss has zero expected"),
     ({"kl_coef": -0.1}, "kl_coef must be"),
     ({"kl_coef": float("nan")}, "kl_coef must be"),
     ({"eps_low": 1.0}, "eps_low must be < 1"),

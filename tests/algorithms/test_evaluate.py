@@ -39,7 +39,8 @@ def signals(**overrides):
 
 
 def test_dgrpo_k3_loss_and_every_metric_match_plain_arithmetic():
-    config = LossConfig(kl_estimator="k3", ref_kl_coef=0.5, kl_coef=0.1, dual_clip=3.0)
+    config = LossConfig(kl_estimator="k3", ref_kl_coef=0.5, ref_kl_estimator="k3", kl_coef=0.1,
+                        dual_clip=3.0)
     terms, batch = student_terms(), signals()
     loss, metrics = evaluate(config, terms, batch)
     tokens = [i for i in range(6) if MASK[i]]

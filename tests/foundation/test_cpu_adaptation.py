@@ -6,7 +6,7 @@ Each check runs in a fresh spawned process, because the adaptation patches proce
 import pytest
 import torch
 
-from megatron_dgrpo.testing.distributed import run_distributed
+from megatron_dgrpo.parallel.launch import run_distributed
 
 pytestmark = pytest.mark.multiproc
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from megatron_dgrpo.testing.distributed import DistributedWorkerError, run_distributed
+from megatron_dgrpo.parallel.launch import DistributedWorkerError, run_distributed
 
 pytestmark = pytest.mark.multiproc
 

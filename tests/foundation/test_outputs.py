@@ -5,7 +5,7 @@ import os
 import pytest
 
 from megatron_dgrpo.outputs import OutputExistsError, atomic_output_dir
-from megatron_dgrpo.testing.distributed import run_distributed
+from megatron_dgrpo.parallel.launch import run_distributed
 
 
 def test_atomic_dir_appears_complete_or_not_at_all(tmp_path):

@@ -80,7 +80,7 @@ def _hf_reference(hf_model, dtype):
 
 
 def test_megatron_fp32_on_cuda_matches_transformers(hf_and_megatron):
-    from megatron_dgrpo.testing.distributed import run_distributed
+    from megatron_dgrpo.parallel.launch import run_distributed
 
     hf_model, ckpt = hf_and_megatron
     reference_logits, reference_greedy = _hf_reference(hf_model, torch.float32)
@@ -95,7 +95,7 @@ def test_megatron_fp32_on_cuda_matches_transformers(hf_and_megatron):
 
 
 def test_megatron_bf16_on_cuda_close_to_transformers_bf16(hf_and_megatron):
-    from megatron_dgrpo.testing.distributed import run_distributed
+    from megatron_dgrpo.parallel.launch import run_distributed
 
     hf_model, ckpt = hf_and_megatron
     reference_logits, _ = _hf_reference(hf_model, torch.bfloat16)
@@ -113,7 +113,7 @@ def test_megatron_yarn_fp32_on_cuda_matches_transformers(tmp_path):
     """YaRN rotary scaling (Megatron's YarnRotaryEmbedding and the attention's q/k factor)
     on CUDA: logits and cached greedy decoding against transformers."""
     from megatron_dgrpo.models.presets import get_preset
-    from megatron_dgrpo.testing.distributed import run_distributed
+    from megatron_dgrpo.parallel.launch import run_distributed
     from megatron_dgrpo.testing.tiny_models import write_random_qwen3
 
     config = dataclasses.replace(get_preset("small-qwen3"), params_dtype="fp32", yarn_factor=4.0,
@@ -233,7 +233,7 @@ def _final_weights(run_dir, step):
 def test_trainer_on_cuda_trains_clips_and_resumes(training_assets):
     """dGRPO on the GPU with Megatron's grad clipping (CUDA only); a run stopped after step 1
     and resumed ends where an uninterrupted run ends."""
-    from megatron_dgrpo.testing.distributed import run_distributed
+    from megatron_dgrpo.parallel.launch import run_distributed
 
     straight = _run_config(training_assets, "straight", steps=3)
     code, metrics = run_distributed(_train_on_cuda, 1, args=(straight,), backend="nccl")[0]
@@ -262,7 +262,7 @@ def test_trainer_on_cuda_trains_clips_and_resumes(training_assets):
 def test_trainer_on_cuda_fused_and_materialized_losses_agree(training_assets):
     """The trainer's default fused loss (no [tokens x vocab] logits) gives the materialised
     loss's first step on the GPU: same loss, same KL to the teacher."""
-    from megatron_dgrpo.testing.distributed import run_distributed
+    from megatron_dgrpo.parallel.launch import run_distributed
 
     results = {}
     for impl in ("fused", "materialized"):

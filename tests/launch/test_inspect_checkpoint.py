@@ -17,7 +17,7 @@ from megatron_dgrpo.config import from_dict
 from megatron_dgrpo.models import mapping
 from megatron_dgrpo.models.convert import MegatronCheckpoint
 from megatron_dgrpo.models.presets import get_preset
-from megatron_dgrpo.testing.distributed import run_distributed
+from megatron_dgrpo.parallel.launch import run_distributed
 from megatron_dgrpo.train.config import RunConfig
 
 REPO = Path(__file__).resolve().parents[2]

@@ -17,7 +17,7 @@ from hf_tiny_models import TEST_VOCAB, build_hf_model, save_hf_dir, tiny_config
 
 from megatron_dgrpo.models import convert
 from megatron_dgrpo.models.config import ModelConfig, ParallelConfig
-from megatron_dgrpo.testing.distributed import run_distributed
+from megatron_dgrpo.parallel.launch import run_distributed
 
 SEQ = 200  # a multiple of 2 * CP (4) and > yarn_original_max_position_embeddings
 LAYOUTS = [ParallelConfig(tensor_parallel=2),

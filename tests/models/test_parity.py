@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from megatron_dgrpo.models import convert
 from megatron_dgrpo.models.config import ParallelConfig
-from megatron_dgrpo.testing.distributed import run_distributed
+from megatron_dgrpo.parallel.launch import run_distributed
 
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]  # (tensor_parallel, pipeline_parallel)
 BATCH, SEQ = 2, 16

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from megatron_dgrpo.models.config import ModelConfig, ParallelConfig
-from megatron_dgrpo.testing.distributed import run_distributed
+from megatron_dgrpo.parallel.launch import run_distributed
 
 MODEL = ModelConfig(num_layers=1, hidden_size=128, ffn_hidden_size=256, num_attention_heads=4,
                     num_query_groups=2, head_dim=32, vocab_size=64, max_position_embeddings=64)

@@ -26,8 +26,8 @@ SETTINGS = {
     "kd_topk": (LossConfig(objective="kd", kl_estimator="topk"), "topk"),
     "kd_topk_renorm_seq": (LossConfig(objective="kd", kl_estimator="topk", topk_tail="renormalize",
                                       aggregation="seq_mean"), "topk"),
-    "grpo_k3": (LossConfig(objective="grpo"), None),
-    "grpo_k1_dual_seq": (LossConfig(objective="grpo", kl_estimator="k1", dual_clip=2.0,
+    "grpo_k2": (LossConfig(objective="grpo"), None),
+    "grpo_k3_dual_seq": (LossConfig(objective="grpo", kl_estimator="k3", dual_clip=2.0,
                                     aggregation="seq_mean"), None),
     "grpo_k2_no_tis": (LossConfig(objective="grpo", kl_estimator="k2", tis_cap=None, eps_high=0.2), None),
     "opd_full": (LossConfig(objective="opd"), "logits"),
@@ -106,17 +106,17 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual - expected).abs().max()) / scale
 
 
-def plain_reference(case: dict, config: LossConfig, teacher: str | None
+def plain_reference(case: dict, config: LossConfig, teacher: str | None, temperature: float = 1.0
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, d loss / d student_hidden, d loss / d student_weight) of the plain float64
-    re-implementation on the full batch."""
+    re-implementation on the full batch, both models' logits divided by ``temperature``."""
     hidden = case["student_hidden"].clone().requires_grad_()
     weight = case["student_weight"].clone().requires_grad_()
     teacher_logits = None
     if teacher == "logits":
-        teacher_logits = case["teacher_hidden"] @ case["teacher_weight"].T
+        teacher_logits = case["teacher_hidden"] @ case["teacher_weight"].T / temperature
     batch = case_batch(case, teacher, weights=torch.zeros(case["loss_mask"].shape, dtype=torch.float64))
-    loss = plain_loss(config, hidden @ weight.T, teacher_logits, batch)
+    loss = plain_loss(config, hidden @ weight.T / temperature, teacher_logits, batch)
     grad_hidden, grad_weight = torch.autograd.grad(loss, [hidden, weight], allow_unused=True)
     grad_hidden = torch.zeros_like(hidden) if grad_hidden is None else grad_hidden
     grad_weight = torch.zeros_like(weight) if grad_weight is None else grad_weight

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-DEFAULT_ESTIMATOR = {"kd": "full", "grpo": "k3", "opd": "full", "dgrpo": "full"}
+DEFAULT_ESTIMATOR = {"kd": "full", "grpo": "k2", "opd": "full", "dgrpo": "full"}
 
 
 def plain_sampled_kl(logp, logq, estimator):

@@ -25,7 +25,7 @@ from megatron_dgrpo.parallel.context import (
 )
 from megatron_dgrpo.parallel.fused import loss_from_hidden
 from megatron_dgrpo.parallel.materialized import loss_from_logits
-from megatron_dgrpo.testing.distributed import run_distributed
+from megatron_dgrpo.parallel.launch import run_distributed
 
 LOSS_RTOL, GRAD_RTOL = 1e-6, 1e-5
 

@@ -22,7 +22,7 @@ from megatron_dgrpo.parallel.context import (
 )
 from megatron_dgrpo.parallel.fused import loss_from_hidden
 from megatron_dgrpo.parallel.materialized import loss_from_logits
-from megatron_dgrpo.testing.distributed import run_distributed
+from megatron_dgrpo.parallel.launch import run_distributed
 
 LOSS_RTOL, GRAD_RTOL = 1e-6, 1e-5
 
@@ -90,7 +90,7 @@ def test_dp2_with_microbatches_matches_reference_and_single_process_metrics():
                 assert rank_metrics == pytest.approx(whole_metrics.as_dict(), rel=1e-9, abs=1e-12), what
 
 
-@pytest.mark.parametrize("setting", ["dgrpo_full", "grpo_k1_dual_seq", "kd_topk_renorm_seq"])
+@pytest.mark.parametrize("setting", ["dgrpo_full", "grpo_k3_dual_seq", "kd_topk_renorm_seq"])
 def test_single_process_microbatch_splits_match_reference(setting):
     case = make_case(seed=8, batch_size=5, seq_len=6, vocab=9, group_size=5)
     config, teacher = SETTINGS[setting]

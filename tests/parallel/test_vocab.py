@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from megatron_dgrpo.parallel.vocab import vocab_parallel_terms
-from megatron_dgrpo.testing.distributed import run_distributed
+from megatron_dgrpo.parallel.launch import run_distributed
 
 
 def random_inputs(seed, tokens, vocab, topk):

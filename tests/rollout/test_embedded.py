@@ -8,7 +8,7 @@ same Megatron model, without the KV cache, batching or the engine's bookkeeping.
 import pytest
 import torch
 
-from megatron_dgrpo.testing.distributed import run_distributed
+from megatron_dgrpo.parallel.launch import run_distributed
 
 pytestmark = pytest.mark.multiproc
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 from tiny_vllm_models import PROMPTS, write_tiny_qwen3
 
-from megatron_dgrpo.testing.distributed import run_distributed
+from megatron_dgrpo.parallel.launch import run_distributed
 
 pytestmark = [pytest.mark.vllm, pytest.mark.multiproc]
 

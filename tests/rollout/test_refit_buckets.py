@@ -14,7 +14,7 @@ import torch
 
 from megatron_dgrpo.models.config import ModelConfig
 from megatron_dgrpo.models.mapping import hf_shapes
-from megatron_dgrpo.testing.distributed import run_distributed
+from megatron_dgrpo.parallel.launch import run_distributed
 
 pytestmark = pytest.mark.multiproc
 

@@ -11,7 +11,7 @@ import signal
 import pytest
 import torch
 
-from megatron_dgrpo.testing.distributed import run_distributed
+from megatron_dgrpo.parallel.launch import run_distributed
 from megatron_dgrpo.train.checkpoint import STATE_FILE, checkpoint_dir, latest_checkpoint
 from megatron_dgrpo.train.preemption import PreemptionGuard
 

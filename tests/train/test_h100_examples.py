@@ -86,3 +86,20 @@ def test_mistakes_in_an_example_fail(monkeypatch, override, message):
     with pytest.raises((ValueError, ConfigError)) as info:
         _load(monkeypatch, SMALL, CUDA, override)
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize("path", [SMALL, MEDIUM, LARGE])
+def test_examples_set_no_option_that_has_no_effect(monkeypatch, path):
+    assert _load(monkeypatch, path, CUDA).notices() == []
+
+
+@pytest.mark.parametrize("overrides, notice", [
+    (["ppo_mini_batches=1"], "loss.eps_high has no effect here: with one optimizer step"),
+    (["loss.objective=opd"], "loss.kl_coef has no effect here: loss.objective=opd has no KL "
+                             "term weighted by kl_coef"),
+    (["loss.kl_estimator=k2", "loss.ref_kl_coef=0.1", "loss.ref_kl_estimator=k3"],
+     "loss.ref_kl_estimator=k3 follows the verl / DeepSeek-R1 convention"),
+])
+def test_inert_or_surprising_options_are_reported_at_start_up(monkeypatch, overrides, notice):
+    notes = _load(monkeypatch, MEDIUM, CUDA, *overrides).notices()
+    assert any(notice in note for note in notes), notes

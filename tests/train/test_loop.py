@@ -7,15 +7,17 @@ the same metrics (timings aside) and end with bit-identical weights.
 
 import dataclasses
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from megatron_dgrpo.algorithms.objectives import get_objective
 from megatron_dgrpo.config import from_dict
 from megatron_dgrpo.models.presets import get_preset
-from megatron_dgrpo.testing.distributed import run_distributed
-from megatron_dgrpo.train.config import TEACHER_OBJECTIVES, RunConfig
+from megatron_dgrpo.parallel.launch import run_distributed
+from megatron_dgrpo.train.config import RunConfig
 from megatron_dgrpo.train.metrics import read_metrics
 
 OBJECTIVES = ("sft", "kd", "grpo", "opd", "dgrpo")
@@ -39,7 +41,7 @@ def _config(setup, objective, run_name, steps=2, **top_level):
               "sampling": {"n": 2, "max_new_tokens": 4, "temperature": 1.0},
               "data": {"paths": [str(root / "data")], "max_prompt_tokens": 4096},
               "optim": {"lr": 1e-3}, **top_level}
-    if objective in TEACHER_OBJECTIVES:
+    if get_objective(objective).needs_teacher:
         config["teacher"] = {"preset": None, "model": teacher}
     if objective == "grpo":
         config["loss"]["kl_coef"] = 0.1  # exercise the frozen reference
@@ -126,6 +128,8 @@ def test_interrupted_run_resumes_exactly(setup, objective):
     ({"parallel": {"context_parallel": 2, "cp_comm_type": "allgather"}},
      "embedded engine decodes whole sequences on each rank and cannot run a context-parallel"),
     ({"loss": {"objective": "grpo"}, "sampling": {"n": 1}}, "sampling.n >= 2"),
+    # rollout seeds derive from the run seed, the step and the replica: no second seed
+    ({"sampling": {"n": 2, "seed": 7}}, "unknown config key(s) sampling.seed"),
     ({"parallel": {"tensor_parallel": 3}}, "divisible"),
     ({"teacher_topk_cache": "cache/"}, "teacher_topk_cache serves loss.objective=kd"),
 ])
@@ -188,3 +192,10 @@ def test_fused_loss_step_equals_materialized_step(setup, objective):
     for key in expected_weights:
         torch.testing.assert_close(got_weights[key], expected_weights[key], rtol=0, atol=1e-5,
                                    msg=key)
+
+
+def test_the_cpu_example_sets_no_option_that_has_no_effect():
+    from megatron_dgrpo.config import load_config
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "cpu_tiny_dgrpo.yaml"
+    assert load_config(RunConfig, example).notices() == []

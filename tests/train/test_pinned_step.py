@@ -78,7 +78,7 @@ def _step(rank, world_size, run_dir):
 
 
 def run_pinned_step(run_dir: str) -> dict:
-    from megatron_dgrpo.testing.distributed import run_distributed
+    from megatron_dgrpo.parallel.launch import run_distributed
 
     return run_distributed(_step, 2, args=(run_dir,))[0]
 
@@ -87,7 +87,7 @@ def run_pinned_step(run_dir: str) -> dict:
 def test_dgrpo_tp2_step_matches_the_recorded_values(tmp_path):
     expected = json.loads(EXPECTED.read_text())
     got = run_pinned_step(str(tmp_path / "run"))
-    assert got["metrics"].keys() == expected["metrics"].keys()
+    assert expected["metrics"].keys() <= got["metrics"].keys()  # later metrics may be added
     for key, value in expected["metrics"].items():
         if value is None:
             assert got["metrics"][key] is None, key

@@ -6,13 +6,13 @@ import dataclasses
 import pytest
 import torch
 
-from megatron_dgrpo.testing.distributed import run_distributed
+from megatron_dgrpo.parallel.launch import run_distributed
 
 pytestmark = pytest.mark.multiproc
 
 
 def _sharded_topk(rank, world_size, logits, k, vocab_size):
-    from megatron_dgrpo.teacher_cache import vocab_parallel_topk
+    from megatron_dgrpo.parallel.vocab import vocab_parallel_topk
 
     local = logits.shape[-1] // world_size
     shard = logits[:, rank * local:(rank + 1) * local]
@@ -39,7 +39,7 @@ def teacher_setup(teacher_with_cache):
 
 def test_cache_matches_transformers_teacher(teacher_setup):
     from megatron_dgrpo.data.longblocks import LongBlocksConfig, LongBlocksLoader
-    from megatron_dgrpo.teacher_cache import TeacherTopKCache
+    from megatron_dgrpo.train.teacher_cache import TeacherTopKCache
 
     root, teacher, tokenizer = teacher_setup
     cache = TeacherTopKCache(root / "cache")

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from megatron_dgrpo.models.presets import get_preset
-from megatron_dgrpo.testing.distributed import run_distributed
+from megatron_dgrpo.parallel.launch import run_distributed
 from megatron_dgrpo.testing.runs import train_runs
 from megatron_dgrpo.train.metrics import read_metrics
 

@@ -16,7 +16,7 @@ import torch
 
 from megatron_dgrpo.config import from_dict
 from megatron_dgrpo.models.presets import get_preset
-from megatron_dgrpo.testing.distributed import run_distributed
+from megatron_dgrpo.parallel.launch import run_distributed
 from megatron_dgrpo.testing.runs import train_runs
 from megatron_dgrpo.train.config import RunConfig
 from megatron_dgrpo.train.metrics import read_metrics
@@ -52,7 +52,7 @@ def _config(setup, run_name, objective="kd", **overrides):
 
 def test_engine_topk_equals_transformers_at_the_loss_positions(setup):
     from megatron_dgrpo.rollout.vllm_engine import VLLMEngine
-    from megatron_dgrpo.train.sequences import build_sequences
+    from megatron_dgrpo.rollout.sequences import build_sequences
     from megatron_dgrpo.train.vllm_teacher import VLLMTeacher
 
     root, _, vocab, reference = setup
@@ -62,7 +62,8 @@ def test_engine_topk_equals_transformers_at_the_loss_positions(setup):
     prompts = [torch.randint(vocab, (n,), generator=generator).tolist() for n in (5, 2, 9, 3)]
     responses = [torch.randint(vocab, (n,), generator=generator).tolist() for n in (7, 4, 0, 11)]
     batch = build_sequences(prompts, responses)
-    indices, topk_logp, logp = VLLMTeacher(engine, K).score(batch)
+    scores = VLLMTeacher(engine, K).score_sequences(batch)
+    indices, topk_logp, logp = scores.topk_indices, scores.topk_logp, scores.logp
     assert indices.shape == topk_logp.shape == (*batch.loss_mask.shape, K)
     assert indices.dtype == torch.long and topk_logp.dtype == logp.dtype == torch.float32
     assert logp.shape == batch.loss_mask.shape

@@ -9,7 +9,7 @@ import pytest
 
 from megatron_dgrpo.config import from_dict
 from megatron_dgrpo.models.presets import get_preset
-from megatron_dgrpo.testing.distributed import run_distributed
+from megatron_dgrpo.parallel.launch import run_distributed
 from megatron_dgrpo.train.config import RunConfig
 from megatron_dgrpo.train.metrics import read_metrics
 

@@ -8,8 +8,8 @@ positions under causal attention, so no attention mask is needed.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
@@ -24,10 +24,14 @@ class SequenceBatch:
     targets: Tensor
     loss_mask: Tensor
 
+    def map(self, function: Callable[[Tensor], Tensor]) -> SequenceBatch:
+        """The batch with ``function`` applied to each of its ``[B, T]`` tensors (a slice, a
+        context-parallel shard, a device move)."""
+        return SequenceBatch(*(function(getattr(self, f.name)) for f in fields(self)))
+
     def to(self, device: torch.device | str) -> SequenceBatch:
         """The same batch with every tensor on ``device``."""
-        return SequenceBatch(self.tokens.to(device), self.positions.to(device),
-                             self.targets.to(device), self.loss_mask.to(device))
+        return self.map(lambda tensor: tensor.to(device))
 
     def per_token(self, values: Sequence[Sequence[float]], dtype=torch.float32) -> Tensor:
         """Scatter per-response-token values (e.g. engine log-probs) into ``[B, T]``

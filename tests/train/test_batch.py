@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from megatron_dgrpo.algorithms.inputs import TokenBatch
-from megatron_dgrpo.train.microbatch import plan_micro_batches
-from megatron_dgrpo.train.sequences import build_sequences
+from megatron_dgrpo.train.batch import plan_micro_batches
+from megatron_dgrpo.rollout.sequences import build_sequences
 
 
 def test_rows_are_grouped_and_trimmed_to_their_last_loss_position():

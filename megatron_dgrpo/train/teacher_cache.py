@@ -1,7 +1,8 @@
 """Teacher top-k log-probs cached on disk: the off-policy KD baseline without a live teacher.
 
-The cache holds, for every response token of every example (prompt + reference answer, as
-the SFT/KD trainer builds them), the teacher's ``k`` most likely next tokens and their
+The cache holds, for every response token of every example (prompt + reference answer, built
+by :func:`megatron_dgrpo.train.batch.answer_sequences` exactly as the SFT/KD trainer builds
+them), the teacher's ``k`` most likely next tokens and their
 full-vocabulary log-probabilities. Layout::
 
     CACHE/index.json                  format, k, vocab size, tokenizer, and per example id:
@@ -23,48 +24,15 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
-import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from megatron_dgrpo.outputs import atomic_output_dir, refuse_existing
+from megatron_dgrpo.parallel.collectives import is_initialized, world_rank
+from megatron_dgrpo.train.batch import answer_sequences
 
 FORMAT = "dgrpo-teacher-topk"
 INDEX_FILE = "index.json"
-
-
-def vocab_parallel_topk(logits: torch.Tensor, k: int, vocab_size: int,
-                        tp_group=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k of the full-vocabulary log-softmax of TP-sharded logits, without gathering them.
-
-    Args:
-        logits: ``[N, V_local]`` this TP rank's shard (ids ``[r * V_local, (r+1) * V_local)``).
-        k: tokens to keep per row; vocab_size: real vocabulary (padding columns excluded).
-    Returns:
-        ``(indices int64 [N, k], logp float32 [N, k])``, best first, identical on all ranks.
-    """
-    tp_rank = dist.get_rank(tp_group) if tp_group is not None else 0
-    tp_size = dist.get_world_size(tp_group) if tp_group is not None else 1
-    local = logits.float()
-    ids = torch.arange(tp_rank * local.shape[-1], (tp_rank + 1) * local.shape[-1])
-    local = local.masked_fill(ids >= vocab_size, float("-inf"))
-    row_max = local.max(dim=-1).values
-    if tp_size > 1:
-        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=tp_group)
-    sum_exp = (local - row_max[:, None]).exp().sum(dim=-1)
-    if tp_size > 1:
-        dist.all_reduce(sum_exp, group=tp_group)
-    lse = row_max + sum_exp.log()
-    values, slots = local.topk(min(k, local.shape[-1]), dim=-1)
-    global_ids = ids[slots]
-    if tp_size > 1:
-        all_values = [torch.empty_like(values) for _ in range(tp_size)]
-        all_ids = [torch.empty_like(global_ids) for _ in range(tp_size)]
-        dist.all_gather(all_values, values, group=tp_group)
-        dist.all_gather(all_ids, global_ids, group=tp_group)
-        values, global_ids = torch.cat(all_values, dim=-1), torch.cat(all_ids, dim=-1)
-    best, order = values.topk(k, dim=-1)
-    return global_ids.gather(-1, order), best - lse[:, None]
 
 
 class TeacherTopKCache:
@@ -102,14 +70,16 @@ def write_teacher_cache(out_dir: str | os.PathLike, teacher: torch.nn.Module, vo
                         rows_per_shard: int = 1 << 20, tp_group=None) -> Path | None:
     """Run the teacher over prompt + reference answer of each example and cache its top-k.
 
-    Call on every rank of the teacher's TP group with the same examples; rank 0 writes.
-    Returns the cache directory on rank 0, None elsewhere.
+    Only the answer positions reach the output layer (chunked, vocabulary-parallel top-k:
+    no ``[T, V]`` logits). Call on every rank of the teacher's TP group with the same
+    examples; rank 0 writes. Returns the cache directory on rank 0, None elsewhere.
     """
-    from megatron_dgrpo.train.sequences import build_sequences
+    from megatron_dgrpo.models.provider import final_hidden_states, output_weight
+    from megatron_dgrpo.parallel.vocab import default_chunk_tokens, vocab_parallel_topk
 
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    writer = not dist.is_initialized() or dist.get_rank() == 0
+    writer = not is_initialized() or world_rank() == 0
     if writer:
         refuse_existing(out_dir)
     index = {"format": FORMAT, "k": k, "vocab_size": vocab_size,
@@ -117,6 +87,8 @@ def write_teacher_cache(out_dir: str | os.PathLike, teacher: torch.nn.Module, vo
     buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
     shard, rows_in_shard = 0, 0
     teacher.eval()
+    weight = output_weight(teacher)
+    chunk = default_chunk_tokens(weight.shape[0])
     with atomic_output_dir(out_dir) if writer else contextlib.nullcontext() as tmp:
         def flush() -> None:
             nonlocal shard, rows_in_shard
@@ -128,14 +100,14 @@ def write_teacher_cache(out_dir: str | os.PathLike, teacher: torch.nn.Module, vo
             shard, rows_in_shard = shard + 1, 0
 
         for batch in _batched(examples, batch_size):
-            responses = [tokenizer.encode(tokenizer.render_response(e.user_message,
-                                                                    e.reference_answer))
-                         for e in batch]
-            sequences = build_sequences([e.prompt_ids for e in batch], responses)
+            sequences = answer_sequences(batch, tokenizer)
             with torch.no_grad():
-                logits = teacher(sequences.tokens, sequences.positions, None)
-            indices, logp = vocab_parallel_topk(logits[sequences.loss_mask], k, vocab_size,
-                                                tp_group)
+                hidden = final_hidden_states(teacher, sequences.tokens, sequences.positions)
+                hidden = hidden[sequences.loss_mask]
+                pieces = [vocab_parallel_topk(hidden[i:i + chunk] @ weight.T, k, vocab_size,
+                                              tp_group) for i in range(0, len(hidden), chunk)]
+            indices = torch.cat([ids for ids, _ in pieces])
+            logp = torch.cat([lp for _, lp in pieces])
             counts = sequences.loss_mask.sum(dim=1).tolist()
             for example, rows, idx, lp in zip(batch, counts, indices.split(counts),
                                               logp.split(counts)):
@@ -182,21 +154,16 @@ def run_cache(args: argparse.Namespace) -> int:
     from megatron_dgrpo.data.chat import load_chat_tokenizer
     from megatron_dgrpo.data.longblocks import LongBlocksConfig, LongBlocksLoader
     from megatron_dgrpo.models.config import ParallelConfig
-    from megatron_dgrpo.models.convert import MegatronCheckpoint, load_megatron_checkpoint_into
-    from megatron_dgrpo.models.provider import build_gpt_model, initialize_parallel
+    from megatron_dgrpo.models.loading import checkpoint_model
+    from megatron_dgrpo.models.provider import initialize_parallel
     from megatron_dgrpo.parallel.launch import ensure_process_group_env
 
     world_size = ensure_process_group_env()
     parallel = ParallelConfig(tensor_parallel=args.tp or world_size)
-    config = MegatronCheckpoint(args.teacher).config
     tokenizer = load_chat_tokenizer(args.tokenizer)
-    if tokenizer.vocab_size > config.vocab_size:
-        raise ValueError(f"tokenizer {args.tokenizer} has {tokenizer.vocab_size} tokens, the "
-                         f"teacher's vocabulary only {config.vocab_size}")
     refuse_existing(args.out)
     initialize_parallel(parallel)
-    teacher = build_gpt_model(config, parallel)
-    load_megatron_checkpoint_into(teacher, args.teacher)
+    teacher, config = checkpoint_model(args.teacher, parallel, tokenizer)
     loader = LongBlocksLoader(LongBlocksConfig(paths=tuple(args.data), split="all",
                                                max_prompt_tokens=args.max_prompt_tokens), tokenizer)
     examples = itertools.islice(loader, args.limit) if args.limit else loader

@@ -1,0 +1,265 @@
+"""Where a step's sequences and teacher signals come from: one interface for each.
+
+**Sequence sources** (:class:`SequenceSource`) turn this rank's examples into a
+:class:`~megatron_dgrpo.train.batch.StepBatch` and follow the trainer after its update:
+
+====================  =====================================================================
+``FixedSequences``    prompt + reference answer (SFT, KD: off-policy)
+``EmbeddedRollouts``  ``sampling.n`` rollouts per prompt from the trainer's own model
+                      (:class:`~megatron_dgrpo.rollout.embedded.EmbeddedEngine`); always on
+                      the current weights, so ``after_step`` has nothing to do
+``VLLMRollouts``      a vLLM engine per model replica; ``after_step`` refits and verifies it
+                      (:mod:`megatron_dgrpo.train.vllm_rollouts`)
+====================  =====================================================================
+
+**Teacher sources** (:class:`TeacherSource`) give the loss the teacher: ``score`` returns
+what is known for the whole batch before the micro-batches (top-k ids and log-probs, target
+log-probs), ``outputs`` what one micro-batch's loss reads from a live teacher (hidden states
+and output weight, or logits), ``active`` holds the teacher on its device for the
+micro-batch loop (offload), ``elapsed`` the seconds spent since the last call:
+
+====================  =====================================================================
+``MegatronTeacher``   the teacher's Megatron forward per micro-batch (full logits: any KL
+                      estimator), optionally offloaded between steps
+``CachedTeacher``     top-k log-probs cached on disk (``dgrpo teacher-cache``), for KD
+``VLLMTeacher``       top-k and target log-probs from a vLLM engine
+                      (:mod:`megatron_dgrpo.train.vllm_teacher`)
+====================  =====================================================================
+
+:class:`TokenScorer` scores a batch under a model without grad: the initial policy (the
+anchor of GRPO's KL) or the student before its PPO updates (``pi_old``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from megatron_dgrpo.data.chat import IM_END
+from megatron_dgrpo.data.longblocks import LongBlocksExample
+from megatron_dgrpo.parallel.context import cp_all_gather
+from megatron_dgrpo.rollout.engine import RolloutBatch, SamplingConfig
+from megatron_dgrpo.rollout.sequences import SequenceBatch, build_sequences
+from megatron_dgrpo.train.batch import MicroBatch, StepBatch, answer_sequences
+from megatron_dgrpo.train.offload import Offloader
+from megatron_dgrpo.train.teacher_cache import TeacherTopKCache
+
+
+def rollout_seed(run_seed: int, step: int, replica: int, draw: int = 0) -> int:
+    """The seed of the rollouts of 1-based ``step`` on data-parallel replica ``replica``
+    (``draw``: the generation round within the step)."""
+    return run_seed + 7919 * step + replica + 104_729 * draw
+
+
+def rollout_step_batch(examples: list[LongBlocksExample], rollouts: RolloutBatch,
+                       group_size: int, decode, align: int, device) -> StepBatch:
+    """A :class:`StepBatch` of ``rollouts`` (grouped by prompt) of ``examples``;
+    ``decode``: token ids -> text, for rollouts the engine did not detokenize."""
+    rows = rollouts.rollouts
+    sequences = build_sequences([r.prompt_ids for r in rows], [r.response_ids for r in rows],
+                                align=align).to(device)
+    texts = [r.text if r.text is not None else decode(r.response_ids) for r in rows]
+    return StepBatch(
+        examples=[examples[r.prompt_index] for r in rows], sequences=sequences,
+        group_size=group_size, responses=[text.split(IM_END, 1)[0] for text in texts],
+        response_lengths=[len(r.response_ids) for r in rows],
+        truncated=[r.finish_reason == "length" for r in rows],
+        rollout_logp=sequences.per_token([r.logprobs for r in rows]),
+        generation_seconds=rollouts.seconds)
+
+
+class SequenceSource(Protocol):
+    """What the step reads its sequences from; call every method on every rank."""
+
+    def generate(self, examples: list[LongBlocksExample], step: int,
+                 draw: int = 0) -> tuple[StepBatch, dict[str, float]]:
+        """This rank's batch of ``examples`` at 1-based ``step`` (``draw``: the generation
+        round within the step, for dynamic sampling), and source metrics."""
+        ...
+
+    def after_step(self, step: int) -> dict[str, float]:
+        """Follow the student's update of ``step`` (e.g. refit an engine); metrics."""
+        ...
+
+
+class FixedSequences:
+    """Prompt + reference answer of each example (SFT, KD)."""
+
+    def __init__(self, tokenizer, align: int, device: torch.device):
+        self.tokenizer, self.align, self.device = tokenizer, align, device
+
+    def generate(self, examples: list[LongBlocksExample], step: int,
+                 draw: int = 0) -> tuple[StepBatch, dict[str, float]]:
+        sequences = answer_sequences(examples, self.tokenizer, self.align).to(self.device)
+        return StepBatch(examples=list(examples), sequences=sequences), {}
+
+    def after_step(self, step: int) -> dict[str, float]:
+        return {}
+
+
+class EmbeddedRollouts:
+    """Rollouts sampled from the live student by the embedded engine (any TP; every TP rank
+    calls with the same examples and gets the same rollouts)."""
+
+    def __init__(self, engine, sampling: SamplingConfig, run_seed: int, replica: int,
+                 decode, align: int, device: torch.device):
+        self.engine, self.sampling, self.run_seed, self.replica = engine, sampling, run_seed, replica
+        self.decode, self.align, self.device = decode, align, device
+
+    def generate(self, examples: list[LongBlocksExample], step: int,
+                 draw: int = 0) -> tuple[StepBatch, dict[str, float]]:
+        params = self.sampling.params(rollout_seed(self.run_seed, step, self.replica, draw))
+        rollouts = self.engine.generate([e.prompt_ids for e in examples], params)
+        return rollout_step_batch(examples, rollouts, params.n, self.decode, self.align,
+                                  self.device), {}
+
+    def after_step(self, step: int) -> dict[str, float]:
+        return {}  # the engine samples from the live weights
+
+
+# ---------------------------------------------------------------------------- teachers
+
+
+@dataclass
+class TeacherScores:
+    """The teacher at a batch's loss positions (0 elsewhere), natural-log probabilities of
+    its full-vocabulary softmax: ``topk_indices`` int64 / ``topk_logp`` ``[B, T, k]`` (best
+    first) and, when known, ``logp`` ``[B, T]`` of the targets."""
+
+    topk_indices: Tensor
+    topk_logp: Tensor
+    logp: Tensor | None = None
+
+
+class TeacherSource(Protocol):
+    """What the loss reads about the teacher; call every method on every rank."""
+
+    def score(self, batch: StepBatch) -> TeacherScores | None:
+        """Signals for the whole batch (``None``: this source gives none)."""
+        ...
+
+    def outputs(self, sequences: SequenceBatch):
+        """The loss inputs of one micro-batch (``None``: this source gives none)."""
+        ...
+
+    def active(self) -> contextlib.AbstractContextManager:
+        """Hold the teacher ready for the micro-batch loop."""
+        ...
+
+    def elapsed(self) -> float:
+        """Seconds spent in this source since the previous call."""
+        ...
+
+
+class _Stopwatch:
+    """Accumulates the seconds of ``timed`` blocks; :meth:`elapsed` reads and resets."""
+
+    def __init__(self) -> None:
+        self._seconds = 0.0
+
+    @contextlib.contextmanager
+    def timed(self) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._seconds += time.perf_counter() - started
+
+    def elapsed(self) -> float:
+        seconds, self._seconds = self._seconds, 0.0
+        return seconds
+
+
+class MegatronTeacher(_Stopwatch):
+    """The frozen teacher's Megatron forward, per micro-batch (``fused``: hidden states and
+    output weight; otherwise masked logits), in host memory between steps with ``offload``
+    (CUDA only; a no-op on CPU)."""
+
+    def __init__(self, model: torch.nn.Module, vocab_size: int, fused: bool,
+                 device: torch.device, offload: bool):
+        super().__init__()
+        self.model, self.vocab_size, self.fused = model, vocab_size, fused
+        self.offloader = Offloader(model, device, offload)
+
+    def score(self, batch: StepBatch) -> TeacherScores | None:
+        return None
+
+    @torch.no_grad()
+    def outputs(self, sequences: SequenceBatch):
+        from megatron_dgrpo.models.provider import loss_inputs
+
+        with self.timed():
+            return loss_inputs(self.model, sequences.tokens, sequences.positions,
+                               self.vocab_size, self.fused)
+
+    def active(self) -> contextlib.AbstractContextManager:
+        return self.offloader.on_device()
+
+
+class CachedTeacher(_Stopwatch):
+    """The teacher's top-k log-probs read from a ``dgrpo teacher-cache`` directory, keyed
+    by example id, for prompt + reference answer sequences (KD)."""
+
+    def __init__(self, cache_dir: str):
+        super().__init__()
+        self.cache = TeacherTopKCache(cache_dir)
+
+    def score(self, batch: StepBatch) -> TeacherScores:
+        with self.timed():
+            mask = batch.sequences.loss_mask
+            k = self.cache.k
+            indices = torch.zeros(*mask.shape, k, dtype=torch.long, device=mask.device)
+            logp = torch.zeros(*mask.shape, k, device=mask.device)
+            for row, example in enumerate(batch.examples):
+                cached_ids, cached_logp = self.cache.lookup(example.id)
+                positions = torch.nonzero(mask[row]).flatten()
+                if len(positions) != len(cached_ids):
+                    raise ValueError(f"teacher cache has {len(cached_ids)} tokens for example "
+                                     f"{example.id!r}, the batch {len(positions)}: built with "
+                                     "another tokenizer or data?")
+                indices[row, positions] = cached_ids.to(mask.device)
+                logp[row, positions] = cached_logp.to(mask.device)
+            return TeacherScores(indices, logp)
+
+    def outputs(self, sequences: SequenceBatch):
+        return None
+
+    def active(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------------------- reference
+
+
+class TokenScorer:
+    """Log-probs of a batch's targets under ``model`` without grad: the frozen reference
+    (the anchor of a reference KL term) or the student before its updates (PPO's pi_old)."""
+
+    def __init__(self, model: torch.nn.Module, vocab_size: int, cp_group,
+                 chunk_tokens: int | None):
+        self.model = model
+        self.vocab_size, self.cp_group, self.chunk_tokens = vocab_size, cp_group, chunk_tokens
+
+    @torch.no_grad()
+    def token_logp(self, sequences: SequenceBatch, plan: list[MicroBatch],
+                   temperature: float = 1.0) -> Tensor:
+        """``[B, T]`` float32 log-probs ``log_softmax(logits / temperature)`` of the targets
+        at the loss positions (0 elsewhere), one micro-batch (this CP rank's shard) at a
+        time, chunked and vocabulary-parallel, gathered over CP."""
+        from megatron_dgrpo.models.provider import token_logp
+
+        out = torch.zeros(sequences.targets.shape, dtype=torch.float32,
+                          device=sequences.targets.device)
+        for micro_batch in plan:
+            part = micro_batch.sequences(sequences)
+            logp = token_logp(self.model, part.tokens, part.positions, part.targets,
+                              part.loss_mask, self.vocab_size, self.chunk_tokens, temperature)
+            out[micro_batch.start:micro_batch.stop, :micro_batch.width] = cp_all_gather(
+                logp, self.cp_group)
+        return out
