@@ -173,8 +173,8 @@ def _evaluate(rank: int, world_size: int, models: list[tuple[str, str]], tokeniz
         load_megatron_checkpoint_into(model, checkpoint)
         engine = EmbeddedEngine(model, config.vocab_size, decode=tokenizer.decode)
 
-        def generate(prompts: list[str], engine: EmbeddedEngine = engine) -> list[str]:
-            batch = engine.generate([tokenizer.encode(p) for p in prompts], params)
+        def generate(prompts: list[list[int]], engine: EmbeddedEngine = engine) -> list[str]:
+            batch = engine.generate(prompts, params)
             return [r.text.split(IM_END, 1)[0] for r in batch.rollouts]
 
         loader = LongBlocksLoader(LongBlocksConfig(paths=(heldout_dir,), split="all"), tokenizer)

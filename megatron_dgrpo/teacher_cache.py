@@ -128,8 +128,7 @@ def write_teacher_cache(out_dir: str | os.PathLike, teacher: torch.nn.Module, vo
             shard, rows_in_shard = shard + 1, 0
 
         for batch in _batched(examples, batch_size):
-            responses = [tokenizer.encode(tokenizer.render_response(e.user_message,
-                                                                    e.reference_answer))
+            responses = [tokenizer.response_ids(e.user_message, e.reference_answer)
                          for e in batch]
             sequences = build_sequences([e.prompt_ids for e in batch], responses)
             with torch.no_grad():

@@ -264,8 +264,7 @@ class Trainer:
     def _sequences(self, examples: list[LongBlocksExample]) -> dict[str, Any]:
         """Rollouts and rewards (on-policy), or prompt + reference answer (SFT/KD)."""
         if self.engine is None and self.vllm is None:
-            responses = [self.tokenizer.encode(self.tokenizer.render_response(e.user_message,
-                                                                               e.reference_answer))
+            responses = [self.tokenizer.response_ids(e.user_message, e.reference_answer)
                          for e in examples]
             return {"batch": build_sequences([e.prompt_ids for e in examples], responses,
                                              align=self.sequence_align).to(self.device),
