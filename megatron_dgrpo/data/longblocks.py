@@ -337,7 +337,7 @@ def _is_string_type(kind: pa.DataType) -> bool:
     return any(check(kind) for check in _STRING_TYPES)
 
 
-def _null_mask(parquet: pq.ParquetFile, group: int, column: str) -> np.ndarray:
+def column_null_mask(parquet: pq.ParquetFile, group: int, column: str) -> np.ndarray:
     """Null mask ``[rows]`` of ``column`` in row group ``group``: from the statistics when they
     decide it (no nulls / all null), else read in batches, keeping only the mask."""
     row_group = parquet.metadata.row_group(group)
@@ -362,12 +362,12 @@ def _column_problems(parquet: pq.ParquetFile, group: int, column: str,
         return [] if optional else [(np.ones(small.num_rows, dtype=bool), f"missing {column}")]
     is_string = _is_string_type(schema.field(column).type)
     if optional:
-        return [] if is_string else [(~_null_mask(parquet, group, column), f"wrong_type {column}")]
+        return [] if is_string else [(~column_null_mask(parquet, group, column), f"wrong_type {column}")]
     if column in small.column_names:
         values = small.column(column)
         null = values.is_null().to_numpy(zero_copy_only=False)
     else:
-        values, null = None, _null_mask(parquet, group, column)
+        values, null = None, column_null_mask(parquet, group, column)
     if not is_string:
         return [(null, f"missing {column}"), (~null, f"wrong_type {column}")]
     if values is None:  # documents: not read just to find whitespace-only ones
