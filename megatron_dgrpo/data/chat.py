@@ -28,6 +28,7 @@ tokenized conversation (used for the SFT loss mask).
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from abc import ABC, abstractmethod
@@ -197,7 +198,6 @@ class HFChatTokenizer(_FramedChatTokenizer):
     def __init__(self, tokenizer, name: str = "hf") -> None:
         self.tokenizer = tokenizer
         self.name = name
-        self._plain = _without_added_tokens(tokenizer)
         added = getattr(tokenizer, "added_tokens_decoder", {})
         if bool(getattr(tokenizer, "chat_template", None)):
             user = [{"role": "user", "content": USER_SLOT}]
@@ -214,6 +214,11 @@ class HFChatTokenizer(_FramedChatTokenizer):
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    @functools.cached_property
+    def _plain(self):
+        """The backend without added tokens, built on first use (content with literals)."""
+        return _without_added_tokens(self.tokenizer)
 
     def encode_plain(self, text: str) -> list[int]:
         if self._plain is None:  # no `tokenizers` backend: transformers' own switch
