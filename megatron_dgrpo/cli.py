@@ -33,13 +33,16 @@ _COMMANDS: dict[str, tuple[str, str, str, str]] = {
 
 # name -> {sub-name: (module, add-arguments function, run function, one-line help)}
 _COMMAND_GROUPS: dict[str, tuple[str, dict[str, tuple[str, str, str, str]]]] = {
-    "data": ("LongBlocks data: generate, prepare, tokenizer", {
+    "data": ("LongBlocks data: generate, prepare, tokenizer, rebuild documents", {
         "synth": ("megatron_dgrpo.data.cli", "add_synth_arguments", "run_synth",
                   "generate LongBlocks-style long-context tasks with checkable answers"),
         "tokenizer": ("megatron_dgrpo.data.tiny_tokenizer", "add_tokenizer_arguments",
                       "run_tokenizer", "train a small offline BPE tokenizer (CPU runs, tests)"),
         "prepare": ("megatron_dgrpo.data.cli", "add_prepare_arguments", "run_prepare",
                     "filter and tokenize LongBlocks parquet into shards"),
+        "rebuild-documents": ("megatron_dgrpo.data.rebuild", "add_rebuild_arguments", "run_rebuild",
+                              "fill LongBlocks' null Institutional-Books documents from a local "
+                              "copy of that collection"),
     }),
 }
 

@@ -42,8 +42,8 @@ def run_eval(args: argparse.Namespace) -> int:
     model, config = checkpoint_model(args.checkpoint, ParallelConfig(), tokenizer)
     engine = EmbeddedEngine(model, config.vocab_size, decode=tokenizer.decode)
 
-    def generate(prompts: list[str]) -> list[str]:
-        batch = engine.generate([tokenizer.encode(p) for p in prompts], params)
+    def generate(prompts: list[list[int]]) -> list[str]:
+        batch = engine.generate(prompts, params)
         return [r.text.split(IM_END, 1)[0] for r in batch.rollouts]
 
     evaluate_from_args(args, generate)

@@ -171,8 +171,8 @@ def _evaluate(rank: int, world_size: int, models: list[tuple[str, str]], tokeniz
         model, config = checkpoint_model(checkpoint, ParallelConfig(), tokenizer)
         engine = EmbeddedEngine(model, config.vocab_size, decode=tokenizer.decode)
 
-        def generate(prompts: list[str], engine: EmbeddedEngine = engine) -> list[str]:
-            batch = engine.generate([tokenizer.encode(p) for p in prompts], params)
+        def generate(prompts: list[list[int]], engine: EmbeddedEngine = engine) -> list[str]:
+            batch = engine.generate(prompts, params)
             return [r.text.split(IM_END, 1)[0] for r in batch.rollouts]
 
         loader = LongBlocksLoader(LongBlocksConfig(paths=(heldout_dir,), split="all"), tokenizer)

@@ -4,7 +4,7 @@ side of ``dgrpo eval``.
 The ``dgrpo`` console script adds these arguments to its sub-parsers and calls ``run_*``, which
 return a process exit code (0 success, 2 bad arguments or refused output). ``dgrpo eval`` owns
 the model: it adds :func:`add_eval_data_arguments` to its parser, builds a
-``generate(prompts) -> responses`` callable from ``--checkpoint`` and calls
+``generate(prompt_ids) -> responses`` callable from ``--checkpoint`` and calls
 :func:`evaluate_from_args`.
 """
 
@@ -129,11 +129,7 @@ def run_prepare(args: argparse.Namespace) -> int:
     except (OutputExistsError, ValueError) as error:
         print(f"dgrpo data prepare: error: {error}", file=sys.stderr)
         return 2
-    print(
-        json.dumps(
-            {"kept": summary.kept, "skipped": dict(summary.skipped), "filtered": dict(summary.filtered)}
-        )
-    )
+    print(json.dumps(summary.to_dict()))
     return 0
 
 
@@ -150,7 +146,8 @@ def add_eval_data_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def evaluate_from_args(args: argparse.Namespace, generate: Generate) -> EvalTable:
-    """Load ``--data``, generate with ``generate(prompts) -> responses``, write and return the table."""
+    """Load ``--data``, generate with ``generate(prompt_ids) -> responses`` (token ids of the
+    chat-formatted prompts), write and return the table."""
     from .chat import load_chat_tokenizer
     from .evaluate import evaluate
     from .longblocks import LongBlocksConfig, LongBlocksLoader

@@ -1,7 +1,9 @@
 """Evaluation: score generations per task family x length bucket x needle depth (RULER-style).
 
-Generation is a callable ``generate(prompts: list[str]) -> list[str]`` taking chat-formatted prompt
-texts, so any engine plugs in (the embedded Megatron engine, vLLM, or a test oracle). Scores come
+Generation is a callable ``generate(prompts: list[list[int]]) -> list[str]`` taking the
+chat-formatted prompts as token ids (``LongBlocksExample.prompt_ids``: never re-encoded from text,
+so a document's special-token literals stay text), so any engine plugs in (the embedded Megatron
+engine, vLLM, or a test oracle). Scores come
 from :class:`~.rewards.RewardConfig` (per-task reward, answer extraction) and are reported as
 percentages (mean reward x 100).
 
@@ -28,7 +30,7 @@ from ..outputs import atomic_output_dir, refuse_existing
 from .rewards import RewardConfig
 from .synth.length import format_length, parse_length
 
-Generate = Callable[[list[str]], list[str]]
+Generate = Callable[[list[list[int]]], list[str]]
 ALL = "all"
 NO_DEPTH = "n/a"
 
@@ -38,7 +40,7 @@ class EvalItem:
     """One prompt to answer and where it falls in the breakdown."""
 
     id: str
-    prompt: str
+    prompt_ids: tuple[int, ...]
     reference: str
     task: str | None
     family: str
@@ -64,7 +66,7 @@ def eval_item(example: LongBlocksExample) -> EvalItem:
     depth = meta.get("needle_depth_target")
     return EvalItem(
         id=example.id,
-        prompt=example.prompt,
+        prompt_ids=tuple(example.prompt_ids),
         reference=example.reference_answer,
         task=meta.get("task"),
         family=meta.get("task_family") or f"longblocks:{example.source}",
@@ -84,7 +86,7 @@ def score_items(
     batch: list[EvalItem] = []
 
     def flush() -> None:
-        responses = generate([i.prompt for i in batch])
+        responses = generate([list(i.prompt_ids) for i in batch])
         if len(responses) != len(batch):
             raise ValueError(f"generate returned {len(responses)} responses for {len(batch)} prompts")
         for item, response in zip(batch, responses):
@@ -212,7 +214,7 @@ class EvalTable:
 
 def _keys_without_prompt(item: EvalItem) -> dict:
     """The item's fields minus its (possibly 100K-token) prompt."""
-    return {key: value for key, value in asdict(item).items() if key != "prompt"}
+    return {key: value for key, value in asdict(item).items() if key != "prompt_ids"}
 
 
 def write_report(table: EvalTable, out_dir: str | Path) -> dict[str, Path]:

@@ -3,7 +3,7 @@
 Output columns: id, source, language, prompt_ids (list<int32>, the chat-formatted prompt),
 answer_ids (the reference answer as an assistant turn) and one ``<teacher column>_ids`` list per
 teacher (null when that teacher's response is absent). ``summary.json`` holds the loader's counts
-of kept, skipped (bad) and filtered rows.
+of kept, skipped (bad) and filtered rows, and their prompt tokens where known.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def response_ids(example: LongBlocksExample, tokenizer: ChatTokenizer, response:
     ``example.prompt_ids + response_ids(...)`` is the tokenized conversation, ready for
     :class:`~.pack.Sample` (SFT on the reference answer or on a teacher response).
     """
-    return tokenizer.encode(tokenizer.render_response(example.user_message, response))
+    return tokenizer.response_ids(example.user_message, response)
 
 
 def tokenized_row(example: LongBlocksExample, tokenizer: ChatTokenizer) -> dict:
@@ -80,10 +80,5 @@ def prepare_longblocks(
         if rows or shard == 0:
             flush()
         summary = loader.summary
-        (tmp / "summary.json").write_text(
-            json.dumps(
-                {"kept": summary.kept, "skipped": dict(summary.skipped), "filtered": dict(summary.filtered)},
-                indent=2,
-            )
-        )
+        (tmp / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2))
     return loader.summary

@@ -16,6 +16,8 @@ TEACHER_COLUMNS = (
     "response_Nemotron-3-Nano-30B-A3B",
 )
 PUBLIC_COLUMNS = REQUIRED_COLUMNS + TEACHER_COLUMNS
+# The source whose public rows ship with document = null (rebuilt by `dgrpo data rebuild-documents`).
+INSTITUTIONAL_BOOKS = "Institutional-Books-1.0"
 PUBLIC_SCHEMA = pa.schema([(name, pa.string()) for name in PUBLIC_COLUMNS])
 SYNTH_METADATA_SCHEMA = pa.schema(
     [

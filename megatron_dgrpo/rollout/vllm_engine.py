@@ -130,8 +130,9 @@ class VLLMEngine:
     """Rollouts from a colocated ``vllm.LLM`` (see the module docstring).
 
     Args:
-        model_dir: Hugging Face directory (config.json + safetensors); its tokenizer is
-            loaded if present (needed for ``stop_strings`` and ``Rollout.text``).
+        model_dir: Hugging Face directory (config.json + safetensors: ``.bin`` / ``.pt``
+            pickles are not loaded, nor code from the directory); its tokenizer is loaded if
+            present (needed for ``stop_strings`` and ``Rollout.text``).
         dtype: weights and activations ("float32", "bfloat16", or "auto" = config.json).
         max_model_len: longest prompt + response, in tokens.
         kv_cache_gib: KV-cache size on CPU (GiB); on GPU ``gpu_memory_utilization`` rules.
@@ -171,6 +172,7 @@ class VLLMEngine:
         has_tokenizer = any((Path(model_dir) / f).is_file() for f in _TOKENIZER_FILES)
         start = time.perf_counter()
         self.llm = LLM(self.model_dir, dtype=dtype, seed=seed, max_model_len=max_model_len,
+                       load_format="safetensors", trust_remote_code=False,  # no pickles, no repo code
                        skip_tokenizer_init=not has_tokenizer, logprobs_mode=LOGPROBS_MODE,
                        enforce_eager=self.on_cpu, generation_config="vllm",
                        enable_sleep_mode=not self.on_cpu,

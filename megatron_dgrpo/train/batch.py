@@ -124,8 +124,7 @@ class StepBatch:
 def answer_ids(tokenizer, example: LongBlocksExample) -> list[int]:
     """Token ids of the assistant turn answering ``example`` with its reference answer
     (reply plus end-of-turn marker), as they follow the prompt in a full conversation."""
-    return tokenizer.encode(tokenizer.render_response(example.user_message,
-                                                      example.reference_answer))
+    return tokenizer.response_ids(example.user_message, example.reference_answer)
 
 
 def answer_sequences(examples: Sequence[LongBlocksExample], tokenizer,

@@ -35,7 +35,7 @@ from megatron_dgrpo.algorithms.inputs import TokenBatch
 from megatron_dgrpo.algorithms.metrics import LossMetrics
 from megatron_dgrpo.data.chat import load_chat_tokenizer
 from megatron_dgrpo.data.rewards import overlong_penalty
-from megatron_dgrpo.data.longblocks import LongBlocksLoader
+from megatron_dgrpo.data.longblocks import LongBlocksLoader, scan
 from megatron_dgrpo.data.mix import ExampleStream
 from megatron_dgrpo.parallel.collectives import reduce_scalar
 from megatron_dgrpo.parallel.context import (
@@ -73,6 +73,7 @@ class Trainer:
 
         self.config = config
         self.objective = config.loss.spec
+        scan(config.data)  # refuses data with too many unusable rows, before any model work
         initialize_parallel(config.parallel, config.seed)
         self.tp_group = ps.get_tensor_model_parallel_group()
         self.dp_group = ps.get_data_parallel_group()

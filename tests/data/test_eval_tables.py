@@ -25,11 +25,11 @@ def synthetic_examples(tmp_path_factory, hf_tokenizer_dir):
 
 def shallow_oracle(examples):
     """Answers right (in the `Answer:` convention) iff depth < 0.75, and at 512 tokens only at depth 0."""
-    by_prompt = {e.prompt: e for e in examples}
+    by_prompt = {tuple(e.prompt_ids): e for e in examples}
 
     def generate(prompts):
         responses = []
-        for prompt in prompts:
+        for prompt in map(tuple, prompts):
             meta = by_prompt[prompt].metadata
             depth_limit = 0.75 if meta["length_bucket"] == "256" else 0.25
             right = meta["needle_depth_target"] < depth_limit
@@ -83,8 +83,9 @@ def test_wrong_answer_formats_and_partial_rewards_score_as_documented(synthetic_
     lists = [e for e in synthetic_examples if e.metadata["task"] == "list_items"]
 
     def half_the_items(prompts):
-        reference = {e.prompt: e.reference_answer.split("; ") for e in lists}
-        return [f"<answer>{'; '.join(reference[p][: len(reference[p]) // 2 or 1])}</answer>" for p in prompts]
+        reference = {tuple(e.prompt_ids): e.reference_answer.split("; ") for e in lists}
+        return [f"<answer>{'; '.join(reference[p][: len(reference[p]) // 2 or 1])}</answer>"
+                for p in map(tuple, prompts)]
 
     table = evaluate(lists, half_the_items)
     expected = []
@@ -120,7 +121,7 @@ def test_length_buckets_and_generate_contract():
 
 
 class _Stub:
-    id, prompt, reference_answer, source, num_prompt_tokens, metadata = "x", "p", "r", "wiki", 10, {}
+    id, prompt_ids, reference_answer, source, num_prompt_tokens, metadata = "x", [1], "r", "wiki", 10, {}
 
 
 def test_eval_command_data_side_writes_the_report_and_refuses_existing_output(

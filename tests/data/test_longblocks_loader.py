@@ -64,9 +64,16 @@ def test_bad_rows_are_skipped_and_counted_never_raised(tmp_path, tokenizer, publ
         "wrong_type id": 1,
         "missing language": 1,
         f"wrong_type {TEACHER_COLUMNS[1]}": 1,
-        "unreadable_file": 1,
     }
-    assert "kept 2; skipped 8" in summary.format()
+    assert summary.unreadable_files == 1
+    assert summary.skipped_tokens["over_length"] > 2000 and len(summary.skipped_tokens) == 1
+    assert summary.kept_tokens == sum(e.num_prompt_tokens for e in examples)
+    text = summary.format()
+    assert "kept 2 rows" in text and "skipped 7 rows (77.8% of the rows not filtered out" in text
+    assert "missing document: 1 rows, tokens unknown: no document" in text
+    assert f"over_length: 1 rows, {summary.skipped_tokens['over_length']:,} prompt tokens" in text
+    assert "empty question: 1 rows, tokens unknown: not tokenized" in text
+    assert text.endswith("; 1 unreadable files")
 
 
 def test_length_language_and_source_filters(tmp_path, tokenizer, public_row, write_parquet):

@@ -117,5 +117,7 @@ def test_prepare_writes_tokenized_shards_and_a_summary(tmp_path, hf_tokenizer_di
     assert tokenizer.decode(table[0]["response_Qwen3-Next-80B-A3B_ids"]) == "Answer: green<|im_end|>\n"
     assert table[0]["response_Qwen3.5-27B_ids"] is None
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert summary == {"kept": 1, "skipped": {"empty answer": 1}, "filtered": {"language": 1}}
+    assert summary == {"kept": 1, "kept_tokens": len(table[0]["prompt_ids"]),
+                       "skipped": {"empty answer": 1}, "skipped_tokens": {},
+                       "filtered": {"language": 1}, "unreadable_files": 0}
     assert run_prepare(args) == 2  # refuses to overwrite

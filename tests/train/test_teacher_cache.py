@@ -46,8 +46,7 @@ def test_cache_matches_transformers_teacher(teacher_setup):
     assert cache.k == 8
     loader = LongBlocksLoader(LongBlocksConfig(paths=(str(root / "data"),), split="all"), tokenizer)
     for _, example in zip(range(4), loader):
-        response = tokenizer.encode(tokenizer.render_response(example.user_message,
-                                                              example.reference_answer))
+        response = tokenizer.response_ids(example.user_message, example.reference_answer)
         sequence = torch.tensor([example.prompt_ids + response])
         with torch.no_grad():
             logp = torch.log_softmax(teacher(sequence).logits[0].double(), dim=-1)
