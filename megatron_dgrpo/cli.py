@@ -40,6 +40,9 @@ _COMMAND_GROUPS: dict[str, tuple[str, dict[str, tuple[str, str, str, str]]]] = {
                       "run_tokenizer", "train a small offline BPE tokenizer (CPU runs, tests)"),
         "prepare": ("megatron_dgrpo.data.cli", "add_prepare_arguments", "run_prepare",
                     "filter and tokenize LongBlocks parquet into shards"),
+        "teacher-responses": ("megatron_dgrpo.train.teacher_responses",
+                              "add_teacher_responses_arguments", "run_teacher_responses",
+                              "add a column of a teacher's responses (SFT/KD data.target)"),
         "rebuild-documents": ("megatron_dgrpo.data.rebuild", "add_rebuild_arguments", "run_rebuild",
                               "fill LongBlocks' null Institutional-Books documents from a local "
                               "copy of that collection"),

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from megatron_dgrpo.data.chat import IM_END
+from megatron_dgrpo.data.chat import IM_END, reply_text
 from megatron_dgrpo.data.cli import add_eval_data_arguments, evaluate_from_args
 from megatron_dgrpo.parallel.launch import ensure_process_group_env
 
@@ -44,7 +44,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
     def generate(prompts: list[list[int]]) -> list[str]:
         batch = engine.generate(prompts, params)
-        return [r.text.split(IM_END, 1)[0] for r in batch.rollouts]
+        return [reply_text(r.text) for r in batch.rollouts]
 
     evaluate_from_args(args, generate)
     return 0

@@ -153,7 +153,7 @@ def _evaluate(rank: int, world_size: int, models: list[tuple[str, str]], tokeniz
     """Greedy held-out answers of each ``(label, checkpoint)``; scores per label."""
     import torch
 
-    from megatron_dgrpo.data.chat import IM_END, load_chat_tokenizer
+    from megatron_dgrpo.data.chat import IM_END, load_chat_tokenizer, reply_text
     from megatron_dgrpo.data.evaluate import ALL, evaluate
     from megatron_dgrpo.data.longblocks import LongBlocksConfig, LongBlocksLoader
     from megatron_dgrpo.models.config import ParallelConfig
@@ -173,7 +173,7 @@ def _evaluate(rank: int, world_size: int, models: list[tuple[str, str]], tokeniz
 
         def generate(prompts: list[list[int]], engine: EmbeddedEngine = engine) -> list[str]:
             batch = engine.generate(prompts, params)
-            return [r.text.split(IM_END, 1)[0] for r in batch.rollouts]
+            return [reply_text(r.text) for r in batch.rollouts]
 
         loader = LongBlocksLoader(LongBlocksConfig(paths=(heldout_dir,), split="all"), tokenizer)
         table = evaluate(loader, generate, out_dir=Path(eval_root) / label, batch_size=32)

@@ -43,6 +43,12 @@ IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 USER_SLOT, RESPONSE_SLOT = "DGRPOUSERCONTENTSLOT", "DGRPORESPONSECONTENTSLOT"
 
 
+def reply_text(generated: str) -> str:
+    """The assistant's reply in generated text: everything before the first end-of-turn
+    marker (what rewards and evaluation score)."""
+    return generated.split(IM_END, 1)[0]
+
+
 def render_chatml_prompt(user_message: str) -> str:
     """ChatML prompt with the assistant turn opened."""
     return f"{IM_START}user\n{user_message}{IM_END}\n{IM_START}assistant\n"

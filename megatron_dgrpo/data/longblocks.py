@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 
 from .answers import AnswerFormat
 from .chat import ChatTokenizer
-from .schema import INSTITUTIONAL_BOOKS, REQUIRED_COLUMNS, TEACHER_COLUMNS
+from .schema import INSTITUTIONAL_BOOKS, REQUIRED_COLUMNS, RESPONSE_PREFIX, TEACHER_COLUMNS
 
 logger = logging.getLogger(__name__)
 SPLITS = ("train", "validation", "all")
@@ -68,6 +68,11 @@ class LongBlocksConfig:
     answer_format: AnswerFormat = field(default_factory=AnswerFormat)
     max_unusable_fraction: float = 0.05  # scan(): refuse above this share of unusable rows
     allow_unusable: bool = False  # scan(): only warn, whatever the share
+    # What fixed-sequence objectives (SFT, KD) train on after the prompt: "reference" (the
+    # answer column) or a response column, "response_<model>" (LongBlocks' teacher responses,
+    # or one written by `dgrpo data teacher-responses`); rows without it are skipped
+    # ("missing <column>"). Rewards always score against the reference answer.
+    target: str = "reference"
 
     def validate(self) -> None:
         if not self.paths:
@@ -88,6 +93,10 @@ class LongBlocksConfig:
         if not 0.0 <= self.max_unusable_fraction <= 1.0:
             raise ValueError("longblocks.max_unusable_fraction must be in [0, 1], got "
                              f"{self.max_unusable_fraction}")
+        if self.target != "reference" and not self.target.startswith(RESPONSE_PREFIX):
+            raise ValueError(f"data.target must be 'reference' or a response column "
+                             f"'{RESPONSE_PREFIX}<model>' (e.g. {TEACHER_COLUMNS[0]}), got "
+                             f"{self.target!r}")
         self.answer_format.validate()
 
 
@@ -151,6 +160,7 @@ class LongBlocksExample:
     language: str
     teacher_responses: dict[str, str]
     metadata: dict
+    target_answer: str = ""  # what SFT/KD train on (LongBlocksConfig.target); the reference by default
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -233,7 +243,7 @@ class LongBlocksLoader:
             return "split"
         return None
 
-    def _example(self, row: dict) -> LongBlocksExample | tuple[str, int]:
+    def example_of_row(self, row: dict) -> LongBlocksExample | tuple[str, int]:
         """The example, or (skip reason, prompt tokens)."""
         cfg = self.config
         instruction = cfg.answer_format.instruction() if cfg.answer_instruction else None
@@ -243,8 +253,11 @@ class LongBlocksLoader:
             return "over_length", len(prompt_ids)
         if len(prompt_ids) < cfg.min_prompt_tokens:
             return "under_length", len(prompt_ids)
-        teachers = {c: row[c] for c in TEACHER_COLUMNS if isinstance(row.get(c), str) and row[c].strip()}
-        known = set(REQUIRED_COLUMNS) | set(TEACHER_COLUMNS)
+        teachers = {c: v for c, v in row.items()
+                    if c.startswith(RESPONSE_PREFIX) and isinstance(v, str) and v.strip()}
+        if cfg.target != "reference" and cfg.target not in teachers:
+            return f"missing {cfg.target}", len(prompt_ids)
+        known = set(REQUIRED_COLUMNS) | {c for c in row if c.startswith(RESPONSE_PREFIX)}
         return LongBlocksExample(
             id=row["id"],
             prompt=self.tokenizer.render_prompt(user_message),
@@ -255,6 +268,7 @@ class LongBlocksLoader:
             language=row["language"],
             teacher_responses=teachers,
             metadata={k: v for k, v in row.items() if k not in known},
+            target_answer=row["answer"] if cfg.target == "reference" else teachers[cfg.target],
         )
 
     def __iter__(self) -> Iterator[LongBlocksExample]:
@@ -268,7 +282,7 @@ class LongBlocksLoader:
             if problem:
                 summary.skipped[problem] += 1
                 continue
-            example = self._example(row)
+            example = self.example_of_row(row)
             if isinstance(example, tuple):
                 summary.skipped[example[0]] += 1
                 summary.skipped_tokens[example[0]] += example[1]

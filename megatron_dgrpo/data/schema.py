@@ -10,6 +10,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 REQUIRED_COLUMNS = ("id", "document", "source", "language", "question", "answer")
+RESPONSE_PREFIX = "response_"  # a column of one model's responses (teacher outputs)
 TEACHER_COLUMNS = (
     "response_Qwen3-Next-80B-A3B",
     "response_Qwen3.5-27B",

@@ -122,15 +122,17 @@ class StepBatch:
 
 
 def answer_ids(tokenizer, example: LongBlocksExample) -> list[int]:
-    """Token ids of the assistant turn answering ``example`` with its reference answer
-    (reply plus end-of-turn marker), as they follow the prompt in a full conversation."""
-    return tokenizer.response_ids(example.user_message, example.reference_answer)
+    """Token ids of the assistant turn answering ``example`` with its training target
+    (``data.target``: the reference answer or a teacher's response; reply plus end-of-turn
+    marker), as they follow the prompt in a full conversation."""
+    return tokenizer.response_ids(example.user_message,
+                                  example.target_answer or example.reference_answer)
 
 
 def answer_sequences(examples: Sequence[LongBlocksExample], tokenizer,
                      align: int = 1) -> SequenceBatch:
-    """``prompt + reference answer`` of each example as a :class:`SequenceBatch` (width a
-    multiple of ``align``), the loss on the answer tokens."""
+    """``prompt + target answer`` of each example (:func:`answer_ids`) as a
+    :class:`SequenceBatch` (width a multiple of ``align``), the loss on the answer tokens."""
     return build_sequences([e.prompt_ids for e in examples],
                            [answer_ids(tokenizer, e) for e in examples], align=align)
 

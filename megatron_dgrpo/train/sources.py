@@ -41,7 +41,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from megatron_dgrpo.data.chat import IM_END
+from megatron_dgrpo.data.chat import reply_text
 from megatron_dgrpo.data.longblocks import LongBlocksExample
 from megatron_dgrpo.parallel.context import cp_all_gather
 from megatron_dgrpo.rollout.engine import RolloutBatch, SamplingConfig
@@ -67,7 +67,7 @@ def rollout_step_batch(examples: list[LongBlocksExample], rollouts: RolloutBatch
     texts = [r.text if r.text is not None else decode(r.response_ids) for r in rows]
     return StepBatch(
         examples=[examples[r.prompt_index] for r in rows], sequences=sequences,
-        group_size=group_size, responses=[text.split(IM_END, 1)[0] for text in texts],
+        group_size=group_size, responses=[reply_text(text) for text in texts],
         response_lengths=[len(r.response_ids) for r in rows],
         truncated=[r.finish_reason == "length" for r in rows],
         rollout_logp=sequences.per_token([r.logprobs for r in rows]),

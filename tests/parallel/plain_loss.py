@@ -108,12 +108,14 @@ def plain_token_losses(cfg, student_logits, teacher_logits, batch):
     return loss
 
 
-def plain_weights(loss_mask, aggregation):
+def plain_weights(loss_mask, aggregation, length_norm=None):
     """Global aggregation weights [B, T] from the full batch's mask."""
     mask = loss_mask.double()
     if aggregation == "token_mean":
         total = mask.sum()
         return mask / total if total > 0 else torch.zeros_like(mask)
+    if aggregation == "constant_length":  # Dr. GRPO: every row over the same constant
+        return mask / (mask.shape[0] * length_norm)
     per_row = mask.sum(1, keepdim=True)
     sequences = (per_row > 0).sum()
     weights = torch.zeros_like(mask)
@@ -125,5 +127,5 @@ def plain_weights(loss_mask, aggregation):
 def plain_loss(cfg, student_logits, teacher_logits, batch):
     """Scalar loss = sum over loss tokens of weight * per-token loss."""
     token_losses = plain_token_losses(cfg, student_logits, teacher_logits, batch)
-    weights = plain_weights(batch.loss_mask, cfg.aggregation)
+    weights = plain_weights(batch.loss_mask, cfg.aggregation, cfg.length_norm)
     return torch.where(batch.loss_mask, weights * token_losses, 0.0).sum()
