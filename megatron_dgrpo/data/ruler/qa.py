@@ -45,6 +45,15 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+def _read_json(path: str | Path):
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"QA file {path} does not exist") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"QA file {path} is not valid JSON: {error}") from None
+
+
 def load_squad(path: str | Path) -> QADataset:
     """Questions and paragraphs of a SQuAD 2.0 file (answerable questions only)."""
     data = _field(_read_json(path), "data", list, str(path))
