@@ -77,7 +77,9 @@ class WandbLogger:
         self.run.log({name: self._wandb.Table(columns=list(columns), data=[list(r) for r in rows])}, step=step)
 
     def close(self) -> None:
+        """Finish the run and stop W&B's background service, which flushes the run's files."""
         self.run.finish()
+        self._wandb.teardown()
 
 
 __all__ = ["LoggingConfig", "WandbConfig", "WandbLogger"]

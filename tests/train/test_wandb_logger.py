@@ -4,6 +4,7 @@ protobuf ``Record`` messages in 32 KiB blocks) and must hold exactly the scalars
 ``metrics.jsonl``, under the same names, and the evaluation table."""
 
 import json
+import re
 import struct
 import sys
 
@@ -86,7 +87,9 @@ def test_resumed_run_continues_the_same_wandb_run(offline, tmp_path):
     run_id = (run_dir / "wandb_run_id").read_text().strip()
     with MetricsLogger(run_dir, resume_step=1, tensorboard=False, wandb=config) as logger:
         logger.log(2, {"loss": 0.5})
-    assert {p.name.rsplit("-", 1)[-1] for p in run_dir.glob("wandb/offline-run-*")} == {run_id}
+    ids = {re.fullmatch(r"offline-run-\d{8}_\d{6}-([a-z0-9]+)(-\d+)?", p.name).group(1)
+           for p in run_dir.glob("wandb/offline-run-*")}
+    assert ids == {run_id}
 
 
 def test_logging_section_and_missing_package(monkeypatch, tmp_path):
