@@ -33,9 +33,15 @@ _COMMANDS: dict[str, tuple[str, str, str, str]] = {
 
 # name -> {sub-name: (module, add-arguments function, run function, one-line help)}
 _COMMAND_GROUPS: dict[str, tuple[str, dict[str, tuple[str, str, str, str]]]] = {
+<<<<<<< HEAD
     "data": ("LongBlocks data: generate, prepare, tokenizer, rebuild documents", {
+=======
+    "data": ("LongBlocks data: generate, RULER suite, prepare, tokenizer", {
+>>>>>>> eval-suites
         "synth": ("megatron_dgrpo.data.cli", "add_synth_arguments", "run_synth",
                   "generate LongBlocks-style long-context tasks with checkable answers"),
+        "ruler": ("megatron_dgrpo.data.cli", "add_ruler_arguments", "run_ruler",
+                  "generate the RULER-compatible suite (13 tasks) at given lengths as parquet"),
         "tokenizer": ("megatron_dgrpo.data.tiny_tokenizer", "add_tokenizer_arguments",
                       "run_tokenizer", "train a small offline BPE tokenizer (CPU runs, tests)"),
         "prepare": ("megatron_dgrpo.data.cli", "add_prepare_arguments", "run_prepare",

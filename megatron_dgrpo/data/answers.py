@@ -48,10 +48,15 @@ class AnswerFormat:
         )
 
 
+def strip_thinking(response: str) -> str:
+    """``response`` without its ``<think>...</think>`` blocks (an unclosed one runs to the end)."""
+    return _THINK.sub("", response)
+
+
 def extract_answer(response: str, fmt: AnswerFormat | None = None) -> str:
     """The answer part of ``response`` under ``fmt`` (stripped; may be empty)."""
     fmt = fmt or AnswerFormat()
-    text = _THINK.sub("", response) if fmt.strip_thinking else response
+    text = strip_thinking(response) if fmt.strip_thinking else response
     tagged = re.findall(rf"<{fmt.tag}>(.*?)</{fmt.tag}>", text, flags=re.DOTALL | re.IGNORECASE)
     if tagged:
         return tagged[-1].strip()

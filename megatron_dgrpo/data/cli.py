@@ -1,5 +1,5 @@
-"""Argument parsing and entry points for ``dgrpo data synth``, ``dgrpo data prepare`` and the data
-side of ``dgrpo eval``.
+"""Argument parsing and entry points for ``dgrpo data synth``, ``dgrpo data ruler``, ``dgrpo data
+prepare`` and the data side of ``dgrpo eval`` (``--suite``: :mod:`.suites`).
 
 The ``dgrpo`` console script adds these arguments to its sub-parsers and calls ``run_*``, which
 return a process exit code (0 success, 2 bad arguments or refused output). ``dgrpo eval`` owns
@@ -11,7 +11,6 @@ the model: it adds :func:`add_eval_data_arguments` to its parser, builds a
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import sys
 from typing import TYPE_CHECKING
@@ -92,6 +91,36 @@ def run_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_ruler_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``dgrpo data ruler`` (the RULER-compatible suite as parquet files)."""
+    from .suites import add_ruler_options
+
+    parser.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    parser.add_argument("--tokenizer", default=None,
+                        help="the model's tokenizer (HF dir or sentencepiece .model) to measure lengths "
+                             "(default: the approximate counter)")
+    add_ruler_options(parser, lengths_default="4k,8k,16k,32k,64k,128k")
+
+
+def run_ruler(args: argparse.Namespace) -> int:
+    """Generate the RULER suite as configured by :func:`add_ruler_arguments`."""
+    from .ruler.writer import write_ruler_suite
+    from .suites import ruler_config
+
+    try:
+        config = ruler_config(args)
+        total = len(config.lengths) * len(config.task_names) * config.num_per_task
+        with _progress() as progress:
+            bar = progress.add_task("ruler", total=total)
+            files = write_ruler_suite(config, args.out, on_example=lambda: progress.advance(bar))
+    except (OutputExistsError, ValueError) as error:
+        print(f"dgrpo data ruler: error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {total} examples ({len(config.task_names)} tasks x {len(config.lengths)} lengths x "
+          f"{config.num_per_task}) in {len(files)} files to {args.out}")
+    return 0
+
+
 def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``dgrpo data prepare`` (LongBlocks parquet -> filtered, tokenized shards)."""
     parser.add_argument("--data", nargs="+", required=True, help="LongBlocks parquet files or directories")
@@ -135,31 +164,45 @@ def run_prepare(args: argparse.Namespace) -> int:
 
 def add_eval_data_arguments(parser: argparse.ArgumentParser) -> None:
     """The data options of ``dgrpo eval`` (the caller adds ``--checkpoint`` and engine options)."""
+    from .suites import SUITES, add_ruler_options
+
+    parser.add_argument("--suite", default="longblocks", choices=SUITES,
+                        help="what to score (see megatron_dgrpo/data/suites.py); default longblocks")
     parser.add_argument(
-        "--data", nargs="+", required=True, help="parquet files or directories to evaluate on"
-    )
+        "--data", nargs="+", default=None,
+        help="files or directories to evaluate on (parquet; LongBench / short-context JSON(L)); "
+             "--suite ruler without --data generates the suite")
     parser.add_argument("--tokenizer", required=True, help="HF tokenizer dir or sentencepiece .model")
     parser.add_argument("--report-dir", required=True, help="new directory for scores.md/json, heatmap.png")
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per generate() call")
-    parser.add_argument("--max-prompt-tokens", type=int, default=131072)
+    parser.add_argument("--max-prompt-tokens", type=int, default=131072,
+                        help="longer prompts are skipped (LongBlocks, RULER files) or cut in the middle (LongBench)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N usable rows")
+    add_ruler_options(parser.add_argument_group("--suite ruler"), lengths_default=None)
 
 
 def evaluate_from_args(args: argparse.Namespace, generate: Generate) -> EvalTable:
+<<<<<<< HEAD
     """Load ``--data``, generate with ``generate(prompt_ids) -> responses`` (token ids of the
     chat-formatted prompts), write and return the table."""
+=======
+    """Read ``--suite``'s data, generate with ``generate(prompts) -> responses``, write and return the table."""
+>>>>>>> eval-suites
     from .chat import load_chat_tokenizer
-    from .evaluate import evaluate
-    from .longblocks import LongBlocksConfig, LongBlocksLoader
+    from .evaluate import evaluate_items
+    from .suites import plan_suite
     from ..outputs import refuse_existing
 
     if args.limit is not None and args.limit <= 0:
         raise ValueError(f"--limit must be positive, got {args.limit}")
     refuse_existing(args.report_dir)
-    config = LongBlocksConfig(paths=tuple(args.data), split="all", max_prompt_tokens=args.max_prompt_tokens)
-    loader = LongBlocksLoader(config, load_chat_tokenizer(args.tokenizer))
-    examples = itertools.islice(loader, args.limit) if args.limit else loader
-    table = evaluate(examples, generate, out_dir=args.report_dir, batch_size=args.batch_size)
+    plan = plan_suite(args, load_chat_tokenizer(args.tokenizer))
+    table = evaluate_items(plan.items, generate, plan.scorer, out_dir=args.report_dir,
+                           batch_size=args.batch_size, summaries=plan.summaries)
     print(table.to_markdown())
-    print(f"LongBlocks rows: {loader.summary.format()}")
+    for name, text in (plan.summaries(table) if plan.summaries else {}).items():
+        if name.endswith(".md"):
+            print(text)
+    if plan.note:
+        print(plan.note())
     return table

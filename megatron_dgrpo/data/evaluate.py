@@ -1,11 +1,19 @@
 """Evaluation: score generations per task family x length bucket x needle depth (RULER-style).
 
+<<<<<<< HEAD
 Generation is a callable ``generate(prompts: list[list[int]]) -> list[str]`` taking the
 chat-formatted prompts as token ids (``LongBlocksExample.prompt_ids``: never re-encoded from text,
 so a document's special-token literals stay text), so any engine plugs in (the embedded Megatron
 engine, vLLM, or a test oracle). Scores come
 from :class:`~.rewards.RewardConfig` (per-task reward, answer extraction) and are reported as
 percentages (mean reward x 100).
+=======
+Generation is a callable ``generate(prompts: list[str]) -> list[str]`` taking chat-formatted prompt
+texts, so any engine plugs in (the embedded Megatron engine, vLLM, or a test oracle). Scores come
+from a scorer ``score(item, response) -> float in [0, 1]``: by default :class:`~.rewards.RewardConfig`
+(per-task reward, answer extraction); suites with their own metrics (:mod:`.longbench`) bring
+theirs. They are reported as percentages (mean score x 100).
+>>>>>>> eval-suites
 
 Outputs of :func:`write_report`: ``scores.json`` (every cell with its count and mean),
 ``scores.md`` (family x length table with averages, then depth x length), ``heatmap.png``
@@ -75,11 +83,21 @@ def eval_item(example: LongBlocksExample) -> EvalItem:
     )
 
 
-def score_items(
-    items: Iterable[EvalItem], generate: Generate, rewards: RewardConfig, batch_size: int = 16
-) -> list[ScoredItem]:
-    """Generate in batches of ``batch_size`` prompts and score every response."""
+Scorer = Callable[[EvalItem, str], float]
+
+
+def reward_scorer(rewards: RewardConfig) -> Scorer:
+    """Score an item's response with ``rewards`` (its per-task reward and answer extraction)."""
     rewards.validate()
+    return lambda item, response: rewards.score(response, item.reference, item.task)
+
+
+def score_items(
+    items: Iterable[EvalItem], generate: Generate, rewards: RewardConfig | Scorer, batch_size: int = 16
+) -> list[ScoredItem]:
+    """Generate in batches of ``batch_size`` prompts and score every response (with a
+    :class:`~.rewards.RewardConfig` or a scorer ``score(item, response)``)."""
+    score = reward_scorer(rewards) if isinstance(rewards, RewardConfig) else rewards
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     scored: list[ScoredItem] = []
@@ -90,7 +108,7 @@ def score_items(
         if len(responses) != len(batch):
             raise ValueError(f"generate returned {len(responses)} responses for {len(batch)} prompts")
         for item, response in zip(batch, responses):
-            scored.append(ScoredItem(item, response, rewards.score(response, item.reference, item.task)))
+            scored.append(ScoredItem(item, response, score(item, response)))
         batch.clear()
 
     for item in items:
@@ -102,10 +120,16 @@ def score_items(
     return scored
 
 
+# named length buckets of other suites, in reading order (LongBench-E ranges, LongBench-v2 classes)
+_NAMED_BUCKETS = ("0-4k", "4-8k", "8k+", "short", "medium", "long")
+
+
 def _bucket_sort_key(label: str) -> tuple[int, str]:
+    if label in _NAMED_BUCKETS:
+        return (_NAMED_BUCKETS.index(label) - len(_NAMED_BUCKETS), label)
     try:
         return (parse_length(label), label)
-    except ValueError:  # "all" and any non-numeric label sort last
+    except ValueError:  # "all" and any other label sort last
         return (1 << 62, label)
 
 
@@ -217,14 +241,17 @@ def _keys_without_prompt(item: EvalItem) -> dict:
     return {key: value for key, value in asdict(item).items() if key != "prompt_ids"}
 
 
-def write_report(table: EvalTable, out_dir: str | Path) -> dict[str, Path]:
-    """Write ``scores.json``, ``scores.md`` and ``heatmap.png`` as a new directory ``out_dir``.
+def write_report(table: EvalTable, out_dir: str | Path, extra: dict[str, str] | None = None) -> dict[str, Path]:
+    """Write ``scores.json``, ``scores.md``, ``heatmap.png``, ``predictions.jsonl`` and the
+    ``extra`` text files (name -> content, e.g. a suite's own table) as a new directory ``out_dir``.
 
     The directory appears complete or not at all; an existing non-empty one is refused.
     """
     names = {"json": "scores.json", "markdown": "scores.md", "heatmap": "heatmap.png",
-             "predictions": "predictions.jsonl"}
+             "predictions": "predictions.jsonl", **{name: name for name in extra or {}}}
     with atomic_output_dir(out_dir) as tmp:
+        for name, text in (extra or {}).items():
+            (tmp / name).write_text(text)
         (tmp / names["json"]).write_text(table.to_json())
         (tmp / names["predictions"]).write_text("".join(
             json.dumps({**_keys_without_prompt(s.item), "response": s.response, "score": s.score}) + "\n"
@@ -234,6 +261,28 @@ def write_report(table: EvalTable, out_dir: str | Path) -> dict[str, Path]:
     return {kind: Path(out_dir) / name for kind, name in names.items()}
 
 
+def evaluate_items(
+    items: Iterable[EvalItem],
+    generate: Generate,
+    scorer: RewardConfig | Scorer | None = None,
+    out_dir: str | Path | None = None,
+    batch_size: int = 16,
+    summaries: Callable[[EvalTable], dict[str, str]] | None = None,
+) -> EvalTable:
+    """Score ``items`` (default scorer: ``RewardConfig()``).
+
+    With ``out_dir`` the report is written there (see :func:`write_report`), with the extra files
+    ``summaries(table)`` returns; an existing non-empty ``out_dir`` is refused before anything is
+    generated.
+    """
+    if out_dir is not None:
+        refuse_existing(out_dir)
+    table = EvalTable(score_items(items, generate, scorer or RewardConfig(), batch_size))
+    if out_dir is not None:
+        write_report(table, out_dir, summaries(table) if summaries else None)
+    return table
+
+
 def evaluate(
     examples: Iterable[LongBlocksExample],
     generate: Generate,
@@ -241,16 +290,6 @@ def evaluate(
     out_dir: str | Path | None = None,
     batch_size: int = 16,
 ) -> EvalTable:
-    """Score ``examples`` (e.g. a :class:`~.longblocks.LongBlocksLoader` with ``split="all"``).
-
-    With ``out_dir`` the report is written there (see :func:`write_report`); an existing non-empty
-    ``out_dir`` is refused before anything is generated.
-    """
-    if out_dir is not None:
-        refuse_existing(out_dir)
-    table = EvalTable(
-        score_items((eval_item(e) for e in examples), generate, rewards or RewardConfig(), batch_size)
-    )
-    if out_dir is not None:
-        write_report(table, out_dir)
-    return table
+    """Score ``examples`` (e.g. a :class:`~.longblocks.LongBlocksLoader` with ``split="all"``); see
+    :func:`evaluate_items`."""
+    return evaluate_items((eval_item(e) for e in examples), generate, rewards, out_dir, batch_size)

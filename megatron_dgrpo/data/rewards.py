@@ -13,7 +13,15 @@ numeric_match  1 if the first number of each side agrees (relative tolerance 1e-
 abstention     1 if the answer abstains ("unanswerable", "not mentioned", "does not say", ...)
                exactly when the reference does, else 0
 rouge_l        ROUGE-L F-measure (``rouge-score`` package) over the normalized tokens
+ruler_match_all  RULER's ``string_match_all``: the fraction of the references contained in the
+               answer, case-insensitive (no other normalization)
+ruler_match_part RULER's ``string_match_part``: 1 if any reference is contained in the answer,
+               case-insensitive, else 0
 ============== ===================================================================================
+
+**Several references.** A reference holding several acceptable or required answers lists them one
+per line (:func:`join_references` / :func:`split_references`); the ``ruler_*`` rewards read it so.
+The other rewards treat the reference as one text.
 
 Normalization: Unicode NFKC, case-folded, punctuation and symbols become spaces, the English
 articles a/an/the are dropped, whitespace collapses. Tokens are whitespace-separated words, except
@@ -48,6 +56,15 @@ DEFAULT_TASK_REWARDS = {
     "section_lookup": "numeric_match",
     "event_order": "exact_match",
 }
+# RULER's tasks (megatron_dgrpo.data.ruler) and their metrics: QA takes any reference, the rest all
+RULER_TASK_REWARDS = {
+    **{name: "ruler_match_all" for name in (
+        "niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multikey_2",
+        "niah_multikey_3", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe")},
+    "qa_1": "ruler_match_part",
+    "qa_2": "ruler_match_part",
+}
+DEFAULT_TASK_REWARDS.update(RULER_TASK_REWARDS)
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af"
@@ -201,6 +218,37 @@ def rouge_l(answer: str, reference: str) -> float:
     if not text_tokens(answer) and not text_tokens(reference):
         return 1.0
     return float(_ROUGE.score(reference, answer)["rougeL"].fmeasure)
+
+
+def join_references(references: list[str] | tuple[str, ...]) -> str:
+    """One reference string listing ``references`` one per line (each non-empty, without newlines)."""
+    for reference in references:
+        if not reference.strip() or "\n" in reference:
+            raise ValueError(f"a reference must be non-empty and on one line, got {reference!r}")
+    if not references:
+        raise ValueError("at least one reference is needed")
+    return "\n".join(references)
+
+
+def split_references(reference: str) -> list[str]:
+    """The references listed in ``reference`` (one per non-empty line, stripped)."""
+    return [line.strip() for line in reference.splitlines() if line.strip()]
+
+
+def _contained(answer: str, references: list[str]) -> list[bool]:
+    answer = answer.lower()
+    return [r.lower() in answer for r in references]
+
+
+@register_reward("ruler_match_all")
+def ruler_match_all(answer: str, reference: str) -> float:
+    found = _contained(answer, split_references(reference))
+    return sum(found) / len(found) if found else 0.0
+
+
+@register_reward("ruler_match_part")
+def ruler_match_part(answer: str, reference: str) -> float:
+    return float(any(_contained(answer, split_references(reference))))
 
 
 @dataclass

@@ -2,7 +2,9 @@
 
 Public columns (all strings): id, document, source, language, question, answer, and one teacher
 response per teacher model. Synthetic files add task metadata columns after these (see
-:data:`SYNTH_METADATA_SCHEMA`); the teacher columns are null there.
+:data:`SYNTH_METADATA_SCHEMA`); the teacher columns are null there. The RULER suite
+(:mod:`.ruler`) adds ``references`` (every reference answer; ``answer`` lists them one per line)
+and ``max_new_tokens`` (RULER's generation budget for the task) in :data:`RULER_SCHEMA`.
 """
 
 from __future__ import annotations
@@ -36,3 +38,6 @@ SYNTH_METADATA_SCHEMA = pa.schema(
     ]
 )
 SYNTH_SCHEMA = pa.schema(list(PUBLIC_SCHEMA) + list(SYNTH_METADATA_SCHEMA))
+RULER_SCHEMA = pa.schema(
+    list(SYNTH_SCHEMA) + [("references", pa.list_(pa.string())), ("max_new_tokens", pa.int32())]
+)

@@ -26,6 +26,7 @@ from megatron_dgrpo.models.config import ModelConfig, ParallelConfig, Runtime
 from megatron_dgrpo.models.presets import get_preset
 from megatron_dgrpo.rollout.engine import SamplingConfig
 from megatron_dgrpo.train.schedule import learning_rate
+from megatron_dgrpo.train.wandb_logger import LoggingConfig
 
 
 @dataclass
@@ -209,6 +210,7 @@ class RunConfig:
     data: LongBlocksConfig = field(default_factory=LongBlocksConfig)
     rewards: RewardConfig = field(default_factory=RewardConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)  # optional W&B (train/wandb_logger.py)
 
     def validate(self, runtime: Runtime | None = None) -> None:
         """Cross-section checks (each section validated itself already)."""

@@ -1,4 +1,5 @@
-"""Per-step metrics: one JSON object per line in ``RUN_DIR/metrics.jsonl``, and TensorBoard.
+"""Per-step metrics: one JSON object per line in ``RUN_DIR/metrics.jsonl``, TensorBoard, and
+optionally Weights & Biases (:mod:`.wandb_logger`, same names; tables as W&B tables).
 
 Only one rank writes (the caller decides which: usually global rank 0 after the metrics
 have been reduced). Keys are flat strings, grouped by a ``/`` prefix (``reward/mean``,
@@ -15,7 +16,10 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+if TYPE_CHECKING:
+    from megatron_dgrpo.train.wandb_logger import WandbConfig
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -42,10 +46,13 @@ class MetricsLogger:
         resume_step: the step the run resumes after; later records are dropped. ``None``
             for a fresh run, which refuses to append to an existing non-empty metrics file.
         tensorboard: also write TensorBoard event files under ``RUN_DIR/tensorboard``.
+        wandb: also log to this W&B project (:class:`~.wandb_logger.WandbConfig`), with
+            ``run_config`` (a plain mapping) as the W&B run's config.
     """
 
     def __init__(self, run_dir: str | os.PathLike, resume_step: int | None = None,
-                 tensorboard: bool = True):
+                 tensorboard: bool = True, wandb: "WandbConfig | None" = None,
+                 run_config: Mapping[str, Any] | None = None):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / METRICS_FILE
@@ -58,6 +65,11 @@ class MetricsLogger:
             tmp = self.path.with_suffix(".tmp")
             tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
             os.replace(tmp, self.path)
+        self._wandb = None
+        if wandb is not None:
+            from megatron_dgrpo.train.wandb_logger import WandbLogger
+
+            self._wandb = WandbLogger(wandb, self.run_dir, run_config)
         self._file = open(self.path, "a", encoding="utf-8")
         self._writer = None
         if tensorboard:
@@ -76,11 +88,20 @@ class MetricsLogger:
                 self._writer.add_scalar(key, value, step)
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
+        if self._wandb is not None:
+            self._wandb.log(step, metrics)
+
+    def log_table(self, step: int, name: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        """An evaluation table: to W&B as a table when configured (JSONL and TensorBoard keep scalars only)."""
+        if self._wandb is not None:
+            self._wandb.log_table(step, name, columns, rows)
 
     def close(self) -> None:
         self._file.close()
         if self._writer is not None:
             self._writer.close()
+        if self._wandb is not None:
+            self._wandb.close()
 
     def __enter__(self) -> "MetricsLogger":
         return self

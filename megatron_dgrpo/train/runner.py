@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from megatron_dgrpo.config import dump_yaml
+from megatron_dgrpo.config import dump_yaml, to_dict
 from megatron_dgrpo.parallel.collectives import world_rank
 from megatron_dgrpo.train.checkpoint import (
     latest_checkpoint, load_training_checkpoint, save_training_checkpoint)
@@ -57,7 +57,8 @@ def run_training(config: RunConfig, show_progress: bool = True) -> int:
     if writer:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_yaml(config))
-    logger = MetricsLogger(run_dir, resume_step=resumed_from) if writer else None
+    logger = MetricsLogger(run_dir, resume_step=resumed_from, wandb=config.logging.wandb,
+                           run_config=to_dict(config)) if writer else None
     progress = _progress(show_progress and writer, trainer.step, config.steps)
     try:
         with PreemptionGuard() as guard:

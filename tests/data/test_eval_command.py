@@ -68,3 +68,17 @@ def test_eval_refuses_a_tokenizer_larger_than_the_model(eval_setup, sp_model_pat
     assert result.returncode == 2
     assert "do not belong together" in result.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_eval_suite_short_through_the_command(eval_setup, hf_tokenizer_dir, tmp_path):
+    root, _, _ = eval_setup
+    data = tmp_path / "retention.jsonl"
+    data.write_text("".join(json.dumps({"question": f"What is {i} + {i}?", "answer": str(2 * i),
+                                        "metric": "numeric_match"}) + "\n" for i in range(3)))
+    result = _dgrpo("eval", "--checkpoint", str(root / "ckpt"), "--suite", "short", "--data", str(data),
+                    "--tokenizer", str(hf_tokenizer_dir), "--report-dir", str(tmp_path / "report"),
+                    "--max-new-tokens", "4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    predictions = [json.loads(line) for line in (tmp_path / "report" / "predictions.jsonl").open()]
+    assert [p["id"] for p in predictions] == ["retention-1", "retention-2", "retention-3"]
+    assert "| retention |" in result.stdout

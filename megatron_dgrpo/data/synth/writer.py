@@ -6,7 +6,6 @@ output, and an existing non-empty output directory is refused, never overwritten
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -16,16 +15,17 @@ import pyarrow.parquet as pq
 
 from ...outputs import atomic_output_dir
 from ..schema import SYNTH_SCHEMA, TEACHER_COLUMNS
-from .generator import SynthConfig, SynthExample, SynthGenerator
+from .generator import SynthConfig, SynthGenerator
 
 _WORKER_GENERATOR: SynthGenerator | None = None
 
 
-def examples_to_table(examples: list[SynthExample]) -> pa.Table:
-    """A table in :data:`~..schema.SYNTH_SCHEMA`; teacher response columns are null."""
-    columns = {f.name: [getattr(e, f.name) for e in examples] for f in dataclasses.fields(SynthExample)}
-    columns.update({name: [None] * len(examples) for name in TEACHER_COLUMNS})
-    return pa.Table.from_pydict({name: columns[name] for name in SYNTH_SCHEMA.names}, schema=SYNTH_SCHEMA)
+def examples_to_table(examples: list, schema: pa.Schema = SYNTH_SCHEMA) -> pa.Table:
+    """A table in ``schema`` (:data:`~..schema.SYNTH_SCHEMA` by default) from examples with an
+    attribute per column; teacher response columns are null."""
+    columns = {name: ([None] * len(examples) if name in TEACHER_COLUMNS else [getattr(e, name) for e in examples])
+               for name in schema.names}
+    return pa.Table.from_pydict(columns, schema=schema)
 
 
 def _init_worker(config: SynthConfig) -> None:
