@@ -33,11 +33,7 @@ _COMMANDS: dict[str, tuple[str, str, str, str]] = {
 
 # name -> {sub-name: (module, add-arguments function, run function, one-line help)}
 _COMMAND_GROUPS: dict[str, tuple[str, dict[str, tuple[str, str, str, str]]]] = {
-<<<<<<< HEAD
-    "data": ("LongBlocks data: generate, prepare, tokenizer, rebuild documents", {
-=======
-    "data": ("LongBlocks data: generate, RULER suite, prepare, tokenizer", {
->>>>>>> eval-suites
+    "data": ("LongBlocks data: generate, RULER suite, prepare, tokenizer, rebuild documents", {
         "synth": ("megatron_dgrpo.data.cli", "add_synth_arguments", "run_synth",
                   "generate LongBlocks-style long-context tasks with checkable answers"),
         "ruler": ("megatron_dgrpo.data.cli", "add_ruler_arguments", "run_ruler",

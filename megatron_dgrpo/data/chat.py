@@ -154,6 +154,11 @@ class ChatTokenizer(Protocol):
         special tokens added. Never for data content: use ``prompt_ids`` / ``response_ids``."""
         ...
 
+    def encode_plain(self, text: str) -> list[int]:
+        """Token ids of untrusted text outside any template (no chat formatting): control-
+        token literals in it stay text."""
+        ...
+
     def decode(self, ids: list[int]) -> str:
         """Text of ``ids``."""
         ...

@@ -182,12 +182,8 @@ def add_eval_data_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def evaluate_from_args(args: argparse.Namespace, generate: Generate) -> EvalTable:
-<<<<<<< HEAD
-    """Load ``--data``, generate with ``generate(prompt_ids) -> responses`` (token ids of the
-    chat-formatted prompts), write and return the table."""
-=======
-    """Read ``--suite``'s data, generate with ``generate(prompts) -> responses``, write and return the table."""
->>>>>>> eval-suites
+    """Read ``--suite``'s data, generate with ``generate(prompt_ids) -> responses`` (token
+    ids of the chat-formatted prompts), write and return the table."""
     from .chat import load_chat_tokenizer
     from .evaluate import evaluate_items
     from .suites import plan_suite

@@ -1,19 +1,12 @@
 """Evaluation: score generations per task family x length bucket x needle depth (RULER-style).
 
-<<<<<<< HEAD
 Generation is a callable ``generate(prompts: list[list[int]]) -> list[str]`` taking the
 chat-formatted prompts as token ids (``LongBlocksExample.prompt_ids``: never re-encoded from text,
 so a document's special-token literals stay text), so any engine plugs in (the embedded Megatron
-engine, vLLM, or a test oracle). Scores come
-from :class:`~.rewards.RewardConfig` (per-task reward, answer extraction) and are reported as
-percentages (mean reward x 100).
-=======
-Generation is a callable ``generate(prompts: list[str]) -> list[str]`` taking chat-formatted prompt
-texts, so any engine plugs in (the embedded Megatron engine, vLLM, or a test oracle). Scores come
-from a scorer ``score(item, response) -> float in [0, 1]``: by default :class:`~.rewards.RewardConfig`
-(per-task reward, answer extraction); suites with their own metrics (:mod:`.longbench`) bring
-theirs. They are reported as percentages (mean score x 100).
->>>>>>> eval-suites
+engine, vLLM, or a test oracle). Scores come from a scorer ``score(item, response) -> float in
+[0, 1]``: by default :class:`~.rewards.RewardConfig` (per-task reward, answer extraction); suites
+with their own metrics (:mod:`.longbench`) bring theirs. They are reported as percentages (mean
+score x 100).
 
 Outputs of :func:`write_report`: ``scores.json`` (every cell with its count and mean),
 ``scores.md`` (family x length table with averages, then depth x length), ``heatmap.png``

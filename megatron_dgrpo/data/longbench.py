@@ -125,7 +125,7 @@ class LongBenchItem(EvalItem):
 
 def truncate_middle(text: str, tokenizer: ChatTokenizer, max_tokens: int) -> str:
     """``text`` cut to its first and last ``max_tokens // 2`` tokens if it is longer than ``max_tokens``."""
-    ids = tokenizer.encode(text)
+    ids = tokenizer.encode_plain(text)  # document content: control-token literals stay text
     if len(ids) <= max_tokens:
         return text
     half = max_tokens // 2
@@ -159,7 +159,8 @@ def _v1_item(where: str, record: dict, tokenizer: ChatTokenizer, max_prompt_toke
     field(record, "language", str, where)
     prompt = truncate_middle(PROMPTS[name].format(context=context, input=query), tokenizer, max_prompt_tokens)
     return LongBenchItem(
-        id=str(field(record, "_id", str, where)), prompt=prompt if name in NO_CHAT else tokenizer.render_prompt(prompt),
+        id=str(field(record, "_id", str, where)),
+        prompt_ids=tuple(tokenizer.encode_plain(prompt) if name in NO_CHAT else tokenizer.prompt_ids(prompt)),
         reference=answers[0], task=name, family=name, length_bucket=length_bucket(length), depth=NO_DEPTH,
         answers=answers, all_classes=classes)
 
@@ -177,7 +178,8 @@ def _v2_item(where: str, record: dict, tokenizer: ChatTokenizer, max_prompt_toke
     prompt = V2_PROMPT.format(context=text["context"], question=text["question"], A=text["choice_A"],
                               B=text["choice_B"], C=text["choice_C"], D=text["choice_D"])
     return LongBenchItem(
-        id=text["_id"], prompt=tokenizer.render_prompt(truncate_middle(prompt, tokenizer, max_prompt_tokens)),
+        id=text["_id"],
+        prompt_ids=tuple(tokenizer.prompt_ids(truncate_middle(prompt, tokenizer, max_prompt_tokens))),
         reference=value["answer"], task=V2_TASK, family=f"v2:{value['difficulty']}",
         length_bucket=value["length"], depth=NO_DEPTH, answers=(value["answer"],))
 

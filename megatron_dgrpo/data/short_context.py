@@ -45,12 +45,12 @@ def load_short_context(paths: list[str] | tuple[str, ...], tokenizer: ChatTokeni
             answer = field(record, "answer", str, where)
             context = field(record, "context", str, where, optional=True)
             message = f"{context}\n\n{question}" if context else question
-            prompt = tokenizer.render_prompt(f"{message}\n\n{fmt.instruction()}")
+            prompt_ids = tuple(tokenizer.prompt_ids(f"{message}\n\n{fmt.instruction()}"))
             items.append(ShortItem(
                 id=field(record, "id", str, where, optional=True) or f"{stem}-{number}",
-                prompt=prompt, reference=answer, task=metric,
+                prompt_ids=prompt_ids, reference=answer, task=metric,
                 family=field(record, "task", str, where, optional=True) or stem,
-                length_bucket=length_bucket_of(len(tokenizer.encode(prompt))), depth=NO_DEPTH, metric=metric))
+                length_bucket=length_bucket_of(len(prompt_ids)), depth=NO_DEPTH, metric=metric))
     return items
 
 

@@ -86,11 +86,12 @@ def test_v1_prompts_chat_rules_and_scores(tmp_path, hf_tokenizer_dir):
     tokenizer = load_chat_tokenizer(hf_tokenizer_dir)
     items = load_longbench([_write_jsonl(tmp_path / "lb.jsonl", _v1_rows())], tokenizer)
     hotpot, hotpot_e, trec = items
-    assert hotpot.prompt.startswith("<|im_start|>user\nAnswer the question based on the given passages.")
-    assert "Passage 1: Ann wrote the book.\n\nAnswer the question" in hotpot.prompt
+    hotpot_text, trec_text = (tokenizer.decode(list(i.prompt_ids)) for i in (hotpot, trec))
+    assert hotpot_text.startswith("<|im_start|>user\nAnswer the question based on the given passages.")
+    assert "Passage 1: Ann wrote the book.\n\nAnswer the question" in hotpot_text
     assert hotpot.family == hotpot_e.family == "hotpotqa"
     assert (hotpot.length_bucket, hotpot_e.length_bucket, trec.length_bucket) == ("0-4k", "8k+", "0-4k")
-    assert trec.prompt.startswith("Please determine the type of the question below.")  # no chat template
+    assert trec_text.startswith("Please determine the type of the question below.")  # no chat template
     assert longbench_score(hotpot, "Ann Lee.") == 1.0  # best of the answers
     assert longbench_score(hotpot, "<think>maybe Bob</think>Ann") == 1.0
     assert longbench_score(trec, "Location\nDescription") == 1.0  # first line only
@@ -178,10 +179,12 @@ def test_short_context_set_scores_by_its_metric(tmp_path, hf_tokenizer_dir):
              "context": "France is a country."},
             {"question": "Capital of Spain?", "answer": "Madrid", "metric": "exact_match"}]
     path = _write_jsonl(tmp_path / "retention.jsonl", rows)
-    items = load_short_context([path], load_chat_tokenizer(hf_tokenizer_dir))
+    tokenizer = load_chat_tokenizer(hf_tokenizer_dir)
+    items = load_short_context([path], tokenizer)
     assert [i.id for i in items] == ["retention-1", "q2", "retention-3"]
     assert [i.family for i in items] == ["gsm8k", "retention", "retention"]
-    assert "France is a country.\n\nCapital of France?\n\nEnd your reply" in items[1].prompt
+    assert "France is a country.\n\nCapital of France?\n\nEnd your reply" in tokenizer.decode(
+        list(items[1].prompt_ids))
     parser = argparse.ArgumentParser()
     add_eval_data_arguments(parser)
     args = parser.parse_args(["--suite", "short", "--data", str(path), "--tokenizer", str(hf_tokenizer_dir),

@@ -8,6 +8,7 @@ import re
 import pytest
 
 from megatron_dgrpo.cli import main
+from megatron_dgrpo.data.chat import load_chat_tokenizer
 from megatron_dgrpo.data.cli import add_eval_data_arguments, evaluate_from_args
 from megatron_dgrpo.data.evaluate import EvalItem, EvalTable, ScoredItem
 from megatron_dgrpo.data.rewards import REWARDS, RewardConfig, join_references
@@ -92,7 +93,7 @@ def test_ruler_string_match_scores_by_hand():
 
 
 def _scored(task, length, scores):
-    item = EvalItem(id="x", prompt="", reference="r", task=task, family=task, length_bucket=length, depth="n/a")
+    item = EvalItem(id="x", prompt_ids=(), reference="r", task=task, family=task, length_bucket=length, depth="n/a")
     return [ScoredItem(item, "", s) for s in scores]
 
 
@@ -136,10 +137,12 @@ def test_data_ruler_files_and_eval_suite_ruler(tmp_path, hf_tokenizer_dir):
     args = parser.parse_args(["--suite", "ruler", "--data", str(out), "--tokenizer", str(hf_tokenizer_dir),
                               "--report-dir", str(tmp_path / "report"), "--batch-size", "5"])
     prompts = []
+    tokenizer = load_chat_tokenizer(hf_tokenizer_dir)
 
-    def generate(batch):
-        prompts.extend(batch)
-        return [_oracle(p) for p in batch]
+    def generate(batch):  # prompts arrive as token ids
+        texts = [tokenizer.decode(list(ids)) for ids in batch]
+        prompts.extend(texts)
+        return [_oracle(p) for p in texts]
 
     table = evaluate_from_args(args, generate)
     assert len(prompts) == 12 and all("End your reply" not in p for p in prompts)  # RULER's own wording
@@ -155,5 +158,6 @@ def test_data_ruler_files_and_eval_suite_ruler(tmp_path, hf_tokenizer_dir):
                               "--ruler-tasks", "niah_single_1,niah_multivalue,vt", "--tokenizer",
                               str(hf_tokenizer_dir), "--report-dir", str(tmp_path / "report2")])
     again = []
-    evaluate_from_args(args, lambda batch: again.extend(batch) or [_oracle(p) for p in batch])
+    evaluate_from_args(args, lambda batch: again.extend(tokenizer.decode(list(ids)) for ids in batch)
+                       or [_oracle(tokenizer.decode(list(ids))) for ids in batch])
     assert sorted(again) == sorted(prompts)

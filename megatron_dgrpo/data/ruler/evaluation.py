@@ -34,7 +34,8 @@ def generated_items(generator: RulerGenerator, tokenizer: ChatTokenizer) -> Iter
             depth = example.needle_depth_target
             yield EvalItem(
                 id=example.id,
-                prompt=tokenizer.render_prompt(build_user_message(example.document, example.question, None)),
+                prompt_ids=tuple(tokenizer.prompt_ids(
+                    build_user_message(example.document, example.question, None))),
                 reference=example.answer, task=task, family=task, length_bucket=example.length_bucket,
                 depth=NO_DEPTH if depth is None else f"{depth:g}")
 
