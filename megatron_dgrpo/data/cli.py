@@ -41,6 +41,12 @@ def add_synth_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hops", default="1,2,3,4", help="multi-hop chain lengths (1..4)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--unanswerable-share",
+        type=float,
+        default=SynthConfig.unanswerable_share,
+        help="share of `unanswerable` questions whose fact is absent (default 1/3; the rest are answerable)",
+    )
+    parser.add_argument(
         "--tokenizer",
         default=None,
         help="HF tokenizer dir or sentencepiece .model to count tokens (default: approximation)",
@@ -74,6 +80,7 @@ def run_synth(args: argparse.Namespace) -> int:
             hops=tuple(int(x) for x in _csv(args.hops)),
             seed=args.seed,
             tokenizer=args.tokenizer,
+            unanswerable_share=args.unanswerable_share,
         )
         config.validate()
         with _progress() as progress:
@@ -147,10 +154,19 @@ def add_eval_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per generate() call")
     parser.add_argument("--max-prompt-tokens", type=int, default=131072)
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N usable rows")
+    parser.add_argument(
+        "--baseline-data",
+        nargs="+",
+        default=None,
+        help="training parquet files or directories to fit the no-context baseline on "
+        "(default: fit it on the evaluated data itself, labelled in-sample)",
+    )
 
 
 def evaluate_from_args(args: argparse.Namespace, generate: Generate) -> EvalTable:
-    """Load ``--data``, generate with ``generate(prompts) -> responses``, write and return the table."""
+    """Load ``--data``, generate with ``generate(prompts) -> responses``, write and return the table
+    (with the no-context baseline of ``--baseline-data``, or an in-sample one, beside the model)."""
+    from .baseline import NoContextBaseline, read_fit_rows
     from .chat import load_chat_tokenizer
     from .evaluate import evaluate
     from .longblocks import LongBlocksConfig, LongBlocksLoader
@@ -159,10 +175,15 @@ def evaluate_from_args(args: argparse.Namespace, generate: Generate) -> EvalTabl
     if args.limit is not None and args.limit <= 0:
         raise ValueError(f"--limit must be positive, got {args.limit}")
     refuse_existing(args.report_dir)
+    baseline = None
+    if args.baseline_data:
+        fit_on = "--baseline-data " + " ".join(args.baseline_data)
+        baseline = NoContextBaseline.fit(read_fit_rows(args.baseline_data), fit_on=fit_on)
     config = LongBlocksConfig(paths=tuple(args.data), split="all", max_prompt_tokens=args.max_prompt_tokens)
     loader = LongBlocksLoader(config, load_chat_tokenizer(args.tokenizer))
     examples = itertools.islice(loader, args.limit) if args.limit else loader
-    table = evaluate(examples, generate, out_dir=args.report_dir, batch_size=args.batch_size)
+    table = evaluate(examples, generate, out_dir=args.report_dir, batch_size=args.batch_size,
+                     baseline=baseline, baseline_in_sample=baseline is None)
     print(table.to_markdown())
     print(f"LongBlocks rows: {loader.summary.format()}")
     return table
