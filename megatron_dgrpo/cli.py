@@ -33,13 +33,15 @@ _COMMANDS: dict[str, tuple[str, str, str, str]] = {
 
 # name -> {sub-name: (module, add-arguments function, run function, one-line help)}
 _COMMAND_GROUPS: dict[str, tuple[str, dict[str, tuple[str, str, str, str]]]] = {
-    "data": ("LongBlocks data: generate, prepare, tokenizer", {
+    "data": ("LongBlocks data: generate, prepare, tokenizer, no-context baseline", {
         "synth": ("megatron_dgrpo.data.cli", "add_synth_arguments", "run_synth",
                   "generate LongBlocks-style long-context tasks with checkable answers"),
         "tokenizer": ("megatron_dgrpo.data.tiny_tokenizer", "add_tokenizer_arguments",
                       "run_tokenizer", "train a small offline BPE tokenizer (CPU runs, tests)"),
         "prepare": ("megatron_dgrpo.data.cli", "add_prepare_arguments", "run_prepare",
                     "filter and tokenize LongBlocks parquet into shards"),
+        "baseline": ("megatron_dgrpo.data.cli", "add_baseline_arguments", "run_baseline",
+                     "score a data set's no-context baseline (answers from the questions alone)"),
     }),
 }
 

@@ -1,5 +1,5 @@
-"""Argument parsing and entry points for ``dgrpo data synth``, ``dgrpo data prepare`` and the data
-side of ``dgrpo eval``.
+"""Argument parsing and entry points for ``dgrpo data synth``, ``dgrpo data prepare``,
+``dgrpo data baseline`` and the data side of ``dgrpo eval``.
 
 The ``dgrpo`` console script adds these arguments to its sub-parsers and calls ``run_*``, which
 return a process exit code (0 success, 2 bad arguments or refused output). ``dgrpo eval`` owns
@@ -144,6 +144,37 @@ def run_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_baseline_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``dgrpo data baseline`` (the no-context baseline of a data set, no model)."""
+    parser.add_argument("--fit", nargs="+", required=True, help="training parquet files or directories")
+    parser.add_argument("--data", nargs="+", required=True, help="held-out parquet files or directories")
+    parser.add_argument("--tokenizer", required=True, help="HF tokenizer dir or sentencepiece .model")
+    parser.add_argument("--max-prompt-tokens", type=int, default=131072)
+
+
+def run_baseline(args: argparse.Namespace) -> int:
+    """Print what answering ``--data`` from its questions alone scores, per task and per family."""
+    from .baseline import NoContextBaseline, read_fit_rows, task_markdown
+    from .chat import load_chat_tokenizer
+    from .evaluate import eval_item
+    from .longblocks import LongBlocksConfig, LongBlocksLoader
+    from .rewards import RewardConfig
+
+    try:
+        baseline = NoContextBaseline.fit(read_fit_rows(args.fit), fit_on="--fit " + " ".join(args.fit))
+        config = LongBlocksConfig(paths=tuple(args.data), split="all",
+                                  max_prompt_tokens=args.max_prompt_tokens)
+        items = [eval_item(e) for e in LongBlocksLoader(config, load_chat_tokenizer(args.tokenizer))]
+        scores = baseline.score(items, RewardConfig())
+    except ValueError as error:
+        print(f"dgrpo data baseline: error: {error}", file=sys.stderr)
+        return 2
+    print(f"no-context baseline fit on {scores.fit_on}, scored on {len(items)} rows of --data\n")
+    print(task_markdown(scores.table.scored))
+    print(scores.table.to_markdown())
+    return 0
+
+
 def add_eval_data_arguments(parser: argparse.ArgumentParser) -> None:
     """The data options of ``dgrpo eval`` (the caller adds ``--checkpoint`` and engine options)."""
     parser.add_argument(
@@ -159,7 +190,7 @@ def add_eval_data_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         default=None,
         help="training parquet files or directories to fit the no-context baseline on "
-        "(default: fit it on the evaluated data itself, labelled in-sample)",
+        "(default: fit it on the evaluated data itself, leave-one-out, labelled in-sample)",
     )
 
 
@@ -183,7 +214,7 @@ def evaluate_from_args(args: argparse.Namespace, generate: Generate) -> EvalTabl
     loader = LongBlocksLoader(config, load_chat_tokenizer(args.tokenizer))
     examples = itertools.islice(loader, args.limit) if args.limit else loader
     table = evaluate(examples, generate, out_dir=args.report_dir, batch_size=args.batch_size,
-                     baseline=baseline, baseline_in_sample=baseline is None)
+                     baseline=baseline)
     print(table.to_markdown())
     print(f"LongBlocks rows: {loader.summary.format()}")
     return table

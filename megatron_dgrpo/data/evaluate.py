@@ -13,10 +13,11 @@ its keys, reference, response and score, for error analysis). ``all`` rows and c
 (public LongBlocks data) are grouped as family ``longblocks:<source>``, bucketed by prompt length
 to the next power of two, with depth ``n/a``.
 
-With a no-context baseline (:mod:`.baseline`: the most frequent answer of a fit set per task and
-question template, scored by the same rewards), ``scores.md`` adds a ``baseline`` column beside
-each family's ``all`` score and says what the baseline was fit on; ``scores.json`` carries its
-cells under ``"baseline"`` (``null`` without one).
+Every table carries a no-context baseline (:mod:`.baseline`: the most frequent answer of a fit
+set per task and question template, scored by the same rewards), fit on training data when one is
+given and on the evaluated items themselves otherwise (leave-one-out, labelled in-sample):
+``scores.md`` adds a ``baseline`` column beside each family's ``all`` score and says what it was
+fit on; ``scores.json`` carries its cells under ``"baseline"`` (``null`` when turned off).
 """
 
 from __future__ import annotations
@@ -272,7 +273,7 @@ def write_report(table: EvalTable, out_dir: str | Path) -> dict[str, Path]:
     return {kind: Path(out_dir) / name for kind, name in names.items()}
 
 
-IN_SAMPLE = "the evaluated data itself (in-sample: no fit set was given, so it overstates what priors score)"
+IN_SAMPLE = "the evaluated data itself (in-sample: no fit set was given)"
 
 
 def evaluate(
@@ -282,26 +283,29 @@ def evaluate(
     out_dir: str | Path | None = None,
     batch_size: int = 16,
     baseline: NoContextBaseline | None = None,
-    baseline_in_sample: bool = False,
+    in_sample_baseline: bool = True,
 ) -> EvalTable:
     """Score ``examples`` (e.g. a :class:`~.longblocks.LongBlocksLoader` with ``split="all"``).
 
     ``baseline``: a fitted no-context baseline (:mod:`.baseline`) scored beside the model on the
-    same items; ``baseline_in_sample``: instead fit one on the evaluated items themselves (the
-    report says so). With ``out_dir`` the report is written there (see :func:`write_report`); an
-    existing non-empty ``out_dir`` is refused before anything is generated.
+    same items. Without one, a baseline is fit on the evaluated items themselves, each item
+    answered leave-one-out and the report labelled in-sample, unless ``in_sample_baseline`` is
+    False (then the table has no baseline). With
+    ``out_dir`` the report is written there (see :func:`write_report`); an existing non-empty
+    ``out_dir`` is refused before anything is generated.
     """
-    if baseline is not None and baseline_in_sample:
-        raise ValueError("evaluate: give a fitted baseline or baseline_in_sample=True, not both")
     if out_dir is not None:
         refuse_existing(out_dir)
     rewards = rewards or RewardConfig()
     scored = score_items((eval_item(e) for e in examples), generate, rewards, batch_size)
-    if baseline_in_sample:
+    if baseline is None and in_sample_baseline and scored:
         from .baseline import NoContextBaseline
 
-        baseline = NoContextBaseline.fit((s.item for s in scored), fit_on=IN_SAMPLE)
-    table = EvalTable(scored, baseline and baseline.score([s.item for s in scored], rewards))
+        in_sample = NoContextBaseline.fit((s.item for s in scored), fit_on=IN_SAMPLE)
+        baseline_scores = in_sample.score([s.item for s in scored], rewards, leave_out=True)
+    else:
+        baseline_scores = baseline and baseline.score([s.item for s in scored], rewards)
+    table = EvalTable(scored, baseline_scores)
     if out_dir is not None:
         write_report(table, out_dir)
     return table

@@ -95,3 +95,8 @@ def test_a_reader_of_the_document_scores_100_beside_the_baseline(tasks, tmp_path
     model_scores = " | ".join(["100.0"] * (len(table.lengths) + 1))
     assert f"| grounding | {model_scores} | {grounding:.1f} |" in markdown
     assert "fit on seed 0 (800 examples)" in markdown
+    # without a fit set the held-out items are fit on themselves, leave-one-out: low as well
+    in_sample = evaluate(heldout, lambda prompts: [f"Answer: {reference[p]}" for p in prompts])
+    assert "leave-one-out" in in_sample.baseline.fit_on
+    for family in table.families:
+        assert in_sample.baseline.table.score(family) < 40.0, family

@@ -14,8 +14,10 @@ Layout, in order:
    ``max(MIN_SECTIONS, round(target / tokens_per_section))`` sections, so even a 64-token document
    has four (short) ones. Headings and needles are always placed; decoys are kept in their given
    order while they fit in the target; filler sentences fill what is left, stopping at the sentence
-   count that lands nearest the target. A document is longer than its target only when its
-   headings and needles alone are (e.g. a 4-hop chain in 128 tokens).
+   count that lands nearest the target. The assembled text is then measured and, when joining
+   the pieces changed the count (BPE merges, separator tokens), the budget is redone once with the
+   difference. A document is longer than its target only when its headings and needles alone are
+   (e.g. a 4-hop chain in 128 tokens with a small-vocabulary tokenizer).
 2. **Body.** Needles with a depth and decoys go between filler sentences at the requested depths.
 3. **Sections.** The body is cut into the sections at the unit boundaries nearest equal token
    shares, each section holding at least one sentence; a needle pinned to a section
@@ -85,6 +87,14 @@ def _nearest_gap(prefix: list[int], wanted: float, lo: int, hi: int) -> int:
     if gap > lo and prefix[gap] - wanted > wanted - prefix[gap - 1]:
         gap -= 1
     return gap
+
+
+def _prefix_sums(pieces: list[Piece]) -> list[int]:
+    """``[0, t0, t0 + t1, ...]``: the tokens before each gap between ``pieces``."""
+    sums = [0]
+    for piece in pieces:
+        sums.append(sums[-1] + piece.tokens)
+    return sums
 
 
 def _prefix_within(pieces: list[Piece], budget: int) -> list[Piece]:
@@ -183,9 +193,7 @@ class DocumentBuilder:
     @staticmethod
     def _insert_by_depth(base: list[Piece], units: list[Piece], depths: list[float]) -> list[Piece]:
         """``base`` with ``units`` inserted between its pieces at the given depths (in body tokens)."""
-        prefix = [0]
-        for piece in base:
-            prefix.append(prefix[-1] + piece.tokens)
+        prefix = _prefix_sums(base)
         total = prefix[-1] + sum(u.tokens for u in units)
         gaps: dict[int, list[Piece]] = {}
         lowest_gap, placed_tokens = 0, 0
@@ -204,9 +212,7 @@ class DocumentBuilder:
     @staticmethod
     def _split(body: list[Piece], num_sections: int) -> list[list[Piece]]:
         """Cut ``body`` (at least ``num_sections`` pieces) into non-empty runs of about equal tokens."""
-        prefix = [0]
-        for piece in body:
-            prefix.append(prefix[-1] + piece.tokens)
+        prefix = _prefix_sums(body)
         cuts = [0]
         for k in range(1, num_sections):
             lo, hi = cuts[-1] + 1, len(body) - (num_sections - k)
@@ -216,9 +222,7 @@ class DocumentBuilder:
 
     @staticmethod
     def _insert_in_section(section: list[Piece], unit: Piece, within: float) -> None:
-        prefix = [0]
-        for piece in section:
-            prefix.append(prefix[-1] + piece.tokens)
+        prefix = _prefix_sums(section)
         section.insert(_nearest_gap(prefix, within * prefix[-1], 0, len(section)), unit)
 
     def _render(

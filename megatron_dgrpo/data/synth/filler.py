@@ -79,11 +79,7 @@ class FillerBank:
         self.sentences = [Piece(text, counter.count(text)) for text in texts]
 
     def sample(self, rng: random.Random, budget_tokens: int) -> list[Piece]:
-        """Random sentences whose token counts sum as near ``budget_tokens`` as whole sentences allow.
-
-        Sentences are drawn until the sum reaches the budget; the last one is kept only if that
-        lands nearer the budget than stopping before it. A budget <= 0 gives no sentences.
-        """
+        """Random sentences whose token counts sum to at least ``budget_tokens`` (one may overshoot)."""
         chosen: list[Piece] = []
         total = 0
         while total < budget_tokens:
@@ -93,6 +89,4 @@ class FillerBank:
                 total += sentence.tokens
                 if total >= budget_tokens:
                     break
-        if chosen and total - budget_tokens > budget_tokens - (total - chosen[-1].tokens):
-            chosen.pop()
         return chosen
