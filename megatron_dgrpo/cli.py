@@ -33,7 +33,8 @@ _COMMANDS: dict[str, tuple[str, str, str, str]] = {
 
 # name -> {sub-name: (module, add-arguments function, run function, one-line help)}
 _COMMAND_GROUPS: dict[str, tuple[str, dict[str, tuple[str, str, str, str]]]] = {
-    "data": ("LongBlocks data: generate, RULER suite, prepare, tokenizer, rebuild documents", {
+    "data": ("LongBlocks data: generate, RULER suite, prepare, tokenizer, rebuild documents, "
+             "no-context baseline", {
         "synth": ("megatron_dgrpo.data.cli", "add_synth_arguments", "run_synth",
                   "generate LongBlocks-style long-context tasks with checkable answers"),
         "ruler": ("megatron_dgrpo.data.cli", "add_ruler_arguments", "run_ruler",
@@ -48,6 +49,8 @@ _COMMAND_GROUPS: dict[str, tuple[str, dict[str, tuple[str, str, str, str]]]] = {
         "rebuild-documents": ("megatron_dgrpo.data.rebuild", "add_rebuild_arguments", "run_rebuild",
                               "fill LongBlocks' null Institutional-Books documents from a local "
                               "copy of that collection"),
+        "baseline": ("megatron_dgrpo.data.cli", "add_baseline_arguments", "run_baseline",
+                     "score a data set's no-context baseline (answers from the questions alone)"),
     }),
 }
 

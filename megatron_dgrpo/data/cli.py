@@ -1,5 +1,6 @@
 """Argument parsing and entry points for ``dgrpo data synth``, ``dgrpo data ruler``, ``dgrpo data
-prepare`` and the data side of ``dgrpo eval`` (``--suite``: :mod:`.suites`).
+prepare``, ``dgrpo data baseline`` and the data side of ``dgrpo eval`` (``--suite``:
+:mod:`.suites`).
 
 The ``dgrpo`` console script adds these arguments to its sub-parsers and calls ``run_*``, which
 return a process exit code (0 success, 2 bad arguments or refused output). ``dgrpo eval`` owns
@@ -40,6 +41,12 @@ def add_synth_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hops", default="1,2,3,4", help="multi-hop chain lengths (1..4)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--unanswerable-share",
+        type=float,
+        default=SynthConfig.unanswerable_share,
+        help="share of `unanswerable` questions whose fact is absent (default 1/3; the rest are answerable)",
+    )
+    parser.add_argument(
         "--tokenizer",
         default=None,
         help="HF tokenizer dir or sentencepiece .model to count tokens (default: approximation)",
@@ -73,6 +80,7 @@ def run_synth(args: argparse.Namespace) -> int:
             hops=tuple(int(x) for x in _csv(args.hops)),
             seed=args.seed,
             tokenizer=args.tokenizer,
+            unanswerable_share=args.unanswerable_share,
         )
         config.validate()
         with _progress() as progress:
@@ -162,6 +170,37 @@ def run_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_baseline_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``dgrpo data baseline`` (the no-context baseline of a data set, no model)."""
+    parser.add_argument("--fit", nargs="+", required=True, help="training parquet files or directories")
+    parser.add_argument("--data", nargs="+", required=True, help="held-out parquet files or directories")
+    parser.add_argument("--tokenizer", required=True, help="HF tokenizer dir or sentencepiece .model")
+    parser.add_argument("--max-prompt-tokens", type=int, default=131072)
+
+
+def run_baseline(args: argparse.Namespace) -> int:
+    """Print what answering ``--data`` from its questions alone scores, per task and per family."""
+    from .baseline import NoContextBaseline, read_fit_rows, task_markdown
+    from .chat import load_chat_tokenizer
+    from .evaluate import eval_item
+    from .longblocks import LongBlocksConfig, LongBlocksLoader
+    from .rewards import RewardConfig
+
+    try:
+        baseline = NoContextBaseline.fit(read_fit_rows(args.fit), fit_on="--fit " + " ".join(args.fit))
+        config = LongBlocksConfig(paths=tuple(args.data), split="all",
+                                  max_prompt_tokens=args.max_prompt_tokens)
+        items = [eval_item(e) for e in LongBlocksLoader(config, load_chat_tokenizer(args.tokenizer))]
+        scores = baseline.score(items, RewardConfig())
+    except ValueError as error:
+        print(f"dgrpo data baseline: error: {error}", file=sys.stderr)
+        return 2
+    print(f"no-context baseline fit on {scores.fit_on}, scored on {len(items)} rows of --data\n")
+    print(task_markdown(scores.table.scored))
+    print(scores.table.to_markdown())
+    return 0
+
+
 def add_eval_data_arguments(parser: argparse.ArgumentParser) -> None:
     """The data options of ``dgrpo eval`` (the caller adds ``--checkpoint`` and engine options)."""
     from .suites import SUITES, add_ruler_options
@@ -179,11 +218,20 @@ def add_eval_data_arguments(parser: argparse.ArgumentParser) -> None:
                         help="longer prompts are skipped (LongBlocks, RULER files) or cut in the middle (LongBench)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N usable rows")
     add_ruler_options(parser.add_argument_group("--suite ruler"), lengths_default=None)
+    parser.add_argument(
+        "--baseline-data",
+        nargs="+",
+        default=None,
+        help="training parquet files or directories to fit the no-context baseline on "
+        "(default: fit it on the evaluated data itself, leave-one-out, labelled in-sample)",
+    )
 
 
 def evaluate_from_args(args: argparse.Namespace, generate: Generate) -> EvalTable:
     """Read ``--suite``'s data, generate with ``generate(prompt_ids) -> responses`` (token
-    ids of the chat-formatted prompts), write and return the table."""
+    ids of the chat-formatted prompts), write and return the table (with the no-context
+    baseline of ``--baseline-data``, or an in-sample one, beside the model)."""
+    from .baseline import NoContextBaseline, read_fit_rows
     from .chat import load_chat_tokenizer
     from .evaluate import evaluate_items
     from .suites import plan_suite
@@ -192,9 +240,14 @@ def evaluate_from_args(args: argparse.Namespace, generate: Generate) -> EvalTabl
     if args.limit is not None and args.limit <= 0:
         raise ValueError(f"--limit must be positive, got {args.limit}")
     refuse_existing(args.report_dir)
+    baseline = None
+    if args.baseline_data:
+        fit_on = "--baseline-data " + " ".join(args.baseline_data)
+        baseline = NoContextBaseline.fit(read_fit_rows(args.baseline_data), fit_on=fit_on)
     plan = plan_suite(args, load_chat_tokenizer(args.tokenizer))
     table = evaluate_items(plan.items, generate, plan.scorer, out_dir=args.report_dir,
-                           batch_size=args.batch_size, summaries=plan.summaries)
+                           batch_size=args.batch_size, summaries=plan.summaries,
+                           baseline=baseline)
     print(table.to_markdown())
     for name, text in (plan.summaries(table) if plan.summaries else {}).items():
         if name.endswith(".md"):

@@ -15,6 +15,12 @@ its keys, reference, response and score, for error analysis). ``all`` rows and c
 (a micro-average), weighting each cell by its number of items. Rows without synthetic metadata
 (public LongBlocks data) are grouped as family ``longblocks:<source>``, bucketed by prompt length
 to the next power of two, with depth ``n/a``.
+
+Every table carries a no-context baseline (:mod:`.baseline`: the most frequent answer of a fit
+set per task and question template, scored by the same rewards), fit on training data when one is
+given and on the evaluated items themselves otherwise (leave-one-out, labelled in-sample):
+``scores.md`` adds a ``baseline`` column beside each family's ``all`` score and says what it was
+fit on; ``scores.json`` carries its cells under ``"baseline"`` (``null`` when turned off).
 """
 
 from __future__ import annotations
@@ -25,11 +31,15 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .longblocks import LongBlocksExample
 from ..outputs import atomic_output_dir, refuse_existing
 from .rewards import RewardConfig
 from .synth.length import format_length, parse_length
+
+if TYPE_CHECKING:
+    from .baseline import NoContextBaseline
 
 Generate = Callable[[list[list[int]]], list[str]]
 ALL = "all"
@@ -38,7 +48,8 @@ NO_DEPTH = "n/a"
 
 @dataclass(frozen=True)
 class EvalItem:
-    """One prompt to answer and where it falls in the breakdown."""
+    """One prompt to answer and where it falls in the breakdown (``template``: the question
+    template of synthetic rows, None for public ones)."""
 
     id: str
     prompt_ids: tuple[int, ...]
@@ -47,6 +58,7 @@ class EvalItem:
     family: str
     length_bucket: str
     depth: str
+    template: str | None = None
 
 
 @dataclass(frozen=True)
@@ -61,6 +73,11 @@ def length_bucket_of(num_tokens: int) -> str:
     return format_length(1 << max(0, math.ceil(math.log2(max(1, num_tokens)))))
 
 
+def family_of(metadata: dict, source: str) -> str:
+    """A row's task family: synthetic metadata's, else ``longblocks:<source>``."""
+    return metadata.get("task_family") or f"longblocks:{source}"
+
+
 def eval_item(example: LongBlocksExample) -> EvalItem:
     """The breakdown keys of a loaded example (synthetic metadata if present)."""
     meta = example.metadata
@@ -70,9 +87,10 @@ def eval_item(example: LongBlocksExample) -> EvalItem:
         prompt_ids=tuple(example.prompt_ids),
         reference=example.reference_answer,
         task=meta.get("task"),
-        family=meta.get("task_family") or f"longblocks:{example.source}",
+        family=family_of(meta, example.source),
         length_bucket=meta.get("length_bucket") or length_bucket_of(example.num_prompt_tokens),
         depth=NO_DEPTH if depth is None else f"{depth:g}",
+        template=meta.get("question_template"),
     )
 
 
@@ -141,11 +159,21 @@ class Cell:
     score: float  # mean reward x 100
 
 
-class EvalTable:
-    """Mean scores over every (family, length bucket, depth) cell, with ``all`` marginals."""
+@dataclass(frozen=True)
+class BaselineScores:
+    """A no-context baseline's table on the evaluated items, and what the baseline was fit on."""
 
-    def __init__(self, scored: list[ScoredItem]) -> None:
+    table: EvalTable
+    fit_on: str
+
+
+class EvalTable:
+    """Mean scores over every (family, length bucket, depth) cell, with ``all`` marginals, and
+    optionally the no-context baseline's scores on the same items."""
+
+    def __init__(self, scored: list[ScoredItem], baseline: BaselineScores | None = None) -> None:
         self.scored = scored
+        self.baseline = baseline
         sums: dict[tuple[str, str, str], list[float]] = defaultdict(lambda: [0.0, 0])
         for s in scored:
             for family in (s.item.family, ALL):
@@ -166,38 +194,51 @@ class EvalTable:
         cell = self.cells.get((family, length_bucket, depth))
         return cell.score if cell else None
 
-    def to_json(self) -> str:
+    def _sorted_cells(self) -> list[dict]:
         cells = sorted(
             self.cells.values(), key=lambda c: (c.family, _bucket_sort_key(c.length_bucket), c.depth)
         )
+        return [asdict(c) for c in cells]
+
+    def to_json(self) -> str:
+        baseline = self.baseline
         return json.dumps(
             {
                 "families": self.families,
                 "length_buckets": self.lengths,
                 "depths": self.depths,
-                "cells": [asdict(c) for c in cells],
+                "cells": self._sorted_cells(),
+                "baseline": baseline and {"fit_on": baseline.fit_on, "cells": baseline.table._sorted_cells()},
             },
             indent=2,
         )
 
-    def _grid(self, title: str, rows: list[str], row_key: Callable[[str], tuple[str, str]]) -> list[str]:
+    def _grid(
+        self, title: str, rows: list[str], row_key: Callable[[str], tuple[str, str]], with_baseline: bool
+    ) -> list[str]:
         columns = [*self.lengths, ALL]
+        tables = [(self, length) for length in columns]
+        if with_baseline:
+            columns.append("baseline")
+            tables.append((self.baseline.table, ALL))
         lines = [f"| {title} | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
         for row in rows:
-            values = []
-            for length in columns:
-                family, depth = row_key(row)
-                value = self.score(family, length, depth)
-                values.append("-" if value is None else f"{value:.1f}")
-            lines.append(f"| {row} | " + " | ".join(values) + " |")
+            family, depth = row_key(row)
+            values = [table.score(family, length, depth) for table, length in tables]
+            lines.append(f"| {row} | " + " | ".join("-" if v is None else f"{v:.1f}" for v in values) + " |")
         return lines
 
     def to_markdown(self) -> str:
-        """Family x length (RULER style) then depth x length; cells are mean reward x 100."""
+        """Family x length (RULER style, with the baseline column if any) then depth x length;
+        cells are mean reward x 100."""
+        with_baseline = self.baseline is not None
         lines = ["### Score by task family and context length", ""]
-        lines += self._grid("family", [*self.families, ALL], lambda f: (f, ALL))
+        lines += self._grid("family", [*self.families, ALL], lambda f: (f, ALL), with_baseline)
+        if with_baseline:
+            lines += ["", f"baseline: no-context baseline (the most frequent answer per task and question "
+                          f"template, no document), fit on {self.baseline.fit_on}"]
         lines += ["", "### Score by needle depth and context length", ""]
-        lines += self._grid("depth", [*self.depths, ALL], lambda d: (ALL, d))
+        lines += self._grid("depth", [*self.depths, ALL], lambda d: (ALL, d), False)
         return "\n".join(lines) + "\n"
 
     def save_heatmap(self, path: str | Path) -> None:
@@ -254,6 +295,9 @@ def write_report(table: EvalTable, out_dir: str | Path, extra: dict[str, str] | 
     return {kind: Path(out_dir) / name for kind, name in names.items()}
 
 
+IN_SAMPLE = "the evaluated data itself (in-sample: no fit set was given)"
+
+
 def evaluate_items(
     items: Iterable[EvalItem],
     generate: Generate,
@@ -261,16 +305,31 @@ def evaluate_items(
     out_dir: str | Path | None = None,
     batch_size: int = 16,
     summaries: Callable[[EvalTable], dict[str, str]] | None = None,
+    baseline: NoContextBaseline | None = None,
+    in_sample_baseline: bool = True,
 ) -> EvalTable:
     """Score ``items`` (default scorer: ``RewardConfig()``).
 
-    With ``out_dir`` the report is written there (see :func:`write_report`), with the extra files
-    ``summaries(table)`` returns; an existing non-empty ``out_dir`` is refused before anything is
-    generated.
+    ``baseline``: a fitted no-context baseline (:mod:`.baseline`) scored beside the model on the
+    same items with the same scorer. Without one, a baseline is fit on the evaluated items
+    themselves, each item answered leave-one-out and the report labelled in-sample, unless
+    ``in_sample_baseline`` is False (then the table has no baseline). With ``out_dir`` the
+    report is written there (see :func:`write_report`), with the extra files
+    ``summaries(table)`` returns; an existing non-empty ``out_dir`` is refused before anything
+    is generated.
     """
     if out_dir is not None:
         refuse_existing(out_dir)
-    table = EvalTable(score_items(items, generate, scorer or RewardConfig(), batch_size))
+    scorer = scorer or RewardConfig()
+    scored = score_items(items, generate, scorer, batch_size)
+    if baseline is None and in_sample_baseline and scored:
+        from .baseline import NoContextBaseline
+
+        in_sample = NoContextBaseline.fit((s.item for s in scored), fit_on=IN_SAMPLE)
+        baseline_scores = in_sample.score([s.item for s in scored], scorer, leave_out=True)
+    else:
+        baseline_scores = baseline and baseline.score([s.item for s in scored], scorer)
+    table = EvalTable(scored, baseline_scores)
     if out_dir is not None:
         write_report(table, out_dir, summaries(table) if summaries else None)
     return table
@@ -282,7 +341,10 @@ def evaluate(
     rewards: RewardConfig | None = None,
     out_dir: str | Path | None = None,
     batch_size: int = 16,
+    baseline: NoContextBaseline | None = None,
+    in_sample_baseline: bool = True,
 ) -> EvalTable:
-    """Score ``examples`` (e.g. a :class:`~.longblocks.LongBlocksLoader` with ``split="all"``); see
-    :func:`evaluate_items`."""
-    return evaluate_items((eval_item(e) for e in examples), generate, rewards, out_dir, batch_size)
+    """Score ``examples`` (e.g. a :class:`~.longblocks.LongBlocksLoader` with ``split="all"``)
+    beside a no-context baseline; see :func:`evaluate_items`."""
+    return evaluate_items((eval_item(e) for e in examples), generate, rewards, out_dir, batch_size,
+                          baseline=baseline, in_sample_baseline=in_sample_baseline)

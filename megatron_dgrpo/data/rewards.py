@@ -1,23 +1,26 @@
 """Outcome rewards: a registry of answer-vs-reference scores, each a float in [0, 1].
 
-============== ===================================================================================
-name           score of an extracted answer against the reference
-============== ===================================================================================
-exact_match    1 if the normalized strings are equal (normalization below), else 0
-token_f1       F1 of the normalized token multisets (SQuAD-style)
-set_f1         F1 of the sets of normalized items; items are split on ``;`` ``,`` newlines,
-               ``&`` and the word "and"
-numeric_match  1 if the first number of each side agrees (relative tolerance 1e-6); commas are
-               thousands separators ("1,234"), units and currency signs are ignored, the words
-               zero..twenty count; a reference with no number falls back to exact_match
-abstention     1 if the answer abstains ("unanswerable", "not mentioned", "does not say", ...)
-               exactly when the reference does, else 0
-rouge_l        ROUGE-L F-measure (``rouge-score`` package) over the normalized tokens
-ruler_match_all  RULER's ``string_match_all``: the fraction of the references contained in the
-               answer, case-insensitive (no other normalization)
-ruler_match_part RULER's ``string_match_part``: 1 if any reference is contained in the answer,
-               case-insensitive, else 0
-============== ===================================================================================
+========================= ==========================================================================
+name                      score of an extracted answer against the reference
+========================= ==========================================================================
+exact_match               1 if the normalized strings are equal (normalization below), else 0
+token_f1                  F1 of the normalized token multisets (SQuAD-style)
+set_f1                    F1 of the sets of normalized items; items are split on ``;`` ``,`` newlines,
+                          ``&`` and the word "and"
+numeric_match             1 if the first number of each side agrees (relative tolerance 1e-6); commas are
+                          thousands separators ("1,234"), units and currency signs are ignored, the words
+                          zero..twenty count; a reference with no number falls back to exact_match
+abstention                1 if the answer abstains ("unanswerable", "not mentioned", "does not say", ...)
+                          exactly when the reference does, else 0
+abstention_or_exact_match abstention when the reference abstains, else exact_match (an abstaining answer
+                          to an answerable question scores 0); the reward of questions that may or may
+                          not be answerable
+rouge_l                   ROUGE-L F-measure (``rouge-score`` package) over the normalized tokens
+ruler_match_all           RULER's ``string_match_all``: the fraction of the references contained in the
+                          answer, case-insensitive (no other normalization)
+ruler_match_part          RULER's ``string_match_part``: 1 if any reference is contained in the answer,
+                          case-insensitive, else 0
+========================= ==========================================================================
 
 **Several references.** A reference holding several acceptable or required answers lists them one
 per line (:func:`join_references` / :func:`split_references`); the ``ruler_*`` rewards read it so.
@@ -49,7 +52,7 @@ REWARDS: dict[str, RewardFn] = {}
 DEFAULT_TASK_REWARDS = {
     "multihop": "exact_match",
     "counterfactual": "exact_match",
-    "unanswerable": "abstention",
+    "unanswerable": "abstention_or_exact_match",
     "list_items": "set_f1",
     "count_items": "numeric_match",
     "sum_values": "numeric_match",
@@ -203,6 +206,13 @@ def abstention(answer: str, reference: str) -> float:
     return float(is_abstention(answer) == is_abstention(reference))
 
 
+@register_reward("abstention_or_exact_match")
+def abstention_or_exact_match(answer: str, reference: str) -> float:
+    if is_abstention(reference):
+        return float(is_abstention(answer))
+    return exact_match(answer, reference)
+
+
 class _RougeTokenizer:
     """Adapter giving rouge-score our Unicode-aware tokens (its own drops non-ASCII text)."""
 
@@ -284,9 +294,13 @@ class RewardConfig:
     def reward_name(self, task: str | None) -> str:
         return self.per_task.get(task or "", self.default)
 
+    def score_answer(self, answer: str, reference: str, task: str | None = None) -> float:
+        """Score an already extracted ``answer`` against ``reference`` (float in [0, 1])."""
+        return REWARDS[self.reward_name(task)](answer, reference)
+
     def score(self, response: str, reference: str, task: str | None = None) -> float:
         """Extract the answer from ``response`` and score it against ``reference`` (float in [0, 1])."""
-        return REWARDS[self.reward_name(task)](extract_answer(response, self.answer_format), reference)
+        return self.score_answer(extract_answer(response, self.answer_format), reference, task)
 
     def score_all(self, responses: list[str], references: list[str],
                   tasks: list[str | None]) -> list[float]:

@@ -26,6 +26,7 @@ SYNTH_METADATA_SCHEMA = pa.schema(
     [
         ("task_family", pa.string()),
         ("task", pa.string()),
+        ("question_template", pa.string()),
         ("hops", pa.int32()),
         ("length_bucket", pa.string()),
         ("target_tokens", pa.int32()),

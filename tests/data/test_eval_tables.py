@@ -2,6 +2,7 @@
 
 import json
 
+import pyarrow.parquet as pq
 import pytest
 
 from megatron_dgrpo.data.chat import load_chat_tokenizer
@@ -15,7 +16,10 @@ from megatron_dgrpo.data.synth.writer import write_synth_dataset
 @pytest.fixture(scope="module")
 def synthetic_examples(tmp_path_factory, hf_tokenizer_dir):
     out = tmp_path_factory.mktemp("eval") / "data"
-    config = SynthConfig(num_examples=2 * 8 * 3 * 2, lengths=(256, 512), depths=(0.0, 0.5, 1.0), seed=11)
+    # section_lookup is left out: its fact goes to a uniformly drawn section, not to the depth grid
+    tasks = ("multihop", "grounding", "synthesis", "event_order")
+    config = SynthConfig(num_examples=2 * 7 * 3 * 2, lengths=(256, 512), depths=(0.0, 0.5, 1.0), seed=11,
+                         tasks=tasks)
     write_synth_dataset(config, out, shard_size=20)
     loader = LongBlocksLoader(
         LongBlocksConfig(paths=(str(out),), split="all"), load_chat_tokenizer(hf_tokenizer_dir)
@@ -49,7 +53,7 @@ def test_table_numbers_follow_the_oracle(synthetic_examples, tmp_path):
         return oracle(prompts)
 
     table = evaluate(synthetic_examples, generate, out_dir=tmp_path, batch_size=7)
-    assert sum(calls) == 96 and max(calls) == 7
+    assert sum(calls) == 84 and max(calls) == 7
     assert table.lengths == ["256", "512"] and table.depths == ["0", "0.5", "1"]
     assert table.families == ["document", "grounding", "multihop", "synthesis"]
     # 256 tokens: depths 0 and 0.5 right, 1 wrong; 512 tokens: only depth 0 right
@@ -59,7 +63,7 @@ def test_table_numbers_follow_the_oracle(synthetic_examples, tmp_path):
     assert table.score("multihop", "256", "0.5") == 100.0
     assert table.score("synthesis", "512", "0.5") == 0.0
     assert table.score(depth="0") == 100.0 and table.score(depth="1") == 0.0
-    assert table.cells[("all", "all", "all")].count == 96
+    assert table.cells[("all", "all", "all")].count == 84
 
     markdown = (tmp_path / "scores.md").read_text()
     assert "| family | 256 | 512 | all |" in markdown
@@ -154,7 +158,39 @@ def test_eval_command_data_side_writes_the_report_and_refuses_existing_output(
     assert [p["response"] for p in predictions] == ["Answer: green", "Answer: blue", "Answer: green"]
     assert [p["score"] for p in predictions] == [1.0, 0.0, 1.0]
     assert "prompt" not in predictions[0]
-    assert "| longblocks:wiki |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| longblocks:wiki | 66.7 | 66.7 | 100.0 |" in printed  # in-sample baseline: "green" on all
+    assert "fit on the evaluated data itself (in-sample" in printed
     with pytest.raises(OutputExistsError, match="already exists and is not empty"):
         evaluate_from_args(parser.parse_args([*argv, "--report-dir", str(tmp_path / "report")]), generate)
     assert len(prompts_seen) == 3  # refused before generating anything
+
+
+def test_eval_command_prints_a_baseline_fit_on_training_data(tmp_path, hf_tokenizer_dir, capsys):
+    import argparse
+
+    from megatron_dgrpo.data.cli import add_eval_data_arguments, evaluate_from_args
+
+    for name, seed in (("train", 0), ("heldout", 1)):
+        write_synth_dataset(SynthConfig(num_examples=24, lengths=(256,), tasks=("count_items",), seed=seed,
+                                        filler_bank_size=200), tmp_path / name)
+    train_answers = [r["answer"] for r in pq.read_table(tmp_path / "train").to_pylist()]
+    mode = max(train_answers, key=lambda a: (train_answers.count(a), -train_answers.index(a)))
+    heldout = pq.read_table(tmp_path / "heldout").to_pylist()
+    expected = 100 * sum(r["answer"] == mode for r in heldout) / len(heldout)
+    parser = argparse.ArgumentParser()
+    add_eval_data_arguments(parser)
+    args = parser.parse_args(["--data", str(tmp_path / "heldout"), "--tokenizer", str(hf_tokenizer_dir),
+                              "--report-dir", str(tmp_path / "report"),
+                              "--baseline-data", str(tmp_path / "train")])
+    table = evaluate_from_args(args, lambda prompts: ["Answer: 0"] * len(prompts))
+    assert table.baseline.table.score() == pytest.approx(expected)
+    printed = capsys.readouterr().out
+    assert f"| synthesis | 0.0 | 0.0 | {expected:.1f} |" in printed
+    assert f"fit on --baseline-data {tmp_path / 'train'} (24 examples)" in printed
+    missing = parser.parse_args(["--data", str(tmp_path / "heldout"), "--tokenizer", str(hf_tokenizer_dir),
+                                 "--report-dir", str(tmp_path / "r2"),
+                                 "--baseline-data", str(tmp_path / "no")])
+    with pytest.raises(ValueError, match="does not exist"):
+        evaluate_from_args(missing, lambda prompts: pytest.fail("generated before checking the fit set"))
+    assert not (tmp_path / "r2").exists()

@@ -9,6 +9,7 @@ from megatron_dgrpo.data.rewards import (
     REWARDS,
     RewardConfig,
     abstention,
+    abstention_or_exact_match,
     exact_match,
     first_number,
     normalize_text,
@@ -126,6 +127,21 @@ def test_numeric_match(answer, reference, expected):
 )
 def test_abstention(answer, reference, expected):
     assert abstention(answer, reference) == expected
+
+
+@pytest.mark.parametrize(
+    "answer,reference,expected",
+    [
+        ("The document doesn't say.", "unanswerable", 1.0),
+        ("Talvor Quenby", "unanswerable", 0.0),
+        ("Talvor Quenby", "Brim Tiall", 0.0),  # unlike abstention: a wrong name is wrong
+        ("brim tiall.", "Brim Tiall", 1.0),
+        ("unanswerable", "Brim Tiall", 0.0),
+    ],
+)
+def test_abstention_or_exact_match(answer, reference, expected):
+    assert abstention_or_exact_match(answer, reference) == expected
+    assert RewardConfig().score(f"Answer: {answer}", reference, task="unanswerable") == expected
 
 
 def test_rouge_l_matches_the_longest_common_subsequence_by_hand():

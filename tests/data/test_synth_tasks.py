@@ -70,10 +70,9 @@ def check_counterfactual(ex):
 def check_unanswerable(ex):
     relation, person = re.fullmatch(rf"Who is the ([a-z]+) of ({NAME})\?", ex.question).groups()
     facts = parse_facts(ex.document)
-    assert ex.answer == "unanswerable"
-    assert (person, relation) not in facts
-    assert any(subject == person for subject, _ in facts)
-    assert any(r == relation for _, r in facts)  # the relation word alone does not give it away
+    assert facts.get((person, relation), "unanswerable") == ex.answer
+    assert sum(subject == person for subject, _ in facts) == 2  # answerable or not, the same shape
+    assert any(r == relation and s != person for s, r in facts)  # the relation word gives nothing away
 
 
 def items_of(document: str, kind: str) -> list[str]:
@@ -108,7 +107,7 @@ def check_section_lookup(ex):
     ).group(1)
     position = ex.document.index(f"The {fact}.")
     assert ex.document.count(f"The {fact}.") == 1
-    sections = re.findall(r"^## Section (\d+):", ex.document[:position], flags=re.MULTILINE)
+    sections = re.findall(r"^## Section (\d+)\b", ex.document[:position], flags=re.MULTILINE)
     assert sections[-1] == ex.answer
 
 
@@ -141,8 +140,12 @@ def test_recorded_answers_are_recoverable_from_the_documents(examples):
     for ex in examples:
         CHECKERS[ex.task](ex)
         seen.add((ex.task, ex.length_bucket, ex.needle_depth_target))
-    assert len(seen) == len(ALL_TASKS) * 2 * 4
+    # every grid cell is filled; section_lookup places its fact by section, not by the depth grid
+    gridded = {cell for cell in seen if cell[0] != "section_lookup"}
+    assert len(gridded) == (len(ALL_TASKS) - 1) * 2 * 4
     assert {ex.hops for ex in examples if ex.task == "multihop"} == {1, 2, 3, 4}
+    assert {ex.answer for ex in examples if ex.task == "unanswerable"} & {"unanswerable"}
+    assert {ex.answer for ex in examples if ex.task == "unanswerable"} - {"unanswerable"}
 
 
 def primary_needle(ex) -> str:
@@ -169,7 +172,11 @@ def test_needle_depth_recorded_matches_actual_position(examples):
         actual = counter.count(ex.document[:position]) / (total - counter.count(needle))
         assert ex.needle_depth == pytest.approx(actual, abs=1e-9)
         assert ex.needle_depths[0] == ex.needle_depth
-        assert abs(ex.needle_depth - ex.needle_depth_target) <= 60 / total  # within ~one filler sentence
+        if ex.task == "section_lookup":  # the target recorded is the configured depth nearest the fact
+            nearest = min((0.0, 0.3, 0.7, 1.0), key=lambda d: abs(d - actual))
+            assert ex.needle_depth_target == nearest
+        else:
+            assert abs(ex.needle_depth - ex.needle_depth_target) <= 60 / total  # within ~one sentence
         checked += 1
     assert checked == 3 * 2 * 4 * 4
 
@@ -178,7 +185,7 @@ def test_lengths_hit_the_target(examples):
     counter = ApproxTokenCounter()
     for ex in examples:
         assert ex.num_tokens == counter.count(ex.document)
-        assert ex.target_tokens <= ex.num_tokens <= ex.target_tokens + 60
+        assert abs(ex.num_tokens - ex.target_tokens) <= 30  # nearest whole filler sentence (<= 60 tokens)
         assert ex.length_bucket == {1024: "1k", 2048: "2k"}[ex.target_tokens]
 
 
@@ -210,8 +217,9 @@ def test_lengths_in_tokens_of_a_real_tokenizer(kind, hf_tokenizer_dir, sp_model_
     assert isinstance(generator.counter, TokenizerCounter)
     for index in range(0, 16, 3):
         ex = generator.example(index)
-        assert ex.num_tokens == pytest.approx(len(tokenizer.encode(ex.document)), rel=0.05)
-        assert ex.num_tokens >= 1024
+        assert ex.num_tokens == len(tokenizer.encode(ex.document))  # measured, not summed
+        assert abs(ex.num_tokens - 1024) <= 0.15 * 1024
+        assert ex.length_bucket == "1k"
         assert ex.token_counter == f"tokenizer:{path}"
 
 

@@ -111,6 +111,7 @@ class RulerExample:
     needle_depth_target: float | None = None
     needle_depths: list[float] = field(default_factory=list)
     needle_section: int | None = None
+    question_template: str | None = None  # each RULER task asks in one shape: keyed by the task
     task_family: str = FAMILY
     source: str = SOURCE
     language: str = "en"

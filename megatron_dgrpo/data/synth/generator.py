@@ -4,6 +4,14 @@ Example ``i`` of a run depends only on (config, i): its task, length and needle 
 the grid ``tasks x lengths x depths`` (task fastest, so every cell is equally filled), multi-hop
 examples cycle through ``hops``, and its random stream is seeded by ``"{seed}:{i}"``. Workers can
 therefore generate any index range independently; the output does not depend on how work was split.
+
+Two exceptions to the depth grid keep answers unpredictable from the question: ``section_lookup``
+puts its fact in a uniformly drawn section (a controlled depth would fix the section), and its
+``needle_depth_target`` is the configured depth nearest to where the fact landed.
+
+Lengths are measured: ``num_tokens`` is the whole document counted by the token counter and
+``length_bucket`` the power of two nearest it (:func:`~.length.nearest_bucket`), so a document
+whose task content does not fit its target is labelled by the length it has.
 """
 
 from __future__ import annotations
@@ -16,8 +24,9 @@ from pathlib import Path
 
 from .document import DocumentBuilder, Needle
 from .filler import FillerBank
-from .length import ApproxTokenCounter, TokenCounter, TokenizerCounter, format_length
+from .length import ApproxTokenCounter, TokenCounter, TokenizerCounter, nearest_bucket
 from .tasks import TASK_MAKERS, TaskContext, resolve_tasks
+from .tasks.spec import DEFAULT_UNANSWERABLE_SHARE
 from .words import NameFactory
 
 SOURCE = "synthetic"
@@ -37,6 +46,7 @@ class SynthConfig:
     tokenizer: str | None = None  # path to an HF tokenizer dir or a sentencepiece .model; None: approx
     filler_bank_size: int = 20_000
     tokens_per_section: int = 512
+    unanswerable_share: float = DEFAULT_UNANSWERABLE_SHARE  # of the ``unanswerable`` task's questions
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad option."""
@@ -54,6 +64,8 @@ class SynthConfig:
             raise ValueError(f"synth.filler_bank_size must be positive, got {self.filler_bank_size}")
         if self.tokens_per_section <= 0:
             raise ValueError(f"synth.tokens_per_section must be positive, got {self.tokens_per_section}")
+        if not 0.0 <= self.unanswerable_share <= 1.0:
+            raise ValueError(f"synth.unanswerable_share must be in [0, 1], got {self.unanswerable_share}")
         if self.tokenizer is not None and not Path(self.tokenizer).exists():
             raise ValueError(f"synth.tokenizer {self.tokenizer!r} does not exist")
         resolve_tasks(self.tasks)
@@ -68,9 +80,12 @@ class SynthConfig:
 class SynthExample:
     """One generated row: the public LongBlocks columns that apply plus task metadata.
 
-    ``needle_depth`` is the actual depth of the primary needle, ``needle_depth_target`` the depth
-    that was asked for, ``needle_depths`` the actual depths of all needles (primary first);
-    ``num_tokens`` is the document length under ``token_counter``.
+    ``question_template`` is the question with its entity slots abstracted (the no-context
+    baseline's key); ``needle_depth`` is the actual depth of the primary needle,
+    ``needle_depth_target`` the depth that was asked for (``section_lookup``: the configured depth
+    nearest the actual one), ``needle_depths`` the actual depths of all needles (primary first);
+    ``num_tokens`` is the document length measured by ``token_counter``, ``length_bucket`` the
+    power of two nearest it, ``target_tokens`` the length asked for.
     """
 
     id: str
@@ -79,6 +94,7 @@ class SynthExample:
     answer: str
     task_family: str
     task: str
+    question_template: str
     hops: int
     length_bucket: str
     target_tokens: int
@@ -123,29 +139,35 @@ class SynthGenerator:
         occurrence, grid_pass = index // len(cfg.task_names), index // len(self._grid)
         hops = cfg.hops[(occurrence + grid_pass) % len(cfg.hops)]
         rng = random.Random(f"{cfg.seed}:{index}")
-        spec = TASK_MAKERS[task](TaskContext(rng, NameFactory(rng), hops, length))
+        context = TaskContext(rng, NameFactory(rng), hops, length, cfg.unanswerable_share)
+        spec = TASK_MAKERS[task](context)
         count = len(spec.needles)
         needles = [
             Needle(text, (depth + i / count) % 1.0 if i else depth) for i, text in enumerate(spec.needles)
         ]
-        needles += [Needle(text, rng.random()) for text in spec.decoys]
-        doc = self.builder.build(rng, length, needles)
+        if spec.answer_is_section:
+            section = rng.randint(1, self.builder.num_sections(length))
+            needles[0] = Needle(spec.needles[0], rng.random(), section)
+        decoys = [Needle(text, rng.random()) for text in spec.decoys]
+        doc = self.builder.build(rng, length, needles, decoys)
         primary = doc.needles[0]
-        answer = str(primary.section) if spec.answer_is_section else spec.answer
+        if spec.answer_is_section:
+            depth = min(cfg.depths, key=lambda d: abs(d - primary.depth))
         return SynthExample(
             id=f"synth-{cfg.seed}-{index:08d}",
             document=doc.text,
             question=spec.question,
-            answer=answer,
+            answer=str(primary.section) if spec.answer_is_section else spec.answer,
             task_family=spec.family,
             task=spec.task,
+            question_template=spec.question_template,
             hops=spec.hops,
-            length_bucket=format_length(length),
+            length_bucket=nearest_bucket(doc.num_tokens),
             target_tokens=length,
             num_tokens=doc.num_tokens,
             needle_depth=primary.depth,
             needle_depth_target=depth,
-            needle_depths=[n.depth for n in doc.needles[:count]],
+            needle_depths=[n.depth for n in doc.needles],
             needle_section=primary.section,
             token_counter=self.counter.name,
         )

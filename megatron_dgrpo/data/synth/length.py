@@ -15,6 +15,7 @@ Two counters share one interface, ``count(text) -> int`` (tokens):
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Protocol
 
@@ -81,3 +82,11 @@ def format_length(tokens: int) -> str:
     if tokens % 1024 == 0:
         return f"{tokens // 1024}k"
     return str(tokens)
+
+
+def nearest_bucket(num_tokens: int) -> str:
+    """The power of two nearest ``num_tokens`` on a log scale, as a label: 1100 -> ``"1k"``,
+    1400 -> ``"1k"``, 1500 -> ``"2k"`` (RULER-style buckets for measured lengths)."""
+    if num_tokens <= 0:
+        raise ValueError(f"num_tokens must be positive, got {num_tokens}")
+    return format_length(1 << math.floor(math.log2(num_tokens) + 0.5))

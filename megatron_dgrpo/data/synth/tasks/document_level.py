@@ -1,7 +1,8 @@
 """Document-level understanding: which section states a fact, and the order of dated events.
 
-* ``section_lookup``: the answer is the number of the section holding the stated fact; decoys
-  state the same kind of fact about other places or other materials.
+* ``section_lookup``: the answer is the number of the section holding the stated fact; the fact
+  goes to a uniformly drawn section (every document has at least four), and decoys state the same
+  kind of fact about the same place with another material, or about other places.
 * ``event_order``: four numbered events carry years in the text (not in document order); the
   answer lists their numbers from earliest to latest, e.g. ``"3, 1, 4, 2"``.
 """
@@ -14,6 +15,13 @@ from .spec import TaskContext, TaskSpec
 REBUILT_TEMPLATE = "The {institution} at {place} was rebuilt with {material}."
 EVENT_TEMPLATE = "In {year}, {clause}."
 NUM_EVENTS = 4
+SECTION_QUESTION = (
+    "Which section of the document states that the {institution} at {place} was rebuilt with "
+    "{material}? Give the section number."
+)
+ORDER_QUESTION = (
+    "Order these events from earliest to latest: {listing}. Give the event numbers separated by commas."
+)
 
 
 def make_section_lookup(ctx: TaskContext) -> TaskSpec:
@@ -35,10 +43,8 @@ def make_section_lookup(ctx: TaskContext) -> TaskSpec:
     return TaskSpec(
         family="document",
         task="section_lookup",
-        question=(
-            f"Which section of the document states that the {institution} at {place} was "
-            f"rebuilt with {material}? Give the section number."
-        ),
+        question=SECTION_QUESTION.format(institution=institution, place=place, material=material),
+        question_template=SECTION_QUESTION,
         answer="",
         needles=[fact],
         decoys=decoys,
@@ -67,9 +73,9 @@ def make_event_order(ctx: TaskContext) -> TaskSpec:
     return TaskSpec(
         family="document",
         task="event_order",
-        question=(
-            f"Order these events from earliest to latest: {listing}. "
-            "Give the event numbers separated by commas."
+        question=ORDER_QUESTION.format(listing=listing),
+        question_template=ORDER_QUESTION.format(
+            listing="; ".join(f"({i + 1}) {{event}}" for i in range(NUM_EVENTS))
         ),
         answer=", ".join(str(i + 1) for i in chronological),
         needles=needles,

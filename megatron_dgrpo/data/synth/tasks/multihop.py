@@ -31,6 +31,11 @@ def chain_question(start: str, relations: list[str]) -> str:
     return f"Who is {phrase}?"
 
 
+def chain_template(hops: int) -> str:
+    """The question template of a ``hops``-hop chain: ``Who is the {relation} of {person}?`` for 1."""
+    return chain_question("{person}", ["{relation}"] * hops)
+
+
 def add_chain(
     ctx: TaskContext, registry: FactRegistry, start: str, relations: list[str], out: list[str]
 ) -> None:
@@ -63,6 +68,7 @@ def make_multihop(ctx: TaskContext) -> TaskSpec:
         family="multihop",
         task="multihop",
         question=chain_question(people[0], relations),
+        question_template=chain_template(ctx.hops),
         answer=people[-1],
         needles=[chain[-1], *chain[:-1]],
         decoys=decoys,

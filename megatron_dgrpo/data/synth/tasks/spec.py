@@ -8,16 +8,19 @@ from dataclasses import dataclass, field
 from ..words import NameFactory
 
 UNANSWERABLE = "unanswerable"
+DEFAULT_UNANSWERABLE_SHARE = 1 / 3
 
 
 @dataclass(frozen=True)
 class TaskContext:
-    """Inputs every task maker receives. ``target_tokens`` lets makers scale their decoy counts."""
+    """Inputs every task maker receives. ``target_tokens`` lets makers scale their decoy counts;
+    ``unanswerable_share`` is the probability that an ``unanswerable`` question lacks its fact."""
 
     rng: random.Random
     names: NameFactory
     hops: int
     target_tokens: int
+    unanswerable_share: float = DEFAULT_UNANSWERABLE_SHARE
 
     @property
     def num_decoys(self) -> int:
@@ -29,15 +32,20 @@ class TaskContext:
 class TaskSpec:
     """A generated task before layout.
 
+    ``question_template`` is the question with its entity slots abstracted (``{person}``,
+    ``{kind}``, ...): every question the template yields has the same answer distribution, and the
+    no-context baseline (:mod:`megatron_dgrpo.data.baseline`) keys on it.
     ``needles[0]`` is the primary needle, placed at the controlled depth; the other needles are
-    spread evenly around the document from there; ``decoys`` go to random depths. When
-    ``answer_is_section`` is true the answer is the number of the section that ends up holding
-    ``needles[0]``, filled in after layout.
+    spread evenly around the document from there; ``decoys`` go to random depths, in order of
+    importance (the document builder drops the last ones when they do not fit). When
+    ``answer_is_section`` is true, ``needles[0]`` goes to a uniformly drawn section and the answer
+    is the number of that section, filled in after layout.
     """
 
     family: str
     task: str
     question: str
+    question_template: str
     answer: str
     needles: list[str]
     decoys: list[str] = field(default_factory=list)

@@ -1,8 +1,10 @@
 """Long-form synthesis: gather every item of a kind spread over the document.
 
 * ``list_items``: name every item of one kind (set-valued answer, items joined by ``"; "``);
-* ``count_items``: how many distinct items of that kind are named;
-* ``sum_values``: total quantity one guild delivered of one good, over several deliveries.
+* ``count_items``: how many distinct items of that kind are named, uniform over
+  :data:`ITEM_COUNTS` (six values, so no count is right more than 1/6 of the time a priori);
+* ``sum_values``: total quantity one guild delivered of one good, over two to five deliveries of
+  20..2,400 crates each (totals spread over thousands of values).
 Decoys use the same sentence shapes with other kinds, other goods or other guilds.
 """
 
@@ -16,6 +18,10 @@ ITEM_TEMPLATES = (
     "The inventory records a {kind} named {name}.",
     "Visitors often asked about a {kind} known as {name}.",
 )
+ITEM_COUNTS = range(2, 8)
+LIST_QUESTION = "List every {kind} named in the document, separated by semicolons."
+COUNT_QUESTION = "How many different {kind}s are named in the document?"
+SUM_QUESTION = "In total, how many crates of {good} did the {guild} guild deliver?"
 DELIVERY_TEMPLATES = (
     "The {guild} guild delivered {amount} crates of {good} {time}.",
     "{Time}, the {guild} guild delivered {amount} crates of {good}.",
@@ -30,7 +36,7 @@ def _items(ctx: TaskContext, kind: str, count: int) -> tuple[list[str], list[str
 
 def _item_task(ctx: TaskContext) -> tuple[str, list[str], list[str], list[str]]:
     kind, *other_kinds = ctx.rng.sample(words.ITEM_KINDS, 3)
-    names, needles = _items(ctx, kind, ctx.rng.randint(3, 7))
+    names, needles = _items(ctx, kind, ctx.rng.choice(ITEM_COUNTS))
     decoys: list[str] = []
     for other in other_kinds:
         decoys += _items(ctx, other, max(1, ctx.num_decoys // 2))[1]
@@ -43,7 +49,8 @@ def make_list_items(ctx: TaskContext) -> TaskSpec:
     return TaskSpec(
         family="synthesis",
         task="list_items",
-        question=f"List every {kind} named in the document, separated by semicolons.",
+        question=LIST_QUESTION.format(kind=kind),
+        question_template=LIST_QUESTION,
         answer="; ".join(names),
         needles=needles,
         decoys=decoys,
@@ -56,7 +63,8 @@ def make_count_items(ctx: TaskContext) -> TaskSpec:
     return TaskSpec(
         family="synthesis",
         task="count_items",
-        question=f"How many different {kind}s are named in the document?",
+        question=COUNT_QUESTION.format(kind=kind),
+        question_template=COUNT_QUESTION,
         answer=str(len(names)),
         needles=needles,
         decoys=decoys,
@@ -86,7 +94,8 @@ def make_sum_values(ctx: TaskContext) -> TaskSpec:
     return TaskSpec(
         family="synthesis",
         task="sum_values",
-        question=f"In total, how many crates of {good} did the {guild} guild deliver?",
+        question=SUM_QUESTION.format(good=good, guild=guild),
+        question_template=SUM_QUESTION,
         answer=str(sum(amounts)),
         needles=needles,
         decoys=decoys,
