@@ -31,9 +31,10 @@ class SamplingConfig:
     stop_token_ids: list[int] = field(default_factory=list)
     stop_strings: list[str] = field(default_factory=list)
 
-    def params(self, seed: int) -> SamplingParams:
-        """These settings for one engine call seeded with ``seed``."""
-        return SamplingParams(**{**asdict(self), "seed": seed})
+    def params(self, seed: int, prompt_offset: int = 0) -> SamplingParams:
+        """These settings for one engine call seeded with ``seed`` (``prompt_offset``: see
+        :class:`SamplingParams`)."""
+        return SamplingParams(**{**asdict(self), "seed": seed, "prompt_offset": prompt_offset})
 
     def validate(self) -> None:
         if self.n < 1:
@@ -50,9 +51,13 @@ class SamplingConfig:
 
 @dataclass
 class SamplingParams(SamplingConfig):
-    """:class:`SamplingConfig` plus the seed of one ``generate`` call."""
+    """:class:`SamplingConfig` plus the seed of one ``generate`` call. ``prompt_offset``: the
+    position of this call's first prompt in a larger batch that is sampled in several calls
+    (one per data-parallel replica): engines that seed each prompt (vLLM: ``seed`` and the
+    prompt's position) then draw the same samples whatever the split."""
 
     seed: int = 0
+    prompt_offset: int = 0
 
 
 @dataclass

@@ -241,7 +241,8 @@ class VLLMEngine:
             n=params.n, temperature=params.temperature, top_p=params.top_p,
             top_k=params.top_k, max_tokens=params.max_new_tokens,
             stop_token_ids=list(params.stop_token_ids), stop=list(params.stop_strings) or None,
-            ignore_eos=True, logprobs=0, seed=params.seed * 1_000_003 + prompt_index,
+            ignore_eos=True, logprobs=0,
+            seed=params.seed * 1_000_003 + params.prompt_offset + prompt_index,
             detokenize=self.has_tokenizer)
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> RolloutBatch:

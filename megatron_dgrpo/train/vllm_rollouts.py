@@ -96,7 +96,9 @@ class VLLMRollouts:
         metrics = {}
         if not self.started:
             metrics["time/engine_start_s"] = max_over_world(self._start())
-        params = self.sampling.params(rollout_seed(self.seed, step, self.replica.index, draw))
+        # seeded per prompt of the global batch: the same samples at any data-parallel size
+        params = self.sampling.params(rollout_seed(self.seed, step, 0, draw),
+                                      prompt_offset=self.replica.index * len(examples))
         rollouts = None
         if self.replica.is_leader:
             rollouts = self.engine.generate([e.prompt_ids for e in examples], params)
@@ -127,7 +129,8 @@ class VLLMRollouts:
             try:
                 verified = verify_refit(self.engine, self.model, self.model_config,
                                         [s for s, _ in self._probe], [n for _, n in self._probe],
-                                        logprob_tol=self.config.verify_logprob_tol,
+                                        logprob_tol=self.config.logprob_tolerance(
+                                            self.model_config),
                                         replica=self.replica)
             except RefitVerificationError as exc:
                 raise RefitVerificationError(

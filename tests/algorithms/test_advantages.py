@@ -63,3 +63,15 @@ def test_shaping_subtracts_the_scaled_log_ratio_without_gradient():
     shaped = shape_token_advantages(torch.tensor([1.0, 0.0]), student, torch.tensor([-1.5, -0.5]), 0.4)
     assert shaped.tolist() == pytest.approx([1.0 - 0.4 * 0.5, 0.0 - 0.4 * -1.5])
     assert not shaped.requires_grad
+
+
+def test_the_unbiased_group_std_divides_by_g_minus_one():
+    rewards = [0.0, 1.0, 1.0, 3.0]  # one group of 4: mean 1.25
+    mean = sum(rewards) / 4
+    sample_std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / 3)
+    actual = group_advantages(torch.tensor(rewards, dtype=torch.float64), 4, eps=1e-6,
+                              unbiased_std=True)
+    assert actual.tolist() == pytest.approx([(r - mean) / (sample_std + 1e-6) for r in rewards],
+                                            rel=1e-12)
+    with pytest.raises(ValueError, match="group_size >= 2"):
+        group_advantages(torch.tensor([1.0, 2.0]), 1, unbiased_std=True)

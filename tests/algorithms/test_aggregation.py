@@ -36,3 +36,14 @@ def test_bad_inputs_are_named():
         token_weights(MASK.float(), "token_mean")
     with pytest.raises(ValueError, match="sequence_token_counts"):
         token_weights(MASK, "seq_mean", sequence_token_counts=torch.tensor([1, 2]))
+
+
+def test_constant_length_weights_every_token_by_rows_times_the_constant():
+    # Dr. GRPO: 1 / (S * L) whatever the response's length; S counts every row (empty too)
+    local = token_weights(MASK, "constant_length", length_norm=4, dtype=torch.float64)
+    assert local.tolist() == [[1 / 12, 1 / 12, 0], [0, 0, 0], [1 / 12, 0, 0]]
+    global_ = token_weights(MASK, "constant_length", global_sequence_count=torch.tensor(6),
+                            length_norm=4, dtype=torch.float64)
+    assert global_.tolist() == [[1 / 24, 1 / 24, 0], [0, 0, 0], [1 / 24, 0, 0]]
+    with pytest.raises(ValueError, match="needs length_norm > 0"):
+        token_weights(MASK, "constant_length")

@@ -179,3 +179,12 @@ def test_reward_config_validation_names_the_bad_option():
         RewardConfig(default="nope").validate()
     with pytest.raises(ValueError, match="fallback"):
         RewardConfig(answer_format=AnswerFormat(fallback="guess")).validate()
+
+
+@pytest.mark.parametrize("length, expected", [(4, 0.0), (6, 0.0), (7, -0.25), (8, -0.5),
+                                              (10, -1.0), (12, -1.0)])
+def test_overlong_penalty_is_daposs_soft_punishment(length, expected):
+    from megatron_dgrpo.data.rewards import overlong_penalty
+
+    # budget 10, buffer 4: free up to 6 tokens, then (6 - length) / 4 down to -1
+    assert overlong_penalty(length, 10, 4) == pytest.approx(expected)

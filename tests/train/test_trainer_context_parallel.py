@@ -85,17 +85,34 @@ def test_context_parallel_step_equals_the_unsharded_step(setup):
 def test_context_parallel_dgrpo_with_vllm_rollouts(setup):
     """dGRPO at CP=2 with a reference anchor and a YaRN student: the engine, refitted after
     each step, and the trainer's sharded forward agree on the log-probs of the sampled
-    tokens."""
-    config = _config(setup, "cp2-dgrpo-vllm", "dgrpo", CONTEXT_PARALLEL, steps=2,
-                     sampling={"n": 2, "max_new_tokens": 6, "temperature": 1.0},
-                     rollout={"engine": "vllm", "dtype": "float32", "verify_every": 1,
-                              "verify_logprob_tol": TOLERANCE},
-                     optim={"lr": 1e-2})
-    config["loss"]["ref_kl_coef"] = 0.05  # reference log-probs, gathered over CP
-    # YaRN in both Megatron (CP shards) and vLLM (from the exported config.json): the
-    # verification compares them (vLLM caps max_model_len at original x factor = 4096).
-    config["student"]["model"].update(yarn_factor=4.0, yarn_original_max_position_embeddings=1024)
+    tokens; and the two steps equal the same run at CP=1 (loss, metrics, weights)."""
+    def config_at(name, parallel):
+        config = _config(setup, name, "dgrpo", parallel, steps=2,
+                         sampling={"n": 2, "max_new_tokens": 6, "temperature": 0.8},
+                         rollout={"engine": "vllm", "dtype": "float32", "verify_every": 1,
+                                  "verify_logprob_tol": TOLERANCE})
+        config["loss"]["ref_kl_coef"] = 0.05  # reference log-probs, gathered over CP
+        # YaRN in both Megatron (CP shards) and vLLM (from the exported config.json): the
+        # verification compares them (vLLM caps max_model_len at original x factor = 4096).
+        config["student"]["model"].update(yarn_factor=4.0,
+                                          yarn_original_max_position_embeddings=1024)
+        return config
+
+    config, unsharded = config_at("cp2-dgrpo-vllm", CONTEXT_PARALLEL), config_at("cp1-dgrpo-vllm", {})
     assert run_distributed(train_runs, 2, args=([config],)) == [[0], [0]]
+    assert run_distributed(train_runs, 1, args=([unsharded],)) == [[0]]
+    for got, expected in zip(read_metrics(config["run_dir"]), read_metrics(unsharded["run_dir"])):
+        got, expected = _comparable(got), _comparable(expected)
+        for key in expected:
+            if not key.startswith(("verify/", "refit/")):
+                assert got[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-6), key
+    got_weights = load_file(f"{config['run_dir']}/checkpoints/step_00000002/model/"
+                            "mp_rank_00_000/model.safetensors")
+    expected_weights = load_file(f"{unsharded['run_dir']}/checkpoints/step_00000002/model/"
+                                 "mp_rank_00_000/model.safetensors")
+    for key in expected_weights:
+        torch.testing.assert_close(got_weights[key], expected_weights[key], rtol=0, atol=1e-5,
+                                   msg=key)
     first, second = read_metrics(config["run_dir"])
     for record in (first, second):
         assert record["verify/passed"] == 1.0
