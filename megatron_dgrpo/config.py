@@ -51,6 +51,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return _coerce(value, option, where)
             except ConfigError as exc:
                 errors.append(str(exc))
+        if len(errors) == 1:  # Optional[X]: X's own message names the offending key
+            raise ConfigError(errors[0])
         raise ConfigError(f"{where}: {value!r} does not match {_type_name(tp)}")
     if origin is typing.Literal:
         if value not in args:

@@ -248,7 +248,7 @@ class Trainer:
             teacher_hidden, teacher_weight = teacher_outputs or (None, None)
             return loss_from_hidden(config.loss, token_batch, hidden, weight, teacher_hidden,
                                     teacher_weight, self.tp_group, config.loss_chunk_tokens,
-                                    vocab_size=self.model_config.vocab_size)
+                                    vocab_size=self.model_config.vocab_size, fp8=config.loss_fp8)
         return loss_from_logits(config.loss, token_batch, self._outputs(self.ddp, batch),
                                 teacher_outputs, self.tp_group)
 
