@@ -101,6 +101,14 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+def require_choice(option: str, value: Any, choices: Iterable[Any]) -> None:
+    """For ``validate()`` methods: ValueError naming ``option`` unless ``value`` is one of
+    ``choices`` (dataclasses built in Python skip the loader's ``Literal`` check)."""
+    choices = list(choices)
+    if value not in choices:
+        raise ValueError(f"{option} must be one of {', '.join(map(str, choices))}, got {value!r}")
+
+
 def _build(cls: type[T], data: Mapping[str, Any], where: str) -> T:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}

@@ -42,11 +42,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from megatron_dgrpo.config import require_choice
 from megatron_dgrpo.parallel.vocab import all_reduce
 
 E4M3 = torch.float8_e4m3fn
 E5M2 = torch.float8_e5m2
 GEMM_MULTIPLE = 16  # torch._scaled_mm on CUDA: contraction and output columns
+FP8_MIN_CAPABILITY = (8, 9)  # torch._scaled_mm on CUDA: Ada, Hopper and newer
 QUANTIZE_BLOCK_ELEMENTS = 2 ** 24  # rows quantised at a time (bounds the temporary)
 RECIPES = ("tensorwise", "rowwise")
 FORMATS = ("hybrid", "e4m3")
@@ -67,12 +69,8 @@ class Fp8LossConfig:
     teacher: bool = True
 
     def validate(self) -> None:
-        if self.recipe not in RECIPES:
-            raise ValueError(f"loss_fp8.recipe must be one of {', '.join(RECIPES)}, "
-                             f"got {self.recipe!r}")
-        if self.format not in FORMATS:
-            raise ValueError(f"loss_fp8.format must be one of {', '.join(FORMATS)}, "
-                             f"got {self.format!r}")
+        require_choice("loss_fp8.recipe", self.recipe, RECIPES)
+        require_choice("loss_fp8.format", self.format, FORMATS)
 
     @property
     def rowwise(self) -> bool:
@@ -84,14 +82,12 @@ class Fp8LossConfig:
         return E5M2 if self.format == "hybrid" else E4M3
 
 
-def fp8_unsupported_reason(device: torch.device) -> str | None:
-    """Why ``torch._scaled_mm`` cannot run on ``device`` (None: it can)."""
-    if device.type != "cuda":
-        return None
-    major, minor = torch.cuda.get_device_capability(device)
-    if (major, minor) < (8, 9):
+def fp8_unsupported_reason(cuda_capability: tuple[int, int] | None) -> str | None:
+    """Why ``torch._scaled_mm`` cannot run on a GPU of this compute capability (None: it
+    can; ``None`` capability: the CPU, or not known)."""
+    if cuda_capability is not None and tuple(cuda_capability) < FP8_MIN_CAPABILITY:
         return (f"FP8 GEMMs need a GPU of compute capability >= 8.9 (Ada, Hopper or newer); "
-                f"{torch.cuda.get_device_name(device)} has {major}.{minor}")
+                f"this one has {cuda_capability[0]}.{cuda_capability[1]}")
     return None
 
 
@@ -126,10 +122,9 @@ def current_amax(x: Tensor, rowwise: bool, group=None) -> Tensor:
     ``group``; 0 for rows with no elements."""
     if x.shape[1] == 0 or (not rowwise and x.shape[0] == 0):
         amax = x.new_zeros((x.shape[0], 1) if rowwise else (), dtype=torch.float32)
-    elif rowwise:
-        amax = x.abs().amax(dim=1, keepdim=True).float()
-    else:
-        amax = x.abs().amax().float()
+    else:  # the inf-norm: no |x| temporary of x's size
+        dims = {"dim": 1, "keepdim": True} if rowwise else {}
+        amax = torch.linalg.vector_norm(x, float("inf"), **dims).float()
     return all_reduce(amax, dist.ReduceOp.MAX, group)
 
 

@@ -266,7 +266,9 @@ def loss_from_hidden(config: LossConfig, batch: TokenBatch, student_hidden: Tens
 def _check_fp8(fp8: Fp8LossConfig, student_weight: Tensor, teacher_weight: Tensor | None) -> None:
     """ValueError if the FP8 GEMMs cannot run on these weights or this device."""
     fp8.validate()
-    reason = fp8_unsupported_reason(student_weight.device)
+    device = student_weight.device
+    reason = fp8_unsupported_reason(torch.cuda.get_device_capability(device)
+                                    if device.type == "cuda" else None)
     if reason is not None:
         raise ValueError(f"loss_fp8: {reason}")
     check_fp8_shapes(student_weight.shape[1], student_weight.shape[0], "student")

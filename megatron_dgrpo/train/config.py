@@ -266,15 +266,13 @@ class RunConfig:
 
     def _check_loss_fp8(self, student: ModelConfig, runtime: Runtime) -> None:
         """``loss_fp8``: output layers whose shapes FP8 GEMMs take, on a GPU that has them."""
-        import torch
-
         tp = self.parallel.tensor_parallel
         models = [("student", student)]
         if self.loss_fp8.teacher and self.teacher is not None and self.teacher.engine == "megatron":
             models.append(("teacher", self.teacher.model_config()))
         for what, model in models:
             check_fp8_shapes(model.hidden_size, model.padded_vocab_size(tp) // tp, what)
-        reason = fp8_unsupported_reason(torch.device("cuda")) if runtime.cuda else None
+        reason = fp8_unsupported_reason(runtime.cuda_capability)
         if reason is not None:
             raise ValueError(f"loss_fp8: {reason}")
 

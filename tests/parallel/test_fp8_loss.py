@@ -6,11 +6,10 @@ References, none of which shares code with the package:
 * the GEMM: the float64 product of the dequantised operands;
 * the FP8 loss: a float64 emulation (reference quantiser + tests/parallel/plain_loss.py)
   of every quantisation step the recipe prescribes;
-* the FP8 error: the float32 fused loss on the same inputs (measured, documented below);
+* the FP8 error: the float32 fused loss on the same inputs (measured; documented in
+  megatron_dgrpo/testing/fp8_cases.py);
 * TP=2: the TP=1 FP8 loss.
 """
-
-import math
 
 import pytest
 import torch
@@ -18,13 +17,6 @@ import torch.distributed as dist
 from cases import portable
 from plain_loss import plain_token_losses
 
-from megatron_dgrpo.algorithms import (
-    LossConfig,
-    TokenBatch,
-    broadcast_to_tokens,
-    group_advantages,
-    token_weights,
-)
 from megatron_dgrpo.parallel.fp8 import (
     E4M3,
     E5M2,
@@ -34,27 +26,19 @@ from megatron_dgrpo.parallel.fp8 import (
     fp8_matmul_nt,
     quantize,
 )
-from megatron_dgrpo.parallel.fused import loss_from_hidden
 from megatron_dgrpo.testing.distributed import run_distributed
+from megatron_dgrpo.testing.fp8_cases import (
+    DGRPO_FULL_KL,
+    FP8_ERROR_BOUNDS,
+    case_batch,
+    fp8_error,
+    outside_bounds,
+    realistic_case,
+    relative,
+    run_fused,
+)
 
-DGRPO_FULL_KL = LossConfig(objective="dgrpo", kl_estimator="full")
 RECIPES = ("tensorwise", "rowwise")
-
-# FP8 error against the float32 fused loss (test_fp8_loss_error_against_float32): H=256,
-# V=4096, 512 tokens sampled from the student, student logits of std 3 (entropy ~4.4 nats),
-# dGRPO with the full-vocabulary KL to a correlated teacher (KL 2.3-3.6 nats), hybrid
-# format. Measured on seeds 0-2 (seed 0 is the test's, and the worst): |KL error| 0.023-0.047
-# nats with the teacher's logits in FP8 too, 0.006-0.014 with them in float32; |loss
-# error| 3.6e-3-6.9e-3; gradient cosine 0.9918-0.9936 (relative error 12-13%, mostly the
-# forward's logit error, ~0.15 nats per logit, moving the probabilities). Both recipes give
-# identical numbers here: with power-of-two scales a row's rounding does not depend on its
-# scale unless values leave FP8's normal range. Bounds ~1.5x the measured worst case.
-BOUNDS = {
-    "kl_error_nats": 0.07,  # |kl_teacher(fp8) - kl_teacher(fp32)|, teacher logits in FP8
-    "kl_error_nats_teacher_fp32": 0.025,  # the same with Fp8LossConfig(teacher=False)
-    "loss_error": 0.011,  # |loss(fp8) - loss(fp32)|
-    "grad_cosine": 0.985,  # min cosine(grad fp8, grad fp32) over hidden states and weight
-}
 
 
 # ----------------------------------------------------------------------------- references
@@ -85,15 +69,6 @@ def reference_quantize(x: torch.Tensor, dtype, rowwise: bool) -> torch.Tensor:
     return torch.where(pick_lo, values[lo], values[hi]) / scale
 
 
-def _batch(case, dtype=torch.float32):
-    mask = torch.ones(1, case["targets"].shape[0], dtype=torch.bool)
-    weights = case.get("token_weights")
-    weights = token_weights(mask, "token_mean") if weights is None else weights[None]
-    return TokenBatch(loss_mask=mask, weights=weights.to(dtype), targets=case["targets"][None],
-                      advantages=case["advantages"][None].to(dtype),
-                      rollout_logp=case["rollout_logp"][None].to(dtype))
-
-
 def _emulated_fp8_loss(case, fp8: Fp8LossConfig, chunk: int, vocab_size: int):
     """(loss, grad hidden, grad weight) of the fused FP8 loss, emulated in float64: every
     operand quantised as the recipe says (per chunk for the chunk's tensors), products of
@@ -112,7 +87,7 @@ def _emulated_fp8_loss(case, fp8: Fp8LossConfig, chunk: int, vocab_size: int):
     logits = (per_chunk(h) @ w_q.T).requires_grad_()
     teacher_logits = per_chunk(th) @ tw_q.T
     loss = (plain_token_losses(DGRPO_FULL_KL, logits[None], teacher_logits[None],
-                               _batch(case, torch.float64))[0]
+                               case_batch(case, torch.float64))[0]
             * case["token_weights"].double()).sum()
     (grad_logits,) = torch.autograd.grad(loss, [logits])
     w_t = reference_quantize(w[real].T, E4M3, rowwise)  # [H, V]: per hidden column
@@ -123,59 +98,6 @@ def _emulated_fp8_loss(case, fp8: Fp8LossConfig, chunk: int, vocab_size: int):
         grad_t = reference_quantize(grad_logits[p].T, grad_dtype, rowwise)  # per vocab row
         grad_weight[real] += grad_t @ reference_quantize(h[p].T, E4M3, rowwise).T
     return loss.detach(), grad_hidden, grad_weight
-
-
-def _fused(case, fp8, chunk=None, vocab_size=None, tp_group=None, rows=slice(None)):
-    """(loss, grad hidden, grad weight, metrics) of loss_from_hidden on ``case``, the
-    weights restricted to ``rows`` (a TP shard)."""
-    hidden = case["hidden"].clone().requires_grad_()
-    weight = case["weight"][rows].clone().requires_grad_()
-    batch = _batch(case)
-    loss, metrics = loss_from_hidden(DGRPO_FULL_KL, batch, hidden[None], weight,
-                                     case["teacher_hidden"][None], case["teacher_weight"][rows],
-                                     tp_group=tp_group, chunk_tokens=chunk,
-                                     vocab_size=vocab_size, fp8=fp8)
-    loss.backward()
-    return loss.detach(), hidden.grad, weight.grad, metrics.as_dict()
-
-
-def _realistic_case(seed, tokens=512, hidden=256, vocab=4096, logit_std=3.0, padding=0):
-    """Final hidden states as after an RMSNorm with per-channel gains (lognormal, sigma
-    0.5), output weights giving student logits of std ``logit_std``, a teacher correlated
-    with the student, targets sampled from the student, group advantages, rollout
-    log-probs 0.05 nats off the trainer's; ``padding`` extra weight rows of large values
-    (Megatron's TP padding: must not enter any scale)."""
-    gen = torch.Generator().manual_seed(seed)
-    gain = torch.exp(0.5 * torch.randn(hidden, generator=gen))
-
-    def normed(x):
-        return x / x.pow(2).mean(1, keepdim=True).sqrt() * gain
-
-    h = normed(torch.randn(tokens, hidden, generator=gen))
-    w = torch.randn(vocab, hidden, generator=gen)
-    w *= logit_std / (h @ w.T).std()
-    th = normed(h + 0.5 * torch.randn(tokens, hidden, generator=gen))
-    tw = w + 0.3 * w.std() * torch.randn(vocab, hidden, generator=gen)
-    logp = torch.log_softmax(h.double() @ w.double().T, -1)
-    targets = torch.multinomial(logp.exp(), 1, generator=gen)[:, 0]
-    sequences = 8
-    advantages = broadcast_to_tokens(group_advantages(torch.randn(sequences, generator=gen), 4),
-                                     torch.ones(sequences, tokens // sequences, dtype=torch.bool))
-    sampled = logp.gather(1, targets[:, None])[:, 0].float()
-    pad = 30.0 * torch.randn(padding, hidden, generator=gen)
-    return {"hidden": h, "weight": torch.cat([w, pad]), "teacher_hidden": th,
-            "teacher_weight": torch.cat([tw, pad]), "targets": targets,
-            "advantages": advantages.reshape(-1),
-            "rollout_logp": sampled + 0.05 * torch.randn(tokens, generator=gen)}
-
-
-def _cosine(a, b):
-    return float(torch.nn.functional.cosine_similarity(a.flatten().double(),
-                                                       b.flatten().double(), dim=0))
-
-
-def _relative(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm())
 
 
 def _worst_row(a, b):
@@ -222,7 +144,7 @@ def test_fp8_gemm_is_the_float32_product_of_the_dequantised_values(formats, roww
     assert got.dtype == torch.float32 and got.shape == (40, 48)
     assert ((got.double() - exact).abs() <= bound).all()
     # ... and it is the FP8 product, not the float32 one (FP8 rounding is ~1e-2 relative).
-    assert _relative(got, a.double() @ b.double().T) > 1e-3
+    assert relative(got, a.double() @ b.double().T) > 1e-3
 
 
 def test_fp8_gemm_refuses_what_cublaslt_refuses():
@@ -237,10 +159,10 @@ def test_fp8_gemm_refuses_what_cublaslt_refuses():
 
 
 def test_fp8_loss_refuses_bad_options_and_shapes():
-    case = _realistic_case(0, tokens=16, hidden=40, vocab=64)
+    case = realistic_case(0, tokens=16, hidden=40, vocab=64)
     with pytest.raises(ValueError, match="hidden size and the per-rank vocabulary to be "
                                          "multiples of 16"):
-        _fused(case, Fp8LossConfig())
+        run_fused(case, Fp8LossConfig())
     with pytest.raises(ValueError, match="loss_fp8.recipe must be one of tensorwise, rowwise, "
                                          "got 'blockwise'"):
         Fp8LossConfig(recipe="blockwise").validate()
@@ -256,45 +178,37 @@ def test_fp8_loss_refuses_bad_options_and_shapes():
 def test_fp8_loss_equals_its_float64_emulation(recipe, fmt):
     """Every quantisation step as documented, including the chunk-wise scales, padding
     rows left out of every scale, and token counts that are not multiples of 16."""
-    case = _realistic_case(2, tokens=256, hidden=64, vocab=1024, padding=64)
+    case = realistic_case(2, tokens=256, hidden=64, vocab=1024, padding=64)
     gen = torch.Generator().manual_seed(3)
     # Hidden rows over 2^-12..1 and token weights (so rows of the logits' gradient) over
     # 2^-24..1: the two recipes round these rows differently.
     case["hidden"] = case["hidden"] * 2.0 ** torch.randint(-12, 1, (256, 1), generator=gen)
     case["token_weights"] = 2.0 ** torch.randint(-24, 1, (256,), generator=gen) / 256
     fp8 = Fp8LossConfig(recipe=recipe, format=fmt)
-    loss, grad_hidden, grad_weight, _ = _fused(case, fp8, chunk=100, vocab_size=1024)
+    loss, grad_hidden, grad_weight, _ = run_fused(case, fp8, chunk=100, vocab_size=1024)
     ref_loss, ref_hidden, ref_weight = _emulated_fp8_loss(case, fp8, chunk=100, vocab_size=1024)
     assert abs(float(loss) - float(ref_loss)) <= 1e-6 * abs(float(ref_loss))
     # Measured: ~1e-7. The logits' gradient is quantised from float32 here and float64 in
     # the emulation, so an element at a rounding boundary may land one FP8 step apart.
-    assert _relative(grad_hidden, ref_hidden) < 1e-5
-    assert _relative(grad_weight, ref_weight) < 1e-5
+    assert relative(grad_hidden, ref_hidden) < 1e-5
+    assert relative(grad_weight, ref_weight) < 1e-5
     assert _worst_row(grad_hidden, ref_hidden) < 2e-3
     assert torch.equal(grad_weight[1024:], torch.zeros_like(grad_weight[1024:]))
-    other = _fused(case, Fp8LossConfig(recipe=RECIPES[recipe == "tensorwise"], format=fmt),
+    other = run_fused(case, Fp8LossConfig(recipe=RECIPES[recipe == "tensorwise"], format=fmt),
                    chunk=100, vocab_size=1024)
     assert _worst_row(other[1], grad_hidden) > 2e-2  # the recipes do differ on these rows
 
 
 def test_fp8_loss_error_against_float32():
-    """The documented FP8 error (BOUNDS above), both recipes, hybrid format."""
-    case = _realistic_case(0)
-    base_loss, base_hidden, base_weight, base = _fused(case, None, chunk=128)
+    """The documented FP8 error (megatron_dgrpo/testing/fp8_cases.py), both recipes."""
+    case = realistic_case(0)
+    baseline = run_fused(case, None, chunk=128)
     for recipe in RECIPES:
         for teacher in (True, False):
-            fp8 = Fp8LossConfig(recipe=recipe, teacher=teacher)
-            loss, grad_hidden, grad_weight, metrics = _fused(case, fp8, chunk=128)
-            kl_error = abs(metrics["kl_teacher"] - base["kl_teacher"])
-            cosines = _cosine(grad_hidden, base_hidden), _cosine(grad_weight, base_weight)
-            print(f"{recipe} teacher_fp8={teacher}: KL {base['kl_teacher']:.3f} nats, |KL error| "
-                  f"{kl_error:.4f} nats, |loss error| {abs(float(loss - base_loss)):.2e}, "
-                  f"grad cosine hidden {cosines[0]:.5f} weight {cosines[1]:.5f}")
-            key = "kl_error_nats" if teacher else "kl_error_nats_teacher_fp32"
-            assert kl_error <= BOUNDS[key]
-            assert abs(float(loss - base_loss)) <= BOUNDS["loss_error"]
-            assert min(cosines) >= BOUNDS["grad_cosine"]
-            assert math.isfinite(metrics["entropy"])
+            errors = fp8_error(case, Fp8LossConfig(recipe=recipe, teacher=teacher), baseline)
+            print(f"{recipe} teacher_fp8={teacher}: KL {baseline[3]['kl_teacher']:.3f} nats, "
+                  + ", ".join(f"{name} {value:.4g}" for name, value in errors.items()))
+            assert not outside_bounds(errors), (recipe, teacher, errors, FP8_ERROR_BOUNDS)
 
 
 # --------------------------------------------------------------------------------- TP=2
@@ -313,7 +227,7 @@ def _fp8_on_vocab_shards(rank, world_size, case, vocab_size):
     rows = slice(rank * local, (rank + 1) * local)
     real_rows = max(0, min(local, vocab_size - rank * local))
     return portable({recipe: {
-        "fused": _fused(case, Fp8LossConfig(recipe=recipe), chunk=96, vocab_size=vocab_size,
+        "fused": run_fused(case, Fp8LossConfig(recipe=recipe), chunk=96, vocab_size=vocab_size,
                         tp_group=dist.group.WORLD, rows=rows)[:3],
         "scales": _weight_scales(case["weight"][rows], recipe, real_rows, dist.group.WORLD)}
         for recipe in RECIPES})
@@ -326,7 +240,7 @@ def test_fp8_loss_at_tp2_equals_tp1():
     summation order only (measured: <= 2.6e-7 relative). A logits'-gradient element that
     float32 rounding puts on the other side of an FP8 rounding boundary adds ~1e-5 (seen
     on other data), hence the bound of 1e-4."""
-    case = _realistic_case(4, tokens=296, hidden=128, vocab=4000, padding=96)
+    case = realistic_case(4, tokens=296, hidden=128, vocab=4000, padding=96)
     # Rank 1's vocabulary rows 2^-14 the size of rank 0's: per-shard scales would round
     # them (and their logits' gradient) differently from TP=1 (measured: 2.7e-5 relative
     # in rank 1's weight gradient), all-reduced ones do not.
@@ -336,7 +250,7 @@ def test_fp8_loss_at_tp2_equals_tp1():
     local = case["weight"].shape[0] // 2
     worst = {}
     for recipe in RECIPES:
-        loss, grad_hidden, grad_weight, _ = _fused(case, Fp8LossConfig(recipe=recipe), chunk=96,
+        loss, grad_hidden, grad_weight, _ = run_fused(case, Fp8LossConfig(recipe=recipe), chunk=96,
                                                    vocab_size=4000)
         scales, scales_t = _weight_scales(case["weight"], recipe, 4000)
         for rank, results in enumerate(per_rank):
@@ -347,8 +261,8 @@ def test_fp8_loss_at_tp2_equals_tp1():
             rank_loss, rank_hidden, rank_weight = map(torch.from_numpy, results[recipe]["fused"])
             what = f"{recipe} rank {rank}"
             errors = (abs(float(rank_loss - loss)) / abs(float(loss)),
-                      _relative(rank_hidden, grad_hidden),
-                      _relative(rank_weight, grad_weight[rows]))
+                      relative(rank_hidden, grad_hidden),
+                      relative(rank_weight, grad_weight[rows]))
             print(f"{what}: TP=2 vs TP=1 relative error loss {errors[0]:.1e}, grad hidden "
                   f"{errors[1]:.1e}, grad weight {errors[2]:.1e}")
             worst[what] = max(errors)

@@ -90,3 +90,13 @@ def test_fp8_loss_refuses_output_layers_fp8_gemms_cannot_take(setup):
     with pytest.raises(ValueError, match=r"the student output layer is \[512, 72\] per TP rank; "
                                          "FP8 GEMMs need the hidden size"):
         from_dict(RunConfig, config).validate(CPU)
+
+
+def test_fp8_loss_refuses_gpus_without_fp8_gemms(setup):
+    a100 = Runtime(cuda=True, transformer_engine=False, cuda_capability=(8, 0))
+    with pytest.raises(ValueError, match=r"loss_fp8: FP8 GEMMs need a GPU of compute "
+                                         r"capability >= 8.9 \(Ada, Hopper or newer\); this "
+                                         r"one has 8.0"):
+        from_dict(RunConfig, _config(setup, "refused", loss_fp8={})).validate(a100)
+    h100 = Runtime(cuda=True, transformer_engine=False, cuda_capability=(9, 0))
+    from_dict(RunConfig, _config(setup, "accepted", loss_fp8={})).validate(h100)
