@@ -17,13 +17,15 @@ Formats: ``hybrid`` (Transformer Engine's HYBRID): hidden states and weights in 
 logits' gradient in E5M2 (range over precision); ``e4m3``: E4M3 everywhere. Every GEMM
 accumulates and returns float32; the loss terms and their reductions stay float32.
 
-Tensor parallelism: each amax taken over the vocabulary (the weight's amax; the logits'
-gradient per token or per tensor) is all-reduced (MAX) over the TP group, so every rank
-quantises with the scales a TP=1 run would use and the TP=N loss equals the TP=1 loss to
-float32 rounding. The cost is a scalar (tensorwise) or a ``[chunk]`` vector (rowwise) MAX
-per chunk and one ``[H]`` vector per call; per-shard scales would save that but make the
-result depend on the TP size. Rows past the real vocabulary (Megatron's padding) are left
-out of every amax.
+Tensor parallelism: each amax taken over the vocabulary (the weight's, per tensor or per
+hidden column; the logits' gradient's, per tensor or per token) is all-reduced (MAX) over
+the TP group, so every rank quantises with the scales a TP=1 run would use and the TP=N
+loss equals the TP=1 loss up to float32 summation order (tested). The cost is a scalar
+(tensorwise) or a ``[chunk]`` vector (rowwise) MAX per chunk and one ``[H]`` vector per
+call. Per-shard scales would differ from the global ones by powers of two, which round
+values in FP8's normal range identically, so they would change only values near its
+underflow; the all-reduce makes the TP invariance exact for a negligible cost. Rows past
+the real vocabulary (Megatron's padding) are left out of every amax.
 
 ``torch._scaled_mm`` constraints (CUDA, compute capability >= 8.9; checked here on all
 devices so CPU runs refuse what a GPU would): the first operand row-major, the second
@@ -154,15 +156,17 @@ def quantize(x: Tensor, dtype: torch.dtype, amax: Tensor, out: Tensor | None = N
     return Fp8Tensor(data, scale.reciprocal())
 
 
-def fp8_matmul_nt(a: Fp8Tensor, b: Fp8Tensor, out: Tensor | None = None) -> Tensor:
-    """``a @ b.T`` in float32 from FP8 operands ``a`` ``[M, K]`` and ``b`` ``[N, K]`` (both
-    row-major, so ``b.data.t()`` is the column-major ``[K, N]`` that cuBLASLt wants).
+def fp8_matmul_nt(a: Fp8Tensor, b: Fp8Tensor) -> Tensor:
+    """``a @ b.T`` ``[M, N]`` in float32 from FP8 operands ``a`` ``[M, K]`` and ``b`` ``[N, K]``
+    (both row-major, so ``b.data.t()`` is the column-major ``[K, N]`` that cuBLASLt wants).
 
-    Both operands tensorwise or both rowwise; ``K`` and ``N`` multiples of 16. ``out``:
-    an ``[M, N]`` float32 tensor to write into.
+    Both operands tensorwise or both rowwise; ``K`` and ``N`` multiples of 16; rowwise:
+    ``b`` in E4M3 (PyTorch's CUTLASS row-wise kernel, used below cuBLAS 12.9).
     """
     if a.rowwise != b.rowwise:
         raise ValueError("fp8_matmul_nt: both operands must be tensorwise or both rowwise")
+    if b.rowwise and b.data.dtype != E4M3:
+        raise ValueError("fp8_matmul_nt: row-wise scaling needs the second operand in E4M3")
     (m, k), (n, k_b) = a.data.shape, b.data.shape
     if k != k_b or k % GEMM_MULTIPLE or n % GEMM_MULTIPLE:
         raise ValueError(f"fp8_matmul_nt: [{m}, {k}] x [{n}, {k_b}]^T needs equal contraction "
@@ -170,9 +174,8 @@ def fp8_matmul_nt(a: Fp8Tensor, b: Fp8Tensor, out: Tensor | None = None) -> Tens
     if a.data.dtype == E5M2 and b.data.dtype == E5M2:
         raise ValueError("fp8_matmul_nt: an E5M2 x E5M2 product is not supported by cuBLASLt")
     scale_b = b.scale_inv.reshape(1, n) if b.rowwise else b.scale_inv
-    kwargs = {} if out is None else {"out": out}
     return torch._scaled_mm(a.data, b.data.t(), scale_a=a.scale_inv, scale_b=scale_b,
-                            out_dtype=torch.float32, **kwargs)
+                            out_dtype=torch.float32)
 
 
 def _transposed_padded(x: Tensor, dtype: torch.dtype, amax: Tensor) -> Fp8Tensor:

@@ -128,8 +128,9 @@ def test_quantize_is_the_nearest_fp8_value_with_power_of_two_scales(dtype, rowwi
     assert torch.equal(q.dequantize(torch.float64), expected)
 
 
-@pytest.mark.parametrize("formats", [(E4M3, E4M3), (E5M2, E4M3), (E4M3, E5M2)])
-@pytest.mark.parametrize("rowwise", [False, True])
+@pytest.mark.parametrize("formats, rowwise", [
+    ((E4M3, E4M3), False), ((E5M2, E4M3), False), ((E4M3, E5M2), False),
+    ((E4M3, E4M3), True), ((E5M2, E4M3), True)])
 def test_fp8_gemm_is_the_float32_product_of_the_dequantised_values(formats, rowwise):
     gen = torch.Generator().manual_seed(1)
     a = torch.randn(40, 256, generator=gen) * 2.0 ** torch.randint(-6, 6, (40, 1), generator=gen)
@@ -156,6 +157,9 @@ def test_fp8_gemm_refuses_what_cublaslt_refuses():
     rows = torch.randn(16, 32)
     with pytest.raises(ValueError, match="both operands must be tensorwise or both rowwise"):
         fp8_matmul_nt(a, quantize(rows, E4M3, current_amax(rows, True)))
+    e4m3_rows = quantize(rows[:8], E4M3, current_amax(rows[:8], True))
+    with pytest.raises(ValueError, match="row-wise scaling needs the second operand in E4M3"):
+        fp8_matmul_nt(e4m3_rows, quantize(rows, E5M2, current_amax(rows, True)))
 
 
 def test_fp8_loss_refuses_bad_options_and_shapes():
