@@ -24,6 +24,7 @@ from megatron_dgrpo.data.longblocks import LongBlocksConfig
 from megatron_dgrpo.data.rewards import RewardConfig
 from megatron_dgrpo.models.config import ModelConfig, ParallelConfig, Runtime
 from megatron_dgrpo.models.presets import get_preset
+from megatron_dgrpo.parallel.fp8 import Fp8LossConfig, check_fp8_shapes, fp8_unsupported_reason
 from megatron_dgrpo.rollout.engine import SamplingConfig
 from megatron_dgrpo.train.schedule import learning_rate
 from megatron_dgrpo.train.wandb_logger import LoggingConfig
@@ -210,6 +211,7 @@ class RunConfig:
     # plain reference path. Both give the same loss and gradients for every objective.
     loss_impl: Literal["fused", "materialized"] = "fused"
     loss_chunk_tokens: int | None = None  # fused: tokens per chunk (None: ~128 MiB of logits)
+    loss_fp8: Fp8LossConfig | None = None  # fused: FP8 output-layer GEMMs (parallel/fp8.py)
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(n=4))
     # sampling: the trained policy is softmax(logits / sampling.temperature), the distribution
     # the engines sample from (student, reference and teacher logits are all divided by T in
@@ -241,6 +243,9 @@ class RunConfig:
             raise ValueError(f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
         if self.loss_chunk_tokens is not None and self.loss_chunk_tokens < 1:
             raise ValueError(f"loss_chunk_tokens must be >= 1, got {self.loss_chunk_tokens}")
+        if self.loss_fp8 is not None and self.loss_impl != "fused":
+            raise ValueError("loss_fp8 runs the fused loss's output-layer GEMMs in FP8; "
+                             "loss_impl=materialized has none: use loss_impl=fused")
         if not self.tokenizer:
             raise ValueError("tokenizer must name an HF tokenizer directory or a sentencepiece "
                              ".model file")
@@ -266,6 +271,8 @@ class RunConfig:
                              f"per prompt for group advantages, got {self.sampling.n}")
         student = self.student.model_config()
         validate_for_runtime(student, self.parallel, runtime)
+        if self.loss_fp8 is not None:
+            self._check_loss_fp8(student, runtime)
         if self.rollout.engine != "embedded" and not spec.on_policy:
             raise ValueError(f"rollout.engine={self.rollout.engine} samples rollouts, but "
                              f"loss.objective={objective} trains on fixed sequences; use "
@@ -313,6 +320,18 @@ class RunConfig:
                 "parallel.context_parallel > 1 with rollout.engine=embedded: the embedded "
                 "engine decodes whole sequences on each rank and cannot run a context-parallel "
                 "model; use rollout.engine=vllm")
+
+    def _check_loss_fp8(self, student: ModelConfig, runtime: Runtime) -> None:
+        """``loss_fp8``: output layers whose shapes FP8 GEMMs take, on a GPU that has them."""
+        tp = self.parallel.tensor_parallel
+        models = [("student", student)]
+        if self.loss_fp8.teacher and self.teacher is not None and self.teacher.engine == "megatron":
+            models.append(("teacher", self.teacher.model_config()))
+        for what, model in models:
+            check_fp8_shapes(model.hidden_size, model.padded_vocab_size(tp) // tp, what)
+        reason = fp8_unsupported_reason(runtime.cuda_capability)
+        if reason is not None:
+            raise ValueError(f"loss_fp8: {reason}")
 
     def _check_vllm_teacher(self, runtime: Runtime) -> None:
         """``teacher.engine=vllm``: what the engine can serve, and its start-up requirements."""

@@ -335,7 +335,7 @@ class Trainer:
                     piece, piece_metrics = loss_from_hidden(
                         config.loss, tokens, *student, *(teacher_outputs or (None, None)),
                         self.tp_group, config.loss_chunk_tokens, vocab_size=vocab_size,
-                        temperature=self.temperature)
+                        temperature=self.temperature, fp8=config.loss_fp8)
                 else:
                     piece, piece_metrics = loss_from_logits(config.loss, tokens, student,
                                                             teacher_outputs, self.tp_group,
