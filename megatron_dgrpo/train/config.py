@@ -21,6 +21,7 @@ from typing import Literal
 
 from megatron_dgrpo.algorithms.objectives import OBJECTIVES, LossConfig
 from megatron_dgrpo.data.longblocks import LongBlocksConfig
+from megatron_dgrpo.data.mix import MixConfig
 from megatron_dgrpo.data.rewards import RewardConfig
 from megatron_dgrpo.models.config import ModelConfig, ParallelConfig, Runtime
 from megatron_dgrpo.models.presets import get_preset
@@ -218,6 +219,9 @@ class RunConfig:
     # the step; verl and slime do the same). one: train the temperature-1 policy on tempered
     # rollouts (then they are off-policy in a way no importance weight here corrects).
     train_temperature: Literal["sampling", "one"] = "sampling"
+    # fixed sequences (SFT, KD): the loss also covers the prompt's tokens (language modelling
+    # on the documents, "train on inputs"); default: the answer's only
+    prompt_loss: bool = False
     # PPO: optimizer steps per rollout batch = ppo_mini_batches (each over a slice of this
     # rank's prompt groups) x ppo_epochs; with more than one, pi_old comes from a no-grad
     # forward of the weights that sampled, and the clip range acts.
@@ -226,6 +230,10 @@ class RunConfig:
     dynamic_sampling: DynamicSamplingConfig = field(default_factory=lambda: DynamicSamplingConfig())
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     data: LongBlocksConfig = field(default_factory=LongBlocksConfig)
+    # A second, short-context source mixed with `data` (the long one) by token share
+    # (data/mix.py TokenShareMixer; prompt tokens counted; state in the checkpoint).
+    short_data: LongBlocksConfig | None = None
+    mix: MixConfig = field(default_factory=MixConfig)
     rewards: RewardConfig = field(default_factory=RewardConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)  # optional W&B (train/wandb_logger.py)
@@ -263,6 +271,9 @@ class RunConfig:
             raise ValueError(f"prompts_per_step ({self.prompts_per_step}) must be a multiple of "
                              f"ppo_mini_batches ({self.ppo_mini_batches}): each mini-batch takes "
                              f"whole prompt groups")
+        if self.prompt_loss and self.teacher_topk_cache is not None:
+            raise ValueError("prompt_loss with teacher_topk_cache: the cache holds the "
+                             "teacher's top-k at the answer tokens only")
         if self.dynamic_sampling.mode == "drop" and not spec.uses_rewards:
             raise ValueError(f"dynamic_sampling.mode=drop filters groups by their rewards; "
                              f"loss.objective={objective} does not train on rewards")
@@ -423,6 +434,9 @@ class RunConfig:
              self.rewards.overlong != "penalty", "rewards.overlong is not penalty"),
             (self, ("loss_chunk_tokens",), self.loss_impl == "materialized",
              "loss_impl=materialized does not chunk"),
+            (self, ("prompt_loss",), spec.on_policy,
+             "on-policy objectives train on the rollouts' response tokens"),
+            (self, ("mix",), self.short_data is None, "there is no short_data to mix in"),
         ]
         section_names = {id(loss): "loss", id(self.sampling): "sampling",
                          id(self.rollout): "rollout", id(self.dynamic_sampling): "dynamic_sampling",
