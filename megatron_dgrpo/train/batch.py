@@ -125,8 +125,8 @@ def answer_ids(tokenizer, example: LongBlocksExample) -> list[int]:
     """Token ids of the assistant turn answering ``example`` with its training target
     (``data.target``: the reference answer or a teacher's response; reply plus end-of-turn
     marker), as they follow the prompt in a full conversation."""
-    return tokenizer.response_ids(example.user_message,
-                                  example.target_answer or example.reference_answer)
+    target = example.reference_answer if example.target_answer is None else example.target_answer
+    return tokenizer.response_ids(example.user_message, target)
 
 
 def answer_sequences(examples: Sequence[LongBlocksExample], tokenizer, align: int = 1,
