@@ -353,6 +353,28 @@ class RunConfig:
                 "parallel.context_parallel > 1 with rollout.engine=embedded: the embedded "
                 "engine decodes whole sequences on each rank and cannot run a context-parallel "
                 "model; use rollout.engine=vllm")
+        if runtime.cuda:  # the layout must fit the GPUs (train/memory.py), before any work
+            self.memory_plan(runtime).check()
+
+    def memory_plan(self, runtime: Runtime | None = None):
+        """This run's per-GPU memory budget (:func:`megatron_dgrpo.train.memory.plan_memory`)
+        on GPUs of ``parallel.gpu_memory_gib``, or of the device's size on a CUDA machine;
+        None when neither is known (CPU runs without the option)."""
+        from megatron_dgrpo.train.memory import GIB, plan_memory
+
+        runtime = runtime or Runtime.detect()
+        if self.parallel.gpu_memory_gib is not None:
+            return plan_memory(self, int(self.parallel.gpu_memory_gib * GIB))
+        import torch
+
+        if torch.cuda.is_available():
+            return plan_memory(self, torch.cuda.get_device_properties(
+                torch.cuda.current_device()).total_memory)
+        if runtime.cuda:
+            raise ValueError("parallel.gpu_memory_gib: the memory check of a CUDA run needs "
+                             "the GPUs' memory and no GPU is visible here; set it (e.g. 79 for "
+                             "an H100 80GB, which reports 79.2 GiB)")
+        return None
 
     def _check_vllm_teacher(self, runtime: Runtime) -> None:
         """``teacher.engine=vllm``: what the engine can serve, and its start-up requirements."""
@@ -458,6 +480,9 @@ class RunConfig:
         if self.teacher is not None and self.teacher.offload and not Runtime.detect().cuda:
             notes.append("teacher.offload does nothing on CPU (the parameters are in host "
                          "memory already)")
+        if "gpu_memory_gib" in provided_keys(self.parallel) and not Runtime.detect().cuda:
+            notes.append("parallel.gpu_memory_gib has no effect here: the memory check runs "
+                         "on CUDA runtimes (dgrpo train --dry-run still prints the budget)")
         return notes + self.loss.notices()
 
     @property
