@@ -26,7 +26,8 @@ replicated tensor is compared once per worker.
 
 Cost per call: one mat-vec per parameter on each side, a scoring pass and a short greedy
 generation on the engine, one chunked forward over both probe sets on the trainer (only
-the probed tokens reach the output layer: no ``[T, V]`` logits). Any failure raises :class:`RefitVerificationError` on every rank.
+the probed tokens reach the output layer: no ``[T, V]`` logits). Any failure raises
+:class:`RefitVerificationError` on every rank.
 """
 
 from __future__ import annotations

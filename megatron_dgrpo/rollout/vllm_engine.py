@@ -272,7 +272,8 @@ class VLLMEngine:
         start = time.perf_counter()
         with _scoped_environ(startup_environ):
             self.llm = LLM(self.model_dir, dtype=dtype, seed=seed, max_model_len=max_model_len,
-                           load_format="safetensors", trust_remote_code=False,  # no pickles, no repo code
+                           # no pickles, no repository code
+                           load_format="safetensors", trust_remote_code=False,
                            skip_tokenizer_init=not has_tokenizer, logprobs_mode=LOGPROBS_MODE,
                            enforce_eager=self.on_cpu, generation_config="vllm",
                            enable_sleep_mode=not self.on_cpu,

@@ -273,8 +273,9 @@ def plan_memory(config: RunConfig, gpu_bytes: int) -> MemoryPlan:
         tokens = config.data.max_prompt_tokens + config.sampling.max_new_tokens
     else:  # fixed sequences: answers have no budget; the model's window bounds them
         tokens = student.max_position_embeddings
-    rows = config.micro_batch_size or config.prompts_per_step * (
-        config.sampling.n if spec.on_policy else 1)
+    # sequences per forward/backward: the micro-batch, else a whole PPO mini-batch
+    rows = config.micro_batch_size or (config.prompts_per_step // config.ppo_mini_batches
+                                       * (config.sampling.n if spec.on_policy else 1))
     tokens_per_rank = -(-rows * tokens // cp)
     loss_tokens = min(rows * (config.sampling.max_new_tokens if spec.on_policy else tokens),
                       tokens_per_rank)

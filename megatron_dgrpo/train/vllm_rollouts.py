@@ -1,8 +1,9 @@
 """Rollouts from a colocated vLLM engine, kept on the trainer's weights by refit + verification.
 
 One engine (:class:`megatron_dgrpo.rollout.vllm_engine.VLLMEngine`, over
-``rollout.engine_tensor_parallel`` GPUs) per model replica (data-parallel rank), on the replica's leader (its first global rank, see
-:mod:`megatron_dgrpo.parallel.replicas`), so rollout capacity grows with data parallelism.
+``rollout.engine_tensor_parallel`` GPUs) per model replica (data-parallel rank), on the
+replica's leader (its first global rank, see :mod:`megatron_dgrpo.parallel.replicas`), so
+rollout capacity grows with data parallelism.
 Per step:
 
 1. :meth:`VLLMRollouts.generate`: each leader samples its replica's prompts and broadcasts

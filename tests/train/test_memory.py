@@ -116,3 +116,30 @@ def test_dry_run_prints_the_budget_without_building_anything(capsys):
     # 2 prompts x n 2 rollouts of 4096 + 4 tokens: the embedded engine's static KV cache
     assert "embedded engine KV cache (4 x 4100 tokens)" in out
     assert "training:" in out and "of GPU 24.00 GiB (fits)" in out
+
+
+def _phases(*overrides):
+    from megatron_dgrpo.config import load_config
+    from megatron_dgrpo.train.config import RunConfig
+
+    config = load_config(RunConfig, CPU_EXAMPLE, ["rollout.engine=vllm",
+                                                  "data.max_prompt_tokens=1024", *overrides])
+    plan = memory.plan_memory(config, 24 * GIB)
+    return {budget.phase: {term.name: term.bytes for term in budget.terms}
+            for budget in plan.budgets}
+
+
+def test_offload_and_sleep_move_terms_between_phases():
+    awake = _phases("teacher.offload=true", "rollout.sleep_level=0")
+    share = "vLLM rollout engine (gpu_memory_utilization 0.5)"
+    teacher = "teacher weights (frozen shard, offloaded while sampling)"
+    assert teacher not in awake["rollout and refit"] and teacher in awake["training"]
+    assert awake["rollout and refit"][share] == awake["training"][share] == 12 * GIB
+    asleep = _phases("rollout.sleep_level=2")
+    assert share not in asleep["training"]
+    assert asleep["training"]["vLLM rollout engine asleep: CUDA graphs and context "
+                              "(allowance)"] == GIB
+    assert "teacher weights (frozen shard)" in asleep["rollout and refit"]
+    # 2 x refit_bucket_mb (256 MB): the gathered bucket and its shards
+    assert asleep["rollout and refit"]["refit bucket + its TP shards (2 x refit_bucket_mb)"] \
+        == 512_000_000
