@@ -311,6 +311,12 @@ class RunConfig:
                 f"the GPUs of one model replica (TP x CP x PP = "
                 f"{self.parallel.model_parallel_size}): each replica's engine runs on its own "
                 f"replica's GPUs")
+        if (self.uses_vllm_rollouts()
+                and self.rollout.verify_decode_tokens > self.sampling.max_new_tokens):
+            raise ValueError(
+                f"rollout.verify_decode_tokens ({self.rollout.verify_decode_tokens}) exceeds "
+                f"sampling.max_new_tokens ({self.sampling.max_new_tokens}): the decoded probe "
+                f"continues a rollout's prompt and must fit the engine's max_model_len")
         longest = self.data.max_prompt_tokens + self.sampling.max_new_tokens
         if self.rollout.engine == "vllm" and longest > student.max_position_embeddings:
             raise ValueError(

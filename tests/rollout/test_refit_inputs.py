@@ -96,3 +96,17 @@ def test_non_positive_bucket_size_fails_before_any_iteration():
 def test_unknown_cpu_linear_mode_is_refused_before_start_up(tmp_path):
     with pytest.raises(ValueError, match="unknown cpu_linear 'mkl'; choose from onednn, torch"):
         VLLMEngine(tmp_path, cpu_linear="mkl")
+
+
+def test_engine_tensor_parallel_beyond_the_cpus_is_refused_at_start_up():
+    from megatron_dgrpo.models.config import Runtime
+    from megatron_dgrpo.train.config import RolloutConfig
+
+    wide = ModelConfig(num_attention_heads=1024, num_query_groups=1024, head_dim=32)
+    rollout = RolloutConfig(engine="vllm", engine_tensor_parallel=1024)
+    with pytest.raises(ValueError, match="rollout.engine_tensor_parallel=1024 \\(the student\\): "
+                                         "vLLM's CPU backend runs one worker per CPU group"):
+        rollout.check_engine_split(wide, Runtime(cuda=False, transformer_engine=False),
+                                   "the student")
+    # on CUDA the CPUs do not matter (the GPUs are checked against the replica's size)
+    rollout.check_engine_split(wide, Runtime(cuda=True, transformer_engine=True), "the student")

@@ -140,6 +140,8 @@ def test_examples_are_refused_on_cpu_with_the_reason(monkeypatch, path):
     ("rollout.engine_tensor_parallel=16", "exceeds the GPUs of one model replica (TP x CP x "
                                           "PP = 4)"),
     ("rollout.max_num_seqs=64", "the vLLM rollout engine phase needs"),
+    ("rollout.verify_decode_tokens=4096", "rollout.verify_decode_tokens (4096) exceeds "
+                                          "sampling.max_new_tokens (2048)"),
 ])
 def test_mistakes_in_an_example_fail(monkeypatch, override, message):
     with pytest.raises((ValueError, ConfigError)) as info:
