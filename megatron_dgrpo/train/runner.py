@@ -51,6 +51,9 @@ def run_training(config: RunConfig, show_progress: bool = True) -> int:
     if writer:
         for note in config.notices():
             log.warning("%s", note)
+        plan = config.memory_plan()
+        if plan is not None:
+            log.info("memory per GPU (train/memory.py):\n%s", plan.summary())
     trainer = Trainer(config)
     resumed_from = _resume(trainer)
     run_dir = Path(config.run_dir)
