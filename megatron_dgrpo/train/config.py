@@ -25,6 +25,7 @@ from megatron_dgrpo.data.rewards import RewardConfig
 from megatron_dgrpo.models.config import ModelConfig, ParallelConfig, Runtime
 from megatron_dgrpo.models.presets import get_preset
 from megatron_dgrpo.rollout.engine import SamplingConfig
+from megatron_dgrpo.train.evaluation import EvalConfig
 from megatron_dgrpo.train.schedule import learning_rate
 from megatron_dgrpo.train.wandb_logger import LoggingConfig
 
@@ -227,6 +228,7 @@ class RunConfig:
     rewards: RewardConfig = field(default_factory=RewardConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)  # optional W&B (train/wandb_logger.py)
+    eval: EvalConfig = field(default_factory=EvalConfig)  # held-out scores (train/evaluation.py)
 
     def validate(self, runtime: Runtime | None = None) -> None:
         """Cross-section checks (each section validated itself already)."""
@@ -313,6 +315,7 @@ class RunConfig:
                 "parallel.context_parallel > 1 with rollout.engine=embedded: the embedded "
                 "engine decodes whole sequences on each rank and cannot run a context-parallel "
                 "model; use rollout.engine=vllm")
+        self.eval.check_run(self)
 
     def _check_vllm_teacher(self, runtime: Runtime) -> None:
         """``teacher.engine=vllm``: what the engine can serve, and its start-up requirements."""
@@ -417,7 +420,7 @@ class RunConfig:
         if self.teacher is not None and self.teacher.offload and not Runtime.detect().cuda:
             notes.append("teacher.offload does nothing on CPU (the parameters are in host "
                          "memory already)")
-        return notes + self.loss.notices()
+        return notes + self.loss.notices() + self.eval.notices()
 
     @property
     def updates_per_step(self) -> int:

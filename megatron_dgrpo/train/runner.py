@@ -1,9 +1,10 @@
 """Running a training job: resume, steps with progress, metrics, checkpoints, pre-emption.
 
 A run directory holds ``config.yaml`` (the resolved config), ``metrics.jsonl``,
-``tensorboard/`` and ``checkpoints/``. Starting a run whose directory has a checkpoint
-resumes it from the newest complete one; SIGTERM/SIGUSR1 save after the current step and
-exit with :data:`REQUEUE_EXIT_CODE`, so a Slurm requeue loses at most that step.
+``tensorboard/``, ``checkpoints/`` and, with an ``eval`` section, ``eval/`` (one report per
+evaluation, :mod:`megatron_dgrpo.train.evaluation`). Starting a run whose directory has a
+checkpoint resumes it from the newest complete one; SIGTERM/SIGUSR1 save after the current step
+and exit with :data:`REQUEUE_EXIT_CODE`, so a Slurm requeue loses at most that step.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from megatron_dgrpo.parallel.collectives import world_rank
 from megatron_dgrpo.train.checkpoint import (
     latest_checkpoint, load_training_checkpoint, save_training_checkpoint)
 from megatron_dgrpo.train.config import RunConfig
+from megatron_dgrpo.train.evaluation import InTrainingEvaluation
 from megatron_dgrpo.train.loop import Trainer
 from megatron_dgrpo.train.metrics import MetricsLogger
 from megatron_dgrpo.train.preemption import PreemptionGuard
@@ -51,6 +53,7 @@ def run_training(config: RunConfig, show_progress: bool = True) -> int:
     if writer:
         for note in config.notices():
             log.warning("%s", note)
+    evaluation = InTrainingEvaluation.prepare(config)  # held-out set checked before any model
     trainer = Trainer(config)
     resumed_from = _resume(trainer)
     run_dir = Path(config.run_dir)
@@ -61,14 +64,18 @@ def run_training(config: RunConfig, show_progress: bool = True) -> int:
                            run_config=to_dict(config)) if writer else None
     progress = _progress(show_progress and writer, trainer.step, config.steps)
     try:
+        if evaluation is not None:
+            evaluation.start(trainer, logger)  # step 0 of a fresh run: baseline, at_start
         with PreemptionGuard() as guard:
             while trainer.step < config.steps:
                 metrics = trainer.train_step()
+                stop = guard.should_stop()
+                if evaluation is not None:
+                    metrics.update(evaluation.after_step(trainer, logger, stopping=stop))
                 if logger is not None:
                     logger.log(trainer.step, metrics)
                 if progress is not None:
                     progress.update(metrics)
-                stop = guard.should_stop()
                 if stop or trainer.step % config.save_every == 0 or trainer.step == config.steps:
                     _save(trainer)
                 if stop:
@@ -84,7 +91,7 @@ def run_training(config: RunConfig, show_progress: bool = True) -> int:
 class _Progress:
     """A rich progress bar showing the step and the headline metrics."""
 
-    HEADLINE = ("loss", "reward/mean", "policy/kl_teacher", "policy/entropy")
+    HEADLINE = ("loss", "reward/mean", "policy/kl_teacher", "policy/entropy", "eval/all")
 
     def __init__(self, first_step: int, total: int):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
