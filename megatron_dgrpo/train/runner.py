@@ -13,7 +13,8 @@ import logging
 from pathlib import Path
 
 from megatron_dgrpo.config import dump_yaml, to_dict
-from megatron_dgrpo.parallel.collectives import world_rank
+from megatron_dgrpo.parallel.collectives import init_default_group, world_rank
+from megatron_dgrpo.parallel.cpu import default_backend
 from megatron_dgrpo.train.checkpoint import (
     latest_checkpoint, load_training_checkpoint, save_training_checkpoint)
 from megatron_dgrpo.train.config import RunConfig
@@ -49,6 +50,7 @@ def run_training(config: RunConfig, show_progress: bool = True) -> int:
 
     Returns 0 when done, :data:`REQUEUE_EXIT_CODE` after a save-on-signal.
     """
+    init_default_group(default_backend())  # before world_rank(): 0 on every rank without it
     writer = world_rank() == 0
     if writer:
         for note in config.notices():
