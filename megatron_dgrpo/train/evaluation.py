@@ -113,13 +113,17 @@ class EvalConfig:
                     f"({self.max_new_tokens}) exceed it: lower them")
 
     def notices(self) -> list[str]:
-        """Options set while evaluation is off."""
+        """Options set while evaluation is off, or that the suite does not read."""
         from megatron_dgrpo.config import provided_keys
 
-        if self.enabled:
-            return []
-        return [f"eval.{name} has no effect here: eval.every is 0 (no evaluation)"
-                for name in sorted(provided_keys(self) - {"every"})]
+        provided = provided_keys(self)
+        if not self.enabled:
+            return [f"eval.{name} has no effect here: eval.every is 0 (no evaluation)"
+                    for name in sorted(provided - {"every"})]
+        if self.suite == "short" and "max_prompt_tokens" in provided:
+            return ["eval.max_prompt_tokens has no effect here: eval.suite=short keeps every "
+                    "item whole"]
+        return []
 
 
 # ------------------------------------------------------------------------------ answering

@@ -205,10 +205,14 @@ def test_bad_eval_sections_are_refused(setup, change, message):
     assert message in str(info.value)
 
 
-def test_eval_options_without_evaluation_are_noticed(setup):
+def test_eval_options_without_effect_are_noticed(setup):
     config = from_dict(RunConfig, _config(setup, "x", eval={"max_new_tokens": 8, "every": 0}))
     assert config.notices() == ["eval.max_new_tokens has no effect here: eval.every is 0 "
                                 "(no evaluation)"]
+    config = from_dict(RunConfig, _config(setup, "x", eval={
+        "every": 2, "suite": "short", "data": ["x.jsonl"], "max_prompt_tokens": 100}))
+    assert config.notices() == ["eval.max_prompt_tokens has no effect here: eval.suite=short "
+                                "keeps every item whole"]
     assert from_dict(RunConfig, _config(setup, "x")).notices() == []
 
 
@@ -231,6 +235,9 @@ def test_vllm_engines_answer_as_the_embedded_engine(setup):
                      sampling={"n": 2, "max_new_tokens": 8, "temperature": 1.0},
                      rollout={"engine": "vllm", "dtype": "float32"})
     config["data"]["max_prompt_tokens"] = 1024
+    with pytest.raises(ValueError, match=r"the vLLM rollout engine, which holds data.max_prompt_"
+                                         r"tokens \+ sampling.max_new_tokens = 1032 tokens"):
+        from_dict(RunConfig, {**config, "eval": {**config["eval"], "max_new_tokens": 9}})
     embedded, vllm = root / "vllm-ckpt-embedded", root / "vllm-ckpt-vllm"
     argv = _eval_argv(setup, config["run_dir"], 1, embedded)
     assert run_distributed(_train_each, 1, args=([config],)) == [[0]]
