@@ -21,6 +21,8 @@ _COMMANDS: dict[str, tuple[str, str, str, str]] = {
               "train with sft, kd, grpo, opd or dgrpo from a YAML run config"),
     "quickstart": ("megatron_dgrpo.quickstart", "add_quickstart_arguments", "run_quickstart",
                    "the CPU quickstart (no network, no downloaded weights)"),
+    "experiment": ("megatron_dgrpo.experiment", "add_experiment_arguments", "run_experiment",
+                   "the paper in miniature: SFT, KD, GRPO, OPD, dGRPO over seeds, ablations"),
     "convert": ("megatron_dgrpo.models.cli", "add_convert_arguments", "run_convert",
                 "convert checkpoints between Hugging Face and Megatron layouts"),
     "eval": ("megatron_dgrpo.eval_cli", "add_eval_arguments", "run_eval",

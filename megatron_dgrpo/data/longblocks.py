@@ -160,7 +160,7 @@ class LongBlocksExample:
     language: str
     teacher_responses: dict[str, str]
     metadata: dict
-    target_answer: str = ""  # what SFT/KD train on (LongBlocksConfig.target); the reference by default
+    target_answer: str | None = None  # what SFT/KD train on (LongBlocksConfig.target); None: the reference
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -256,8 +256,8 @@ class LongBlocksLoader:
             return "under_length", len(prompt_ids)
         teachers = {c: v for c, v in row.items()
                     if c.startswith(RESPONSE_PREFIX) and isinstance(v, str) and v.strip()}
-        if cfg.target != "reference" and cfg.target not in teachers:
-            return f"missing {cfg.target}", len(prompt_ids)
+        if cfg.target != "reference" and not isinstance(row.get(cfg.target), str):
+            return f"missing {cfg.target}", len(prompt_ids)  # (an empty reply is a reply)
         known = set(REQUIRED_COLUMNS) | {c for c in row if c.startswith(RESPONSE_PREFIX)}
         return LongBlocksExample(
             id=row["id"],
@@ -269,7 +269,7 @@ class LongBlocksLoader:
             language=row["language"],
             teacher_responses=teachers,
             metadata={k: v for k, v in row.items() if k not in known},
-            target_answer=row["answer"] if cfg.target == "reference" else teachers[cfg.target],
+            target_answer=row["answer"] if cfg.target == "reference" else row[cfg.target],
         )
 
     def __iter__(self) -> Iterator[LongBlocksExample]:

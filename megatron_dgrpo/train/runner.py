@@ -55,6 +55,9 @@ def run_training(config: RunConfig, show_progress: bool = True) -> int:
     if writer:
         for note in config.notices():
             log.warning("%s", note)
+        plan = config.memory_plan()
+        if plan is not None:
+            log.info("memory per GPU (train/memory.py):\n%s", plan.summary())
     evaluation = InTrainingEvaluation.prepare(config)  # held-out set checked before any model
     trainer = Trainer(config)
     resumed_from = _resume(trainer)
@@ -67,7 +70,7 @@ def run_training(config: RunConfig, show_progress: bool = True) -> int:
     progress = _progress(show_progress and writer, trainer.step, config.steps)
     try:
         if evaluation is not None:
-            evaluation.start(trainer, logger)  # step 0 of a fresh run: baseline, at_start
+            evaluation.start(trainer, logger)  # with eval.at_start on a fresh run: step 0
         with PreemptionGuard() as guard:
             while trainer.step < config.steps:
                 metrics = trainer.train_step()
