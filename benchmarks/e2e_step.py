@@ -111,7 +111,8 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workload", choices=sorted(WORKLOADS), default="quickstart")
     parser.add_argument("--steps", type=int, default=3, help="measured steps after 1 warm-up")
     parser.add_argument("--prompts", type=int, help="prompts per step (default: the workload's)")
-    parser.add_argument("--group", type=int, help="completions per prompt, G (default: the workload's)")
+    parser.add_argument("--group", type=int,
+                        help="completions per prompt, G (default: the workload's)")
     parser.add_argument("--new-tokens", type=int,
                         help="tokens per completion (default: the workload's)")
     parser.add_argument("--threads", type=int, default=2,
