@@ -203,8 +203,8 @@ RATIO_ROWS = (*BASELINE_PHASES, "step")  # "other" is bookkeeping on both sides:
 
 def markdown(runs: list[dict]) -> str:
     """Per run: the phase table (ours, baseline, ratio), then its top operators if any."""
-    lines = ["# Our step, phase by phase, vs a plain-PyTorch step (`benchmarks/e2e_profile.py`)",
-             "", "Median seconds over the measured steps (after one warm-up each), TP=1, fp32, "
+    lines = ["# Our step, phase by phase, vs a plain-PyTorch step "
+             "(`benchmarks/e2e_profile.py`)", "", "Median seconds over the measured steps (after one warm-up each), TP=1, fp32, "
              "same process, ours and the baseline (`benchmarks/phase_baseline.py`: "
              "`transformers` models of the same weights, `generate`, AdamW) alternating step "
              "by step on the same prompts. Ratio = ours / baseline (below 1: ours faster). "
