@@ -184,7 +184,8 @@ def profile(rank: int, world_size: int, args: argparse.Namespace) -> dict:
                        for e in ops[:TOP_OPS]]
     lengths = [len(p) for p in prompts]
     return {
-        "label": args.label, "command": args.command, "workload": args.workload, "objective": args.objective,
+        "label": args.label, "command": args.command, "workload": args.workload,
+        "objective": args.objective,
         "shape": (f"{args.prompts} prompts x G={args.group} x {args.new_tokens} new tokens, "
                   f"prompts of {min(lengths)}-{max(lengths)} tokens"),
         "threads": args.threads, "steps": args.steps, "load": os.getloadavg()[0],
@@ -204,7 +205,8 @@ RATIO_ROWS = (*BASELINE_PHASES, "step")  # "other" is bookkeeping on both sides:
 def markdown(runs: list[dict]) -> str:
     """Per run: the phase table (ours, baseline, ratio), then its top operators if any."""
     lines = ["# Our step, phase by phase, vs a plain-PyTorch step "
-             "(`benchmarks/e2e_profile.py`)", "", "Median seconds over the measured steps (after one warm-up each), TP=1, fp32, "
+             "(`benchmarks/e2e_profile.py`)", "",
+             "Median seconds over the measured steps (after one warm-up each), TP=1, fp32, "
              "same process, ours and the baseline (`benchmarks/phase_baseline.py`: "
              "`transformers` models of the same weights, `generate`, AdamW) alternating step "
              "by step on the same prompts. Ratio = ours / baseline (below 1: ours faster). "
