@@ -176,7 +176,7 @@ class AsyncRollouts:
         if draw:
             raise RuntimeError("asynchronous rollouts sample one round per step; "
                                "dynamic_sampling.mode=drop is refused at config validation")
-        metrics = self.source.start()
+        _, metrics = self.source.serving_engine()
         if self.engine_version is None:
             self._engine_holds(step - 1)
         if self._pending is None:

@@ -90,11 +90,14 @@ class VLLMRollouts(Stateless):
         self.started = True
         return time.perf_counter() - started
 
-    def start(self) -> dict[str, float]:
-        """Start the engines if they have not started (every rank); the start-up metric."""
-        if self.started:
-            return {}
-        return {"time/engine_start_s": max_over_world(self._start())}
+    def serving_engine(self):
+        """The replica's engine on the trainer's current weights (after a step's refit, or
+        started here from them if no step has run yet), ``None`` off the replica's leader; and
+        ``time/engine_start_s`` if it started now. Call on every rank."""
+        metrics = {}
+        if not self.started:
+            metrics["time/engine_start_s"] = max_over_world(self._start())
+        return self.engine, metrics
 
     # ------------------------------------------------------------------ per step
 
@@ -102,7 +105,7 @@ class VLLMRollouts(Stateless):
                  draw: int = 0) -> tuple[StepBatch, dict[str, float]]:
         """Rollouts of this replica's ``examples`` (the same on all its ranks), grouped by
         prompt; and the start-up metric on the first call."""
-        metrics = self.start()
+        _, metrics = self.serving_engine()
         rollouts = None
         if self.replica.is_leader:
             rollouts = self.sample(examples, step, draw)
