@@ -121,7 +121,8 @@ class RolloutConfig:
     weights step n started from (the engine in a process of its own; the loss corrects with
     the engine's log-probs as behaviour policy); ``bounded`` refits only when the next batch
     would be more than ``max_staleness`` updates old. (``off`` is YAML for false, hence
-    ``sync``.) vLLM rollouts only; on GPU the engine must stay awake (``sleep_level: 0``).
+    ``sync``.) vLLM rollouts only, without in-training evaluation (``eval.every``); on GPU
+    the engine must stay awake (``sleep_level: 0``).
     """
 
     engine: Literal["embedded", "vllm"] = "embedded"
@@ -173,8 +174,10 @@ class RolloutConfig:
             raise ValueError(f"rollout.max_staleness must be >= 1 (1 = one_step), got "
                              f"{self.max_staleness}")
 
-    def check_async(self, on_policy_vllm: bool, dynamic_sampling: str, runtime: Runtime) -> None:
-        """``async_mode`` other than ``sync``: what it can run with (ValueError naming why)."""
+    def check_async(self, on_policy_vllm: bool, dynamic_sampling: str, runtime: Runtime,
+                    evaluates: bool = False) -> None:
+        """``async_mode`` other than ``sync``: what it can run with (ValueError naming why);
+        ``evaluates``: the run has in-training evaluation (``eval.every``)."""
         if self.async_mode == "sync":
             return
         option = f"rollout.async_mode={self.async_mode}"
@@ -188,6 +191,11 @@ class RolloutConfig:
             raise ValueError(
                 f"{option} samples one round per step ahead of time; dynamic_sampling.mode="
                 f"drop needs further rounds within the step: use rollout.async_mode=sync")
+        if evaluates:
+            raise ValueError(
+                f"{option} with eval.every > 0 is not supported: the engine is busy sampling "
+                f"the next batch when an evaluation would use it; evaluate the checkpoints "
+                f"with `dgrpo eval`, or use rollout.async_mode=sync")
         if runtime.cuda and self.sleep_level:
             raise ValueError(
                 f"{option}: the engine samples while the trainer trains, so it cannot sleep "
@@ -362,7 +370,8 @@ class RunConfig:
                              f"loss.objective={objective} trains on fixed sequences; use "
                              f"rollout.engine=embedded (the default)")
         self.rollout.check_engine(student, runtime)
-        self.rollout.check_async(self.uses_vllm_rollouts(), self.dynamic_sampling.mode, runtime)
+        self.rollout.check_async(self.uses_vllm_rollouts(), self.dynamic_sampling.mode, runtime,
+                                 evaluates=self.eval.enabled)
         uses_engines = self.rollout.engine == "vllm" or self.uses_vllm_teacher()
         if (uses_engines and runtime.cuda
                 and self.rollout.engine_tensor_parallel > self.parallel.model_parallel_size):

@@ -406,6 +406,8 @@ def test_async_configs_are_refused_where_they_cannot_run(setup):
         _validated(setup, **{"rollout.async_mode": "bounded", "rollout.max_staleness": 0})
     with pytest.raises(ValueError, match="dynamic_sampling.mode=drop needs further rounds"):
         _validated(setup, dynamic_sampling={"mode": "drop"})
+    with pytest.raises(ValueError, match=r"with eval\.every > 0 is not supported"):
+        _validated(setup, eval={"every": 2})
     cuda = Runtime(cuda=True, transformer_engine=False)
     with pytest.raises(ValueError, match=r"cannot sleep \(rollout\.sleep_level=2"):
         RolloutConfig(engine="vllm", async_mode="one_step").check_async(True, "keep", cuda)
