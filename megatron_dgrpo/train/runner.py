@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 def _save(trainer: Trainer) -> None:
     config = trainer.config
     save_training_checkpoint(config.run_dir, trainer.step, trainer.student, trainer.model_config,
-                             trainer.optimizer, {"prompts": trainer.prompts.state_dict()},
+                             trainer.optimizer, trainer.state_dict(),
                              keep_last=config.keep_last)
 
 
@@ -41,7 +41,7 @@ def _resume(trainer: Trainer) -> int | None:
         return None
     restored = load_training_checkpoint(checkpoint, trainer.student, trainer.optimizer)
     trainer.step = restored["step"]
-    trainer.prompts.load_state_dict(restored["state"]["prompts"])
+    trainer.load_state_dict(restored["state"])
     return trainer.step
 
 
