@@ -114,7 +114,8 @@ def make_assets(out: Path, plan: QuickstartPlan, seed: int) -> dict[str, Path]:
 # ------------------------------------------------------------------------ report
 
 
-def _plot_heldout(curve: list[tuple[int, float]], teacher: float, out_png: Path) -> None:
+def _plot_heldout(curve: list[tuple[int, float]], teacher: float, baseline: float,
+                  out_png: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -123,6 +124,7 @@ def _plot_heldout(curve: list[tuple[int, float]], teacher: float, out_png: Path)
     figure, axis = plt.subplots(figsize=(6, 3.6), layout="constrained")
     axis.plot([s for s, _ in curve], [v for _, v in curve], marker="o", label="student (dGRPO)")
     axis.axhline(teacher, color="tab:green", linestyle="--", label="teacher (SFT)")
+    axis.axhline(baseline, color="tab:gray", linestyle=":", label="no-context baseline")
     axis.set_xlabel("dGRPO step")
     axis.set_ylabel("held-out reward x 100 (greedy)")
     axis.set_ylim(bottom=0)
@@ -140,14 +142,17 @@ def _report_markdown(summary: dict[str, Any]) -> str:
              f"(mean reward x 100, greedy, {summary['plan']['heldout_examples']} prompts):", "",
              "| model | all | " + " | ".join(families) + " |",
              "|---|---:|" + "---:|" * len(families)]
-    for label, row in scores.items():
+    rows = [*scores.items(), ("no-context baseline", summary["baseline"])]
+    for label, row in rows:
         cells = [row.get("all")] + [row.get(f) for f in families]
         lines.append(f"| {label} | " + " | ".join("-" if v is None else f"{v:.1f}" for v in cells)
                      + " |")
     verdict = ("rose" if summary["learning"] else "did NOT rise")
     lines += ["", f"Held-out reward of the student {verdict} during dGRPO: "
               f"{summary['student_before']:.1f} -> {summary['student_after']:.1f} "
-              f"(teacher {summary['teacher']:.1f}). Curve: `heldout_reward.png`.", "",
+              f"(teacher {summary['teacher']:.1f}, no-context baseline "
+              f"{summary['baseline']['all']:.1f}: the most frequent training answer per task and "
+              f"question template, no document). Curve: `heldout_reward.png`.", "",
               "Training curves: `runs/<phase>/report/summary.md` and `curves.png` for "
               "teacher-sft, student-cold-start, student-dgrpo. Per-model answers: "
               "`eval/<model>/heldout/predictions.jsonl`.", "",
@@ -231,17 +236,18 @@ def run_quickstart(args: argparse.Namespace) -> int:
                              timeout_s=3600)[0]
     heldout = {label: {**sets["heldout"]["families"], "all": sets["heldout"]["all"]}
                for label, sets in scored.items()}
+    baseline = scored["teacher"]["heldout"]["baseline"]  # the same for every model
     done("eval")
 
     curve = [(0, heldout["student-step-0"]["all"])]
     curve += [(s, heldout[f"student-step-{s}"]["all"]) for s in eval_steps]
     summary = {"plan_name": plan_name, "plan": dataclasses.asdict(plan), "tensor_parallel": args.tp,
-               "heldout": heldout, "teacher": heldout["teacher"]["all"],
+               "heldout": heldout, "baseline": baseline, "teacher": heldout["teacher"]["all"],
                "student_before": curve[0][1], "student_after": curve[-1][1],
                "learning": curve[-1][1] > curve[0][1], "curve": curve}
     seconds["total"] = time.perf_counter() - started
     summary["seconds"] = seconds
-    _plot_heldout(curve, summary["teacher"], out / "heldout_reward.png")
+    _plot_heldout(curve, summary["teacher"], baseline["all"], out / "heldout_reward.png")
     (out / "quickstart.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "report.md").write_text(_report_markdown(summary))
     console.print(_report_markdown(summary))

@@ -63,6 +63,7 @@ def test_reported_heldout_scores_match_a_rescoring_of_the_predictions(short_run)
     report = (out / "report.md").read_text()
     assert report.startswith("# dgrpo quickstart")
     assert f"| teacher | {summary['teacher']:.1f} |" in report
+    assert f"| no-context baseline | {summary['baseline']['all']:.1f} |" in report
 
 
 def test_an_existing_output_directory_is_refused_and_kept(short_run, capsys):
