@@ -26,7 +26,7 @@ _COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "convert": ("megatron_dgrpo.models.cli", "add_convert_arguments", "run_convert",
                 "convert checkpoints between Hugging Face and Megatron layouts"),
     "eval": ("megatron_dgrpo.eval_cli", "add_eval_arguments", "run_eval",
-             "score a checkpoint per task family x length x needle depth (embedded engine)"),
+             "score a checkpoint on an evaluation suite, greedily (embedded or vLLM engine)"),
     "teacher-cache": ("megatron_dgrpo.train.teacher_cache", "add_cache_arguments", "run_cache",
                       "cache a teacher's top-k log-probs for off-policy KD"),
     "report": ("megatron_dgrpo.report", "add_report_arguments", "run_report",

@@ -17,7 +17,7 @@ What it does, each phase with progress on the console and its outputs under ``--
    which the teacher's guidance matters (e.g. the last token of "unanswerable"). The loss
    still trains the temperature-1 policy; the truncated importance weight
    ``pi_old / pi_rollout`` (``loss.tis_cap``) corrects for the tempered sampler;
-6. ``eval/<model>``: greedy answers on the held-out set for the teacher and for every
+6. ``eval/<model>/heldout``: greedy answers on the held-out set for the teacher and for every
    student checkpoint (``scores.md``, ``heatmap.png``, ``predictions.jsonl``);
 7. ``report.md``, ``quickstart.json``, ``heldout_reward.png``: held-out reward of the
    teacher and of the student through dGRPO, and each run's training curves
@@ -150,7 +150,7 @@ def _report_markdown(summary: dict[str, Any]) -> str:
               f"(teacher {summary['teacher']:.1f}). Curve: `heldout_reward.png`.", "",
               "Training curves: `runs/<phase>/report/summary.md` and `curves.png` for "
               "teacher-sft, student-cold-start, student-dgrpo. Per-model answers: "
-              "`eval/<model>/predictions.jsonl`.", "",
+              "`eval/<model>/heldout/predictions.jsonl`.", "",
               "| phase | seconds |", "|---|---:|"]
     lines += [f"| {phase} | {seconds:.0f} |" for phase, seconds in summary["seconds"].items()]
     return "\n".join(lines) + "\n"

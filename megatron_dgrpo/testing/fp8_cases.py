@@ -32,7 +32,7 @@ from megatron_dgrpo.algorithms import (
 from megatron_dgrpo.parallel.fp8 import Fp8LossConfig
 from megatron_dgrpo.parallel.fused import loss_from_hidden
 
-DGRPO_FULL_KL = LossConfig(objective="dgrpo", kl_estimator="full")
+DGRPO_FULL_KL = LossConfig(objective="dgrpo", kl_estimator="full", kl_coef=0.04)
 FP8_ERROR_BOUNDS = {
     "kl_error_nats": 0.07,  # |kl_teacher(fp8) - kl_teacher(fp32)|, teacher logits in FP8
     "kl_error_nats_teacher_fp32": 0.025,  # the same with Fp8LossConfig(teacher=False)

@@ -27,6 +27,7 @@ from megatron_dgrpo.models.config import ModelConfig, ParallelConfig, Runtime
 from megatron_dgrpo.models.presets import get_preset
 from megatron_dgrpo.parallel.fp8 import Fp8LossConfig, check_fp8_shapes, fp8_unsupported_reason
 from megatron_dgrpo.rollout.engine import SamplingConfig
+from megatron_dgrpo.train.evaluation import EvalConfig
 from megatron_dgrpo.train.schedule import learning_rate
 from megatron_dgrpo.train.wandb_logger import LoggingConfig
 
@@ -274,6 +275,7 @@ class RunConfig:
     rewards: RewardConfig = field(default_factory=RewardConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)  # optional W&B (train/wandb_logger.py)
+    eval: EvalConfig = field(default_factory=EvalConfig)  # held-out scores (train/evaluation.py)
 
     def validate(self, runtime: Runtime | None = None) -> None:
         """Cross-section checks (each section validated itself already)."""
@@ -390,6 +392,7 @@ class RunConfig:
                 "parallel.context_parallel > 1 with rollout.engine=embedded: the embedded "
                 "engine decodes whole sequences on each rank and cannot run a context-parallel "
                 "model; use rollout.engine=vllm")
+        self.eval.check_run(self)
         if runtime.cuda:  # the layout must fit the GPUs (train/memory.py), before any work
             self.memory_plan(runtime).check()
 
@@ -553,7 +556,7 @@ class RunConfig:
         if "gpu_memory_gib" in provided_keys(self.parallel) and not Runtime.detect().cuda:
             notes.append("parallel.gpu_memory_gib has no effect here: the memory check runs "
                          "on CUDA runtimes (dgrpo train --dry-run still prints the budget)")
-        return notes + self.loss.notices()
+        return notes + self.loss.notices() + self.eval.notices()
 
     @property
     def updates_per_step(self) -> int:

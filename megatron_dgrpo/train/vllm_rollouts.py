@@ -87,15 +87,22 @@ class VLLMRollouts:
         self.started = True
         return time.perf_counter() - started
 
+    def serving_engine(self):
+        """The replica's engine on the trainer's current weights (after a step's refit, or
+        started here from them if no step has run yet), ``None`` off the replica's leader; and
+        ``time/engine_start_s`` if it started now. Call on every rank."""
+        metrics = {}
+        if not self.started:
+            metrics["time/engine_start_s"] = max_over_world(self._start())
+        return self.engine, metrics
+
     # ------------------------------------------------------------------ per step
 
     def generate(self, examples: list[LongBlocksExample], step: int,
                  draw: int = 0) -> tuple[StepBatch, dict[str, float]]:
         """Rollouts of this replica's ``examples`` (the same on all its ranks), grouped by
         prompt; and the start-up metric on the first call."""
-        metrics = {}
-        if not self.started:
-            metrics["time/engine_start_s"] = max_over_world(self._start())
+        _, metrics = self.serving_engine()
         # seeded per prompt of the global batch: the same samples at any data-parallel size
         params = self.sampling.params(rollout_seed(self.seed, step, 0, draw),
                                       prompt_offset=self.replica.index * len(examples))

@@ -42,7 +42,7 @@ def _config(setup, run_name, **top_level):
             "prompts_per_step": 2, "tokenizer": str(tokenizer_dir),
             "student": {"preset": None, "model": student},
             "teacher": {"preset": None, "model": teacher},
-            "loss": {"objective": "dgrpo", "kl_estimator": "full"},
+            "loss": {"objective": "dgrpo", "kl_estimator": "full", "kl_coef": 0.04},
             "sampling": {"n": 2, "max_new_tokens": 8, "temperature": 1.0},
             "data": {"paths": [str(root / "data")], "max_prompt_tokens": 4096},
             "optim": {"lr": 1e-3}, **top_level}
@@ -97,6 +97,8 @@ def test_fp8_loss_refuses_gpus_without_fp8_gemms(setup):
     with pytest.raises(ValueError, match=r"loss_fp8: FP8 GEMMs need a GPU of compute "
                                          r"capability >= 8.9 \(Ada, Hopper or newer\); this "
                                          r"one has 8.0"):
-        from_dict(RunConfig, _config(setup, "refused", loss_fp8={})).validate(a100)
+        from_dict(RunConfig, _config(setup, "refused", loss_fp8={},
+                                     parallel={"gpu_memory_gib": 79.0})).validate(a100)
     h100 = Runtime(cuda=True, transformer_engine=False, cuda_capability=(9, 0))
-    from_dict(RunConfig, _config(setup, "accepted", loss_fp8={})).validate(h100)
+    from_dict(RunConfig, _config(setup, "accepted", loss_fp8={},
+                                 parallel={"gpu_memory_gib": 79.0})).validate(h100)
