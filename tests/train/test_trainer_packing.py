@@ -58,8 +58,10 @@ def _weights(run_dir):
 def test_packed_step_equals_padded_step(setup):
     runs = []
     for objective, impl in (("dgrpo", "fused"), ("kd", "fused"), ("kd", "materialized")):
+        # 4 rows per micro-batch: rows of different prompts (dGRPO's 2 rollouts of a
+        # prompt have the same length when neither stops early), so padding > 0
         padded = _config(setup, f"padded-{objective}-{impl}", objective, loss_impl=impl,
-                         micro_batch_size=2)
+                         micro_batch_size=4)
         # ~2 of the ~300-token rows per pack: several packs, rows of different lengths
         packed = _config(setup, f"packed-{objective}-{impl}", objective, loss_impl=impl,
                          pack_sequences=True, pack_tokens=700)
@@ -68,7 +70,7 @@ def test_packed_step_equals_padded_step(setup):
     assert run_distributed(train_runs, 2, args=(configs,)) == [[0] * len(configs)] * 2
     for padded, packed in runs:
         (expected,), (got,) = read_metrics(padded["run_dir"]), read_metrics(packed["run_dir"])
-        assert expected[PADDING] > 0.02 and got[PADDING] == 0.0
+        assert expected[PADDING] > 0.01 and got[PADDING] == 0.0
         expected, got = ({k: v for k, v in r.items() if not k.startswith(NON_DETERMINISTIC)
                           and k != PADDING} for r in (expected, got))
         assert got.keys() == expected.keys() and expected["loss"] != 0
