@@ -26,6 +26,7 @@ from megatron_dgrpo.train.metrics import read_metrics
 NON_DETERMINISTIC = ("time/", "throughput/", "memory/")
 PP2 = {"pipeline_parallel": 2}
 TP2_PP2 = {"tensor_parallel": 2, "pipeline_parallel": 2}
+CP2_PP2 = {"context_parallel": 2, "cp_comm_type": "allgather", "pipeline_parallel": 2}
 TOLERANCE = 1e-3  # nats, engine vs trainer (fp32 agree to ~1e-5)
 
 
@@ -85,22 +86,30 @@ def _assert_same_run(got_dir, expected_dir, steps=1, skip=()):
 
 @pytest.mark.multiproc
 def test_pipeline_parallel_steps_equal_the_unpipelined_step(setup):
-    """SFT and KD (the teacher's pipeline) at PP=2 and TP=2 x PP=2 = PP=1; a PP=2 run
-    stopped after step 1 and restarted ends as the uninterrupted one, bit for bit."""
+    """SFT and KD (the teacher's pipeline) at PP=2 and TP=2 x PP=2, KD at CP=2 x PP=2 and
+    KD with packed sequences at PP=2, = PP=1; a PP=2 run stopped after step 1 and restarted
+    ends as the uninterrupted one, bit for bit."""
     objectives = ("sft", "kd")
     reference = [_config(setup, f"{o}-pp1", o, {}) for o in objectives]
     pp2 = [_config(setup, f"{o}-pp2", o, PP2) for o in objectives]
     tp2_pp2 = [_config(setup, f"{o}-tp2pp2", o, TP2_PP2) for o in objectives]
+    cp2_pp2 = _config(setup, "kd-cp2pp2", "kd", CP2_PP2)
+    packed_pp2 = _config(setup, "kd-packed-pp2", "kd", PP2, pack_sequences=True,
+                         pack_tokens=700, micro_batch_size=None)  # ~2 rows per pack
     straight = _config(setup, "kd-pp2-straight", "kd", PP2, steps=2)
     interrupted = _config(setup, "kd-pp2-interrupted", "kd", PP2, steps=1)
     resumed = {**interrupted, "steps": 2}
     assert run_distributed(train_runs, 1, args=(reference,)) == [[0, 0]]
-    assert run_distributed(train_runs, 2, args=(pp2 + [straight, interrupted, resumed],)) \
-        == [[0] * 5] * 2
-    assert run_distributed(train_runs, 4, args=(tp2_pp2,)) == [[0, 0]] * 4
+    assert run_distributed(train_runs, 2, args=(pp2 + [packed_pp2, straight, interrupted,
+                                                    resumed],)) == [[0] * 6] * 2
+    assert run_distributed(train_runs, 4, args=(tp2_pp2 + [cp2_pp2],)) == [[0] * 3] * 4
     for expected, *layouts in zip(reference, pp2, tp2_pp2):
         for got in layouts:
             _assert_same_run(got["run_dir"], expected["run_dir"])
+    # CP pads each micro-batch to a multiple of 2 x CP, packs have none: the padding differs
+    for got in (cp2_pp2, packed_pp2):
+        _assert_same_run(got["run_dir"], reference[1]["run_dir"], skip=("train/padding_fraction",))
+    assert read_metrics(packed_pp2["run_dir"])[0]["train/padding_fraction"] == 0
     assert read_metrics(reference[1]["run_dir"])[0]["policy/kl_teacher_forward"] > 0
 
     assert [_comparable(r) for r in read_metrics(interrupted["run_dir"])] == \
