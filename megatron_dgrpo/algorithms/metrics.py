@@ -57,6 +57,11 @@ class LossMetrics:
         return LossMetrics({name: value / len(pieces) for name, value in merged.means.items()},
                            merged.minima, merged.maxima)
 
+    def to(self, device: torch.device | str) -> LossMetrics:
+        """The same metrics with every value on ``device``."""
+        return LossMetrics(*({name: value.to(device) for name, value in part.items()}
+                             for part in (self.means, self.minima, self.maxima)))
+
     def as_dict(self) -> dict[str, float]:
         """Flat ``{name: float}`` for logging: means as is, extremes as ``name_min/_max``."""
         flat = {name: float(value) for name, value in self.means.items()}

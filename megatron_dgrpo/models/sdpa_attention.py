@@ -15,6 +15,14 @@ and put back in sequence order; the local queries attend to them causally by the
 positions. The backward sums each rank's key/value gradients over the group and keeps the
 rank's own shard. Exact; each rank holds the whole sequence's keys and values.
 
+Packed sequences (Megatron's THD format, ``packed_seq_params.qkv_format == "thd"``): the
+queries, keys and values are ``[t, heads, d]`` for several sequences back to back, segment
+``i`` being ``[cu[i], cu[i + 1])`` of ``cu_seqlens_q_padded`` (``cu_seqlens_q`` without
+padding; the boundaries Megatron's THD rotary embedding restarts positions at). Each
+segment attends causally within itself (one SDPA call per segment: the cost is
+``sum len_i^2``, not ``t^2``); alignment padding at a segment's end sees the segment but no
+real token sees it. Not combined with context parallelism.
+
 Masks follow Megatron's convention: ``attention_mask`` is boolean with True = *masked out*,
 broadcastable to ``[b, 1, sq, sk]``, and when given it is the whole mask (causal part
 included). Without one, ``attn_mask_type == causal`` means query ``i`` of ``sq`` sees the
@@ -73,9 +81,11 @@ class SDPACoreAttention(MegatronModule):
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attention_mask: torch.Tensor | None, attn_mask_type: AttnMaskType | None = None,
                 attention_bias: torch.Tensor | None = None, packed_seq_params=None) -> torch.Tensor:
-        if attention_bias is not None or packed_seq_params is not None:
-            raise ValueError("SDPACoreAttention takes no attention_bias or packed sequences")
+        if attention_bias is not None:
+            raise ValueError("SDPACoreAttention takes no attention_bias")
         mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
+        if packed_seq_params is not None:
+            return self._packed(query, key, value, attention_mask, mask_type, packed_seq_params)
         if self.cp_group is not None:
             if attention_mask is not None or mask_type != AttnMaskType.causal:
                 raise ValueError("SDPACoreAttention with context parallelism supports causal "
@@ -97,6 +107,32 @@ class SDPACoreAttention(MegatronModule):
                                                  scale=self.softmax_scale,
                                                  enable_gqa=heads != groups)
         return context.permute(2, 0, 1, 3).reshape(sq, batch, heads * head_dim)
+
+    def _packed(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                attention_mask: torch.Tensor | None, mask_type: AttnMaskType,
+                packed) -> torch.Tensor:
+        """Causal attention within each packed segment: ``query [t, heads, d]``, ``key`` /
+        ``value [t, groups, d]`` -> ``[t, heads * d]``."""
+        if packed.qkv_format != "thd" or self.cp_group is not None or attention_mask is not None \
+                or mask_type != AttnMaskType.causal:
+            raise ValueError("SDPACoreAttention takes packed sequences in THD format, causal, "
+                             "without an explicit mask or context parallelism")
+        bounds = packed.cu_seqlens_q_padded if packed.cu_seqlens_q_padded is not None \
+            else packed.cu_seqlens_q
+        bounds = bounds.tolist()
+        total, heads, head_dim = query.shape
+        if bounds[0] != 0 or bounds[-1] != total:
+            raise ValueError(f"packed segments cover [{bounds[0]}, {bounds[-1]}) of {total} "
+                             f"tokens; they must cover all of them")
+        pieces = []
+        for start, stop in zip(bounds[:-1], bounds[1:]):
+            if stop > start:  # [s, h, d] -> [1, h, s, d]
+                q, k, v = (t[start:stop].transpose(0, 1)[None] for t in (query, key, value))
+                context = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                         scale=self.softmax_scale,
+                                                         enable_gqa=heads != key.shape[1])
+                pieces.append(context[0].transpose(0, 1))
+        return torch.cat(pieces).reshape(total, heads * head_dim)
 
 
 class _GatherShards(torch.autograd.Function):

@@ -53,6 +53,12 @@ def group_ranks(group) -> list[int]:
     return dist.get_process_group_ranks(group)
 
 
+def last_rank(group) -> int:
+    """Global rank of ``group``'s last member (of a pipeline group: its last stage); this
+    process's rank for ``group=None``."""
+    return group_ranks(group)[-1] if group is not None else world_rank()
+
+
 def _active(group) -> bool:
     return group is not None and dist.get_world_size(group) > 1
 

@@ -14,8 +14,11 @@ places that assume a CUDA device even when nothing is placed on one:
 3. ``device="cuda"`` literals: the pipeline schedules allocate their token counter on CUDA
    (even at PP=1), the optimizer wrappers and the local multi-tensor gradient norm their
    scalar buffers, and the
-   default causal mask (used when ``attention_mask`` is None) is built on CUDA. Here those
-   modules see a ``torch`` whose tensor factories map a CUDA device to CPU, and the
+   default causal mask (used when ``attention_mask`` is None) is built on CUDA; the
+   pipeline's point-to-point exchange of tensor shapes (``variable_seq_lengths``, micro-
+   batches of different widths) ends with ``torch.cuda.synchronize()``. Here those modules
+   see a ``torch`` whose tensor factories map a CUDA device to CPU and whose
+   ``cuda.synchronize`` does nothing (nothing runs asynchronously on a CPU), and the
    causal-mask helpers build on CPU.
 4. Tied embeddings with PP > 1: ``LanguageModule.setup_embeddings_and_output_layer`` moves
    the last stage's copy of the word embeddings with ``weight.data.cuda()`` before the
@@ -65,8 +68,25 @@ def _to_cpu_if_cuda(device: Any) -> Any:
     return device
 
 
+class _CudaWithoutSync(types.ModuleType):
+    """A view of ``torch.cuda`` whose ``synchronize`` is a no-op; every other attribute
+    is the real one (``current_device`` as adaptation 1 patched it)."""
+
+    def __init__(self, real_cuda: types.ModuleType):
+        super().__init__("torch.cuda")
+        self._real = real_cuda
+
+    @staticmethod
+    def synchronize(device: Any = None) -> None:
+        return None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
 class _CudaLiteralsOnCpu(types.ModuleType):
-    """A view of ``torch`` whose tensor factories put ``device="cuda"`` tensors on CPU.
+    """A view of ``torch`` whose tensor factories put ``device="cuda"`` tensors on CPU
+    and whose ``torch.cuda.synchronize()`` does nothing.
 
     Installed as the ``torch`` global of Megatron modules that hard-code CUDA literals;
     every other attribute is the real ``torch`` one.
@@ -79,6 +99,7 @@ class _CudaLiteralsOnCpu(types.ModuleType):
         self._real = real_torch
         for name in self._FACTORIES:
             setattr(self, name, self._redirect(getattr(real_torch, name)))
+        self.cuda = _CudaWithoutSync(real_torch.cuda)
 
     @staticmethod
     def _redirect(factory):
@@ -184,7 +205,7 @@ def adapt_megatron_for_cpu() -> bool:
     )
     from megatron.core.optimizer import clip_grads
     from megatron.core.optimizer import optimizer as optimizer_wrappers
-    from megatron.core.pipeline_parallel import schedules
+    from megatron.core.pipeline_parallel import p2p_communication, schedules
     from megatron.core.tensor_parallel import random as mp_random
     from megatron.core.transformer import utils as transformer_utils
 
@@ -195,7 +216,7 @@ def adapt_megatron_for_cpu() -> bool:
     mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
 
     cpu_factories = _CudaLiteralsOnCpu(torch)
-    for module in (schedules, optimizer_wrappers, clip_grads, core_utils):
+    for module in (schedules, p2p_communication, optimizer_wrappers, clip_grads, core_utils):
         module.torch = cpu_factories
     for module in (transformer_utils, fused_softmax):
         module.get_default_causal_mask = _default_causal_mask_cpu

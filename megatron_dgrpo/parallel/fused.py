@@ -182,6 +182,15 @@ class _FusedLinearLoss(torch.autograd.Function):
         return grad_hidden, grad_weight, None
 
 
+def loss_token_index(loss_mask: Tensor) -> Tensor:
+    """int64 ``[M]``: the flat positions of ``loss_mask``'s loss tokens, the only ones the
+    fused loss projects; position 0 alone (masked) when there are none, so that every rank
+    reports the same metric names. Selecting them before :func:`loss_from_hidden` (hidden
+    states ``[M, H]``, the batch's ``token_select``) gives the same loss."""
+    keep = torch.nonzero(loss_mask.reshape(-1)).squeeze(1)
+    return keep if keep.numel() else torch.zeros(1, dtype=torch.long, device=keep.device)
+
+
 def loss_from_hidden(config: LossConfig, batch: TokenBatch, student_hidden: Tensor,
                      student_weight: Tensor, teacher_hidden: Tensor | None = None,
                      teacher_weight: Tensor | None = None, tp_group=None,
@@ -238,11 +247,8 @@ def loss_from_hidden(config: LossConfig, batch: TokenBatch, student_hidden: Tens
     batch.validate(vocab_size=local_vocab * group_rank_and_size(tp_group)[1])
     flat = batch.flatten()
     # Tokens outside the loss mask add exactly 0 to the loss and its gradient: only loss
-    # tokens go through the output layer (one masked token stays when there are none, so
-    # every rank reports the same metric names).
-    keep = torch.nonzero(flat.loss_mask).squeeze(1)
-    if keep.numel() == 0:
-        keep = torch.zeros(1, dtype=torch.long, device=keep.device)
+    # tokens go through the output layer.
+    keep = loss_token_index(flat.loss_mask)
     if teacher_hidden is not None:
         teacher_hidden = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])[keep]
     run = _ChunkedRun(

@@ -137,16 +137,14 @@ def trainer_token_logprobs(model: torch.nn.Module, config: ModelConfig,
                            chunk_tokens: int | None = None) -> list[list[float]]:
     """``log_softmax(logits / temperature)`` of each token at positions ``prompt_lengths[i]
     ..``, from the trainer's forward: only those positions reach the output layer, chunk by
-    chunk and vocabulary-parallel (no ``[T, V]`` logits, no gather of the vocabulary). PP =
-    1, any TP and CP (all TP and CP ranks call with the same inputs; under CP each runs its
-    load-balanced shard and the per-token log-probs are gathered)."""
+    chunk and vocabulary-parallel (no ``[T, V]`` logits, no gather of the vocabulary). Any
+    TP, CP and PP (all ranks call with the same inputs; under CP each runs its
+    load-balanced shard and the per-token log-probs are gathered; at PP > 1 the stages run
+    Megatron's schedule and the last one hands the log-probs to the others)."""
     from megatron.core import parallel_state as ps
 
-    from megatron_dgrpo.models.provider import token_logp
+    from megatron_dgrpo.models.pipeline import token_logp
 
-    if ps.get_pipeline_model_parallel_world_size() != 1:
-        raise ValueError("trainer_token_logprobs needs pipeline_parallel=1; with PP > 1 "
-                         "compute the probe log-probs with the training forward")
     cp_group, cp_size = ps.get_context_parallel_group(), ps.get_context_parallel_world_size()
     align = sequence_alignment(cp_size, ps.get_tensor_model_parallel_world_size(),
                                getattr(model.config, "sequence_parallel", False))
@@ -269,7 +267,7 @@ def verify_refit(engine, model: torch.nn.Module, config: ModelConfig,
                  decode_tokens: int = 4) -> VerificationReport | None:
     """Check each replica's engine against the replica's model; raise
     :class:`RefitVerificationError` on every rank if any check of any replica fails. Call on
-    every trainer rank (PP = 1 for the log-prob probes) with this rank's ``replica``
+    every trainer rank with this rank's ``replica``
     (default: the world is one replica, led by rank 0) and its probes; ``engine`` is the
     engine on the replica's leader and None elsewhere. Returns the report on the leaders.
 

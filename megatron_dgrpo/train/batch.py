@@ -16,7 +16,8 @@ computed for the whole global batch, so the micro-batch losses add up to the ste
 exactly. With context parallelism (``cp_size > 1``) a micro-batch hands out only this CP
 rank's load-balanced ``[rows, width / cp_size]`` shard of every per-token tensor
 (:func:`megatron_dgrpo.parallel.context.cp_shard`); ``width`` is then a multiple of
-``2 * cp_size``.
+``2 * cp_size``. With ``pack_sequences`` the micro-batches are packs of rows instead
+(:class:`~megatron_dgrpo.train.packing.PackedMicroBatch`, same interface).
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from torch import Tensor
 
 from megatron_dgrpo.algorithms.inputs import TokenBatch
 from megatron_dgrpo.data.longblocks import LongBlocksExample
-from megatron_dgrpo.parallel.context import cp_shard
+from megatron_dgrpo.models.pipeline import StageInput
+from megatron_dgrpo.parallel.context import cp_all_gather, cp_shard
 from megatron_dgrpo.rollout.sequences import SequenceBatch, build_sequences
 
 
@@ -171,6 +173,33 @@ class MicroBatch:
         return replace(batch, **{f.name: None if getattr(batch, f.name) is None
                                  else self._part(getattr(batch, f.name))
                                  for f in fields(batch)})
+
+    def stage_input(self, part: SequenceBatch) -> StageInput:
+        """The model inputs of ``part`` (this micro-batch's :meth:`sequences`)."""
+        return StageInput(part.tokens, part.positions)
+
+    def place(self, out: Tensor, values: Tensor, cp_group=None) -> None:
+        """Write per-token ``values`` of this micro-batch (this CP rank's shard; gathered
+        over ``cp_group``) into the step batch's ``[B, T]`` tensor ``out``."""
+        out[self.start:self.stop, :self.width] = cp_all_gather(values, cp_group)
+
+    @property
+    def rows(self) -> range:
+        """The step batch's rows in this micro-batch."""
+        return range(self.start, self.stop)
+
+    @property
+    def computed_tokens(self) -> int:
+        """Token positions the forward runs over (all CP ranks together), padding included."""
+        return (self.stop - self.start) * self.width
+
+
+def used_lengths(loss_mask: Tensor) -> list[int]:
+    """Per row of a ``[B, T]`` loss mask: one past its last loss position (0 without loss
+    tokens). Later columns (padding, the final token) cannot change the loss under causal
+    attention, so a row's forward needs only these."""
+    columns = torch.arange(1, loss_mask.shape[1] + 1, device=loss_mask.device)
+    return (loss_mask * columns).amax(dim=1).tolist()
 
 
 def plan_micro_batches(loss_mask: Tensor, size: int | None, align: int = 1,

@@ -279,6 +279,11 @@ class RunConfig:
     # Sequences per forward/backward on each DP rank (gradients accumulate over them);
     # None: the rank's whole batch at once. Long contexts need 1.
     micro_batch_size: int | None = None
+    # Packed sequences (THD): each micro-batch is a pack of whole rows laid back to back in
+    # one row of at most pack_tokens tokens (None: all of a rank's rows in one pack), with
+    # attention within each sequence (train/packing.py); micro_batch_size has no effect then.
+    pack_sequences: bool = False
+    pack_tokens: int | None = None
     save_every: int = 5
     keep_last: int = 2
     tokenizer: str = ""
@@ -330,6 +335,8 @@ class RunConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
+        if self.pack_tokens is not None and self.pack_tokens < 1:
+            raise ValueError(f"pack_tokens must be >= 1, got {self.pack_tokens}")
         if self.loss_chunk_tokens is not None and self.loss_chunk_tokens < 1:
             raise ValueError(f"loss_chunk_tokens must be >= 1, got {self.loss_chunk_tokens}")
         if self.loss_fp8 is not None and self.loss_impl != "fused":
@@ -339,9 +346,15 @@ class RunConfig:
             raise ValueError("tokenizer must name an HF tokenizer directory or a sentencepiece "
                              ".model file")
         objective, spec = self.loss.objective, self.loss.spec
-        if self.parallel.pipeline_parallel != 1:
-            raise ValueError("the trainer runs with parallel.pipeline_parallel=1 for now "
-                             "(pipeline-parallel training is not implemented yet)")
+        if self.parallel.pipeline_parallel > 1:
+            self._check_pipeline(spec)
+        if self.pack_sequences and self.parallel.context_parallel > 1:
+            raise ValueError(
+                "pack_sequences with parallel.context_parallel > 1: Megatron's packed (THD) "
+                "layout splits every packed sequence into 2 x CP load-balanced chunks of its "
+                "own, which the local spec's all-gather attention does not implement (and TE's "
+                "THD ring attention is not validated here); pack at CP = 1, or use padded "
+                "micro-batches with CP")
         if self.optim.clip_grad > 0 and not runtime.cuda:
             raise ValueError("optim.clip_grad > 0 needs CUDA (Megatron's clipping asserts CUDA "
                              "tensors); set optim.clip_grad=0 on CPU")
@@ -431,6 +444,21 @@ class RunConfig:
         self.eval.check_run(self)
         if runtime.cuda:  # the layout must fit the GPUs (train/memory.py), before any work
             self.memory_plan(runtime).check()
+
+    def _check_pipeline(self, spec) -> None:
+        """What pipeline parallelism (``parallel.pipeline_parallel > 1``) cannot run with."""
+        if spec.on_policy and self.rollout.engine == "embedded":
+            raise ValueError(
+                "parallel.pipeline_parallel > 1 with rollout.engine=embedded: the embedded "
+                "engine decodes with the whole model on one rank (PP = 1 only); use "
+                "rollout.engine=vllm (the refit stream sends every pipeline stage's weights "
+                "to the engine)")
+        if self.loss_impl == "materialized":
+            raise ValueError(
+                "loss_impl=materialized with parallel.pipeline_parallel > 1: the teacher's "
+                "pipeline runs ahead of the student's, and its [tokens x vocab] logits of every "
+                "micro-batch would wait on the last stage; use loss_impl=fused (the teacher's "
+                "hidden states at the loss positions only)")
 
     def memory_plan(self, runtime: Runtime | None = None):
         """This run's per-GPU memory budget (:func:`megatron_dgrpo.train.memory.plan_memory`)
@@ -560,6 +588,9 @@ class RunConfig:
             (self, ("prompt_loss",), spec.on_policy,
              "on-policy objectives train on the rollouts' response tokens"),
             (self, ("mix",), self.short_data is None, "there is no short_data to mix in"),
+            (self, ("micro_batch_size",), self.pack_sequences,
+             "with pack_sequences the micro-batches are packs of pack_tokens tokens"),
+            (self, ("pack_tokens",), not self.pack_sequences, "pack_sequences is off"),
         ]
         section_names = {id(loss): "loss", id(self.sampling): "sampling",
                          id(self.rollout): "rollout", id(self.dynamic_sampling): "dynamic_sampling",

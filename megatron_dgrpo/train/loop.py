@@ -4,7 +4,7 @@
               -> rewards -> group advantages                           data/rewards.py, algorithms/
               -> teacher signals for the whole batch (vLLM, cache)     train/sources.py
               -> reference log-probs (no grad)                         train/sources.py
-              -> per micro-batch: teacher outputs, loss, backward      parallel/fused.py
+              -> per micro-batch: teacher outputs, loss, backward      train/student_step.py
               -> optimizer step                                        train/optimizer.py
               -> the sequence source follows the update (vLLM refit)   train/vllm_rollouts.py
               -> metrics
@@ -14,8 +14,12 @@ prompts, and the loss is normalised over the whole global batch, so the update d
 depend on the split. With context parallelism the CP ranks of a replica hold the same
 (whole) step batch and each runs the models on its load-balanced shard of every micro-batch
 (:class:`~megatron_dgrpo.train.batch.MicroBatch`); the CP ranks' loss pieces add up to the
-micro-batch's loss. What varies by objective is read from its registry entry
-(:class:`~megatron_dgrpo.algorithms.objectives.Objective`), never from its name.
+micro-batch's loss. With pipeline parallelism every stage runs its layers of each
+micro-batch through Megatron's schedule and the loss runs on the last stage
+(:mod:`megatron_dgrpo.train.student_step`); with ``pack_sequences`` the micro-batches are
+packs of rows (:mod:`megatron_dgrpo.train.packing`). What varies by objective is read from
+its registry entry (:class:`~megatron_dgrpo.algorithms.objectives.Objective`), never from
+its name.
 
 The old log-probs are the detached training log-probs (one optimizer step per rollout
 batch: ``pi_old`` is the policy being trained).
@@ -23,7 +27,6 @@ batch: ``pi_old`` is the policy being trained).
 
 from __future__ import annotations
 
-import contextlib
 import resource
 import time
 
@@ -44,11 +47,10 @@ from megatron_dgrpo.parallel.context import (
     global_token_count,
     sequence_alignment,
 )
-from megatron_dgrpo.parallel.fused import loss_from_hidden
-from megatron_dgrpo.parallel.materialized import loss_from_logits
-from megatron_dgrpo.train.batch import MicroBatch, StepBatch, plan_micro_batches
+from megatron_dgrpo.train.batch import MicroBatch, StepBatch, plan_micro_batches, used_lengths
 from megatron_dgrpo.train.config import RunConfig
 from megatron_dgrpo.train.optimizer import StudentOptimizer
+from megatron_dgrpo.train.packing import plan_packed_micro_batches
 from megatron_dgrpo.train.rollout_metrics import step_rollout_metrics
 from megatron_dgrpo.train.sources import (
     CachedTeacher,
@@ -59,6 +61,7 @@ from megatron_dgrpo.train.sources import (
     TeacherSource,
     TokenScorer,
 )
+from megatron_dgrpo.train.student_step import StudentStep
 
 
 class Trainer:
@@ -107,6 +110,8 @@ class Trainer:
                                          config.loss_chunk_tokens)
         self.teacher = self._teacher_source()
         self.optim = StudentOptimizer(self.student, config.optim)
+        self.student_step = StudentStep(config, self.optim.ddp, self.teacher, vocab_size,
+                                        self.temperature)
         self.sequences = self._sequence_source()
         self.prompts = self._example_stream()
         self.step = 0
@@ -282,7 +287,12 @@ class Trainer:
         return kept, {"groups/rounds": float(draw + 1),
                       "groups/short": reduce_scalar(short, "sum", self.dp_group)}
 
-    def _plan(self, sequences) -> list[MicroBatch]:
+    def _plan(self, sequences) -> list:
+        """The micro-batches of ``sequences``: packs with ``pack_sequences``, else row
+        groups of ``micro_batch_size``."""
+        if self.config.pack_sequences:
+            return plan_packed_micro_batches(sequences.loss_mask, self.config.pack_tokens,
+                                             self.align)
         return plan_micro_batches(sequences.loss_mask, self.config.micro_batch_size,
                                   self.align, self.cp_rank, self.cp_size)
 
@@ -320,10 +330,12 @@ class Trainer:
         """``ppo_epochs`` passes over ``ppo_mini_batches`` slices of the prompt groups, one
         optimizer step each (one step over everything by default). Returns the mean loss
         over the updates, their metrics (means averaged, extremes over all) and the
-        optimizer's metrics (mean gradient norm)."""
+        optimizer's metrics (mean gradient norm) with ``train/padding_fraction``: the share
+        of the token positions the student's forwards ran over that are padding."""
         config = self.config
         rows, slices = batch.sequences.tokens.shape[0], config.ppo_mini_batches
         losses, metrics, optim = [], [], []
+        used, computed = 0, 0
         for _ in range(config.ppo_epochs):
             for index in range(slices):
                 part, part_signals = batch.sequences, signals
@@ -333,49 +345,28 @@ class Trainer:
                     part, part_signals = rows_of.sequences(part), rows_of.tokens(signals)
                     part_signals.weights = self._loss_weights(part.loss_mask)
                 self.optim.zero_grad()
-                loss, loss_metrics = self._accumulate_gradients(self._plan(part), part,
-                                                                part_signals)
+                plan = self._plan(part)
+                lengths = used_lengths(part.loss_mask)
+                used += sum(lengths[row] for micro_batch in plan for row in micro_batch.rows)
+                computed += sum(micro_batch.computed_tokens for micro_batch in plan)
+                loss, loss_metrics = self._accumulate_gradients(plan, part, part_signals)
                 optim.append(self.optim.step(self.step, config.steps))
                 losses.append(reduce_scalar(loss, "sum", self.dp_cp_group))
                 metrics.append(all_reduce_metrics(loss_metrics, self.dp_cp_group))
         optim_metrics = optim[0] if len(optim) == 1 else {
             "optim/lr": optim[-1]["optim/lr"], "optim/updates": float(len(optim)),
             "optim/grad_norm": sum(o["optim/grad_norm"] for o in optim) / len(optim)}
+        optim_metrics["train/padding_fraction"] = 1 - (reduce_scalar(used, "sum", self.dp_group)
+                                                       / reduce_scalar(computed, "sum",
+                                                                       self.dp_group))
         return sum(losses) / len(losses), LossMetrics.average(metrics), optim_metrics
 
-    def _accumulate_gradients(self, plan: list[MicroBatch], sequences,
+    def _accumulate_gradients(self, plan: list, sequences,
                               signals: TokenBatch) -> tuple[torch.Tensor, LossMetrics]:
-        """Forward and backward of every micro-batch (the teacher's outputs first, so only
-        one micro-batch's exist at a time); gradients accumulate in DDP's buffers. Returns
-        this rank's loss and its metrics."""
-        from megatron_dgrpo.models.provider import loss_inputs
-
-        config, vocab_size = self.config, self.model_config.vocab_size
-        fused = config.loss_impl == "fused"
-        loss, loss_metrics = torch.zeros((), device=self.device), LossMetrics()
-        teacher = self.teacher
-        with teacher.active() if teacher is not None else contextlib.nullcontext():
-            for micro_batch in plan:
-                part = micro_batch.sequences(sequences)
-                teacher_outputs = teacher.outputs(part) if teacher is not None else None
-                student = loss_inputs(self.optim.ddp, part.tokens, part.positions, vocab_size,
-                                      fused)
-                tokens = micro_batch.tokens(signals)
-                if fused:
-                    piece, piece_metrics = loss_from_hidden(
-                        config.loss, tokens, *student, *(teacher_outputs or (None, None)),
-                        self.tp_group, config.loss_chunk_tokens, vocab_size=vocab_size,
-                        temperature=self.temperature, fp8=config.loss_fp8)
-                else:
-                    piece, piece_metrics = loss_from_logits(config.loss, tokens, student,
-                                                            teacher_outputs, self.tp_group,
-                                                            temperature=self.temperature)
-                # Megatron DDP averages gradients over the DP x CP ranks; our loss pieces
-                # already sum to the global loss, so undo the average.
-                (piece * self.dp_size * self.cp_size).backward()
-                loss, loss_metrics = loss + piece.detach(), loss_metrics.merge(piece_metrics)
-                del teacher_outputs, student
-        return loss, loss_metrics
+        """Forward and backward of every micro-batch of ``plan``; gradients accumulate in
+        DDP's buffers. Returns this rank's loss and its metrics (the same on every pipeline
+        stage)."""
+        return self.student_step.accumulate(plan, sequences, signals)
 
     def _step_costs(self, batch: StepBatch, started: float, generated: float, scored: float,
                     trained: float) -> dict[str, float]:

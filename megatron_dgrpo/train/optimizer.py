@@ -8,9 +8,10 @@ and the global gradient norm.
 
 The gradient norm is read after ``finalize_model_grads`` (gradients reduced over the data-
 and context-parallel ranks) from each parameter's ``main_grad`` buffer, in float32 at least,
-before any clipping. Tensor-parallel shards are summed over the TP group; parameters
-replicated on every TP rank (norms) are counted once. Pipeline parallelism is not handled
-(the trainer runs PP = 1).
+before any clipping. Tensor-parallel shards are summed over the TP group and pipeline
+stages over the PP group; parameters replicated on every TP rank (norms) are counted once,
+and so are tied embeddings at PP > 1 (the last stage's copy of the embedding table, marked
+``shared`` by Megatron, holds the same all-reduced gradient as the first stage's).
 """
 
 from __future__ import annotations
@@ -22,17 +23,19 @@ import torch
 from megatron_dgrpo.parallel.collectives import all_reduce, collective_device
 
 
-def global_grad_norm(model: torch.nn.Module, tp_group) -> float:
-    """L2 norm (over the whole model) of the ``main_grad`` buffers of ``model``'s trainable
-    parameters, identical on every rank."""
+def global_grad_norm(model: torch.nn.Module, tp_group, pp_group=None) -> float:
+    """L2 norm (over the whole model: every TP shard and pipeline stage) of the
+    ``main_grad`` buffers of ``model``'s trainable parameters, identical on every rank."""
     from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+    from megatron.core.transformer.module import param_is_not_shared
 
     squares = torch.zeros((), dtype=torch.float64, device=collective_device(tp_group))
     for param in model.parameters():
         grad = getattr(param, "main_grad", None)
-        if param.requires_grad and grad is not None and param_is_not_tensor_parallel_duplicate(param):
+        if (param.requires_grad and grad is not None and param_is_not_shared(param)
+                and param_is_not_tensor_parallel_duplicate(param)):
             squares += grad.float().square().sum().to(squares)
-    return math.sqrt(float(all_reduce(squares, "sum", tp_group)))
+    return math.sqrt(float(all_reduce(all_reduce(squares, "sum", tp_group), "sum", pp_group)))
 
 
 class StudentOptimizer:
@@ -58,6 +61,7 @@ class StudentOptimizer:
 
         self.optim = optim
         self.tp_group = ps.get_tensor_model_parallel_group()
+        self.pp_group = ps.get_pipeline_model_parallel_group()
         self.ddp = DistributedDataParallel(config=model.config, module=model,
                                            ddp_config=DistributedDataParallelConfig())
         self.optimizer = get_megatron_optimizer(
@@ -77,7 +81,7 @@ class StudentOptimizer:
         from megatron.core.distributed import finalize_model_grads
 
         finalize_model_grads([self.ddp])
-        grad_norm = global_grad_norm(self.ddp, self.tp_group)  # before any clipping
+        grad_norm = global_grad_norm(self.ddp, self.tp_group, self.pp_group)  # before clipping
         lr = self.optim.lr_at(step, total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr

@@ -14,20 +14,24 @@
 
 **Teacher sources** (:class:`TeacherSource`) give the loss the teacher: ``score`` returns
 what is known for the whole batch before the micro-batches (top-k ids and log-probs, target
-log-probs), ``outputs`` what one micro-batch's loss reads from a live teacher (hidden states
-and output weight, or logits), ``active`` holds the teacher on its device for the
-micro-batch loop (offload), ``elapsed`` the seconds spent since the last call:
+log-probs), ``outputs`` what each micro-batch's loss reads from a live teacher on the last
+pipeline stage (hidden states at the loss positions and output weight, or logits),
+``active`` holds the teacher on its device for the micro-batch loop (offload), ``elapsed``
+the seconds spent since the last call:
 
 ====================  =====================================================================
-``MegatronTeacher``   the teacher's Megatron forward per micro-batch (full logits: any KL
-                      estimator), optionally offloaded between steps
+``MegatronTeacher``   the teacher's Megatron forward (full logits: any KL estimator): per
+                      micro-batch at PP = 1; at PP > 1 its own pipeline over the step's
+                      micro-batches first (same layout as the student, so its last stage
+                      is the student's); optionally offloaded between steps
 ``CachedTeacher``     top-k log-probs cached on disk (``dgrpo teacher-cache``), for KD
 ``VLLMTeacher``       top-k and target log-probs from a vLLM engine
                       (:mod:`megatron_dgrpo.train.vllm_teacher`)
 ====================  =====================================================================
 
 :class:`TokenScorer` scores a batch under a model without grad: the initial policy (the
-anchor of GRPO's KL) or the student before its PPO updates (``pi_old``).
+anchor of GRPO's KL) or the student before its PPO updates (``pi_old``), through the
+pipeline schedule at any PP.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -44,7 +48,7 @@ from torch import Tensor
 
 from megatron_dgrpo.data.chat import reply_text
 from megatron_dgrpo.data.longblocks import LongBlocksExample
-from megatron_dgrpo.parallel.context import cp_all_gather
+from megatron_dgrpo.models.pipeline import StageInput, micro_batch_logp
 from megatron_dgrpo.rollout.engine import RolloutBatch, SamplingConfig
 from megatron_dgrpo.rollout.sequences import SequenceBatch, build_sequences
 from megatron_dgrpo.train.batch import MicroBatch, StepBatch, answer_sequences
@@ -173,8 +177,11 @@ class TeacherSource(Protocol):
         """Signals for the whole batch (``None``: this source gives none)."""
         ...
 
-    def outputs(self, sequences: SequenceBatch):
-        """The loss inputs of one micro-batch (``None``: this source gives none)."""
+    def outputs(self, inputs: list[StageInput],
+                keeps: list[Tensor]) -> Callable[[int], object] | None:
+        """For the micro-batches with model inputs ``inputs`` and loss positions ``keeps``
+        (flat int64 indices), a function of the micro-batch index giving its loss inputs,
+        called on the last pipeline stage (``None``: this source gives none)."""
         ...
 
     def active(self) -> contextlib.AbstractContextManager:
@@ -206,9 +213,15 @@ class _Stopwatch:
 
 
 class MegatronTeacher(_Stopwatch):
-    """The frozen teacher's Megatron forward, per micro-batch (``fused``: hidden states and
-    output weight; otherwise masked logits), in host memory between steps with ``offload``
-    (CUDA only; a no-op on CPU)."""
+    """The frozen teacher's Megatron forward (``fused``: final hidden states at the loss
+    positions ``[M, H_teacher]`` and the output weight; otherwise masked logits ``[B, T,
+    V_local]``), in host memory between steps with ``offload`` (CUDA only; a no-op on CPU).
+
+    At PP = 1 each micro-batch's outputs are computed when the student's forward of that
+    micro-batch starts, so only one micro-batch's exist at a time. At PP > 1 the teacher's
+    pipeline runs over all of them first (Megatron's forward-only schedule) and its last
+    stage keeps, per micro-batch, the hidden states at the loss positions only (``M x
+    H_teacher`` values, never ``[T, V]`` logits; fused loss only)."""
 
     def __init__(self, model: torch.nn.Module, vocab_size: int, fused: bool,
                  device: torch.device, offload: bool):
@@ -219,13 +232,39 @@ class MegatronTeacher(_Stopwatch):
     def score(self, batch: StepBatch) -> TeacherScores | None:
         return None
 
+    def outputs(self, inputs: list[StageInput], keeps: list[Tensor]) -> Callable[[int], object]:
+        from megatron.core import parallel_state as ps
+
+        if ps.get_pipeline_model_parallel_world_size() == 1:
+            return lambda index: self._whole_model(inputs[index], keeps[index])
+        if not self.fused:
+            raise ValueError("the Megatron teacher at PP > 1 serves the fused loss only")
+        return self._pipelined(inputs, keeps).__getitem__
+
     @torch.no_grad()
-    def outputs(self, sequences: SequenceBatch):
+    def _whole_model(self, item: StageInput, keep: Tensor):
         from megatron_dgrpo.models.provider import loss_inputs
 
         with self.timed():
-            return loss_inputs(self.model, sequences.tokens, sequences.positions,
-                               self.vocab_size, self.fused)
+            outputs = loss_inputs(self.model, item.tokens, item.positions, self.vocab_size,
+                                  self.fused, item.packed)
+            if not self.fused:
+                return outputs
+            hidden, weight = outputs
+            return hidden.reshape(-1, hidden.shape[-1])[keep], weight
+
+    @torch.no_grad()
+    def _pipelined(self, inputs: list[StageInput], keeps: list[Tensor]) -> list:
+        from megatron_dgrpo.models.pipeline import run_micro_batches
+        from megatron_dgrpo.models.provider import hidden_from_output, output_weight
+
+        def at_loss_positions(index: int, output: Tensor, _prepared) -> tuple[Tensor, Tensor]:
+            hidden = hidden_from_output(self.model, output)
+            return (hidden.reshape(-1, hidden.shape[-1])[keeps[index]],
+                    output_weight(self.model))
+
+        with self.timed():
+            return run_micro_batches(self.model, inputs, at_loss_positions, forward_only=True)
 
     def active(self) -> contextlib.AbstractContextManager:
         return self.offloader.on_device()
@@ -256,7 +295,7 @@ class CachedTeacher(_Stopwatch):
                 logp[row, positions] = cached_logp.to(mask.device)
             return TeacherScores(indices, logp)
 
-    def outputs(self, sequences: SequenceBatch):
+    def outputs(self, inputs: list[StageInput], keeps: list[Tensor]) -> None:
         return None
 
     def active(self) -> contextlib.AbstractContextManager:
@@ -275,20 +314,20 @@ class TokenScorer:
         self.model = model
         self.vocab_size, self.cp_group, self.chunk_tokens = vocab_size, cp_group, chunk_tokens
 
-    @torch.no_grad()
     def token_logp(self, sequences: SequenceBatch, plan: list[MicroBatch],
                    temperature: float = 1.0) -> Tensor:
         """``[B, T]`` float32 log-probs ``log_softmax(logits / temperature)`` of the targets
-        at the loss positions (0 elsewhere), one micro-batch (this CP rank's shard) at a
-        time, chunked and vocabulary-parallel, gathered over CP."""
-        from megatron_dgrpo.models.provider import token_logp
-
+        at the loss positions (0 elsewhere), on every rank: the micro-batches (this CP
+        rank's shards, or packs) through the pipeline schedule, chunked and
+        vocabulary-parallel, gathered over CP."""
+        parts = [micro_batch.sequences(sequences) for micro_batch in plan]
+        logps = micro_batch_logp(self.model, [mb.stage_input(part) for mb, part in
+                                              zip(plan, parts)],
+                                 [part.targets for part in parts],
+                                 [part.loss_mask for part in parts], self.vocab_size,
+                                 self.chunk_tokens, temperature)
         out = torch.zeros(sequences.targets.shape, dtype=torch.float32,
                           device=sequences.targets.device)
-        for micro_batch in plan:
-            part = micro_batch.sequences(sequences)
-            logp = token_logp(self.model, part.tokens, part.positions, part.targets,
-                              part.loss_mask, self.vocab_size, self.chunk_tokens, temperature)
-            out[micro_batch.start:micro_batch.stop, :micro_batch.width] = cp_all_gather(
-                logp, self.cp_group)
+        for micro_batch, logp in zip(plan, logps):
+            micro_batch.place(out, logp, self.cp_group)
         return out

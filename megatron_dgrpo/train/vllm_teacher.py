@@ -20,7 +20,9 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch import Tensor
 
+from megatron_dgrpo.models.pipeline import StageInput
 from megatron_dgrpo.parallel.collectives import broadcast_object
 from megatron_dgrpo.parallel.replicas import Replica
 from megatron_dgrpo.rollout.sequences import SequenceBatch
@@ -101,7 +103,7 @@ class VLLMTeacher(_Stopwatch):
             logp[row, start:stop] = scores.logp
         return TeacherScores(indices.to(device), topk_logp.to(device), logp.to(device))
 
-    def outputs(self, sequences: SequenceBatch):
+    def outputs(self, inputs: list[StageInput], keeps: list[Tensor]) -> None:
         return None  # no teacher logits: everything comes from score()
 
     def active(self) -> contextlib.AbstractContextManager:

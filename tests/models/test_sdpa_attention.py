@@ -1,7 +1,8 @@
 """SDPACoreAttention (the local spec's core attention) against Megatron's own
 DotProductAttention: outputs and input gradients in float64, for causal training shapes with
 grouped-query attention, explicit padding masks, single-token decode and queries that are
-the last positions of longer keys; unsupported configurations are refused by name."""
+the last positions of longer keys; packed sequences (THD) against Megatron's attention on
+each sequence alone; unsupported configurations are refused by name."""
 
 import dataclasses
 
@@ -75,10 +76,51 @@ def _check(rank, world_size):
     torch.testing.assert_close(pair[1](*inputs, None, attn_mask_type=causal), megatron_out,
                                rtol=1e-10, atol=1e-10)
 
+    _check_packed(pair, generator)
+
     dropout_config = dataclasses.replace(config, attention_dropout=0.1)
     with pytest.raises(ValueError, match="attention dropout.*Transformer Engine"):
         _attention_pair(dropout_config, causal)
     return True
+
+
+def _check_packed(pair, generator):
+    """Three sequences (5, 3, 4 tokens) packed back to back, each padded to a multiple of 2
+    (THD: [t, heads, d]): every real token's output and the gradients = Megatron's
+    DotProductAttention on that sequence alone; padding gets and gives no gradient."""
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from megatron_dgrpo.models.provider import thd_params
+
+    megatron_attention, sdpa_attention = pair
+    lengths, starts = [5, 3, 4], [0, 6, 10]
+    total = 14
+    real = torch.zeros(total, dtype=torch.bool)
+    for start, length in zip(starts, lengths):
+        real[start:start + length] = True
+    packed = thd_params(torch.tensor([0, 5, 8, 12], dtype=torch.int32),
+                        torch.tensor([0, 6, 10, 14], dtype=torch.int32))
+    inputs = [t[:, 0] for t in _inputs(total, total, 1, generator)]   # [t, heads or groups, d]
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    weights = torch.linspace(-1, 1, total * MODEL.num_attention_heads * MODEL.head_dim,
+                             dtype=torch.float64).view(total, -1) * real[:, None]
+    out = sdpa_attention(*leaves, None, attn_mask_type=AttnMaskType.causal,
+                         packed_seq_params=packed)
+    assert out.shape == (total, MODEL.num_attention_heads * MODEL.head_dim)
+    (out * weights).sum().backward()
+    for start, length in zip(starts, lengths):
+        piece = [t.detach()[start:start + length, None].clone().requires_grad_() for t in inputs]
+        expected = megatron_attention(*piece, None, attn_mask_type=AttnMaskType.causal)[:, 0]
+        (expected * weights[start:start + length]).sum().backward()
+        torch.testing.assert_close(out[start:start + length], expected, rtol=1e-10, atol=1e-10)
+        for leaf, reference in zip(leaves, piece):
+            torch.testing.assert_close(leaf.grad[start:start + length], reference.grad[:, 0],
+                                       rtol=1e-10, atol=1e-10)
+    for leaf in leaves:
+        assert torch.count_nonzero(leaf.grad[~real]) == 0
+    with pytest.raises(ValueError, match="must cover all of them"):
+        sdpa_attention(*(t[:12] for t in inputs), None, attn_mask_type=AttnMaskType.causal,
+                       packed_seq_params=packed)
 
 
 def test_sdpa_core_attention_matches_megatron_dot_product_attention():

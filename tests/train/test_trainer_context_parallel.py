@@ -48,7 +48,9 @@ def _config(setup, run_name, objective, parallel, **top_level):
 
 
 def _comparable(record):
-    return {k: v for k, v in record.items() if k != "time" and not k.startswith(NON_DETERMINISTIC)}
+    """The metrics a step's numerics fix (not the padding of its micro-batch layout)."""
+    return {k: v for k, v in record.items() if k not in ("time", "train/padding_fraction")
+            and not k.startswith(NON_DETERMINISTIC)}
 
 
 def _weights(run_dir):
