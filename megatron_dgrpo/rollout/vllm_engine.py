@@ -38,6 +38,7 @@ import importlib.util
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ from typing import Any
 
 import torch
 
+from megatron_dgrpo.errors import RunFailure
 from megatron_dgrpo.models.config import ModelConfig
 from megatron_dgrpo.models.mapping import get_mapping
 from megatron_dgrpo.parallel.collectives import world_size
@@ -72,6 +74,59 @@ class TopKScores:
 
 class EngineUnavailableError(RuntimeError):
     """The engine's package is not installed, or the backend cannot run the model."""
+
+
+class EngineDiedError(RunFailure):
+    """The vLLM engine process died (killed, or crashed) while the trainer needed it."""
+
+
+class _Supervised:
+    """``vllm.LLM`` whose method calls raise :class:`EngineDiedError`, naming the call, once
+    its engine-core process is dead, instead of hanging or printing vLLM's traceback.
+
+    vLLM's synchronous multiprocess client notices a dead engine core (its monitor thread
+    sets ``engine_dead``) but leaves a call that is waiting for outputs blocked for ever: its
+    output thread exits without a word. A watch thread here hands such a call an
+    ``EngineDeadError`` through the client's output queue (checked every
+    :attr:`WATCH_S` seconds); later calls fail at once. In-process engines have no engine
+    core to lose and are not watched.
+    """
+
+    WATCH_S = 0.5
+
+    def __init__(self, llm):
+        self._llm = llm
+        client = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        self._resources = getattr(client, "resources", None)
+        outputs = getattr(client, "outputs_queue", None)
+        if self._resources is not None and outputs is not None:
+            threading.Thread(target=self._watch, args=(self._resources, outputs), daemon=True,
+                             name="dgrpo-vllm-engine-watch").start()
+
+    @classmethod
+    def _watch(cls, resources, outputs) -> None:
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        while not resources.engine_dead:
+            time.sleep(cls.WATCH_S)
+        outputs.put_nowait(EngineDeadError())  # wakes a call waiting for outputs
+
+    def __getattr__(self, name: str):
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        value = getattr(self._llm, name)
+        if not callable(value):
+            return value
+
+        def call(*args, **kwargs):
+            if self._resources is not None and self._resources.engine_dead:
+                raise EngineDiedError(f"the vLLM engine process is dead; {name}() not run")
+            try:
+                return value(*args, **kwargs)
+            except EngineDeadError as exc:
+                raise EngineDiedError(f"the vLLM engine process died during {name}() "
+                                      f"(vLLM: {exc})") from exc
+        return call
 
 
 def require_engine_package(module_name: str = "vllm") -> None:
@@ -171,13 +226,14 @@ class VLLMEngine:
 
         has_tokenizer = any((Path(model_dir) / f).is_file() for f in _TOKENIZER_FILES)
         start = time.perf_counter()
-        self.llm = LLM(self.model_dir, dtype=dtype, seed=seed, max_model_len=max_model_len,
-                       load_format="safetensors", trust_remote_code=False,  # no pickles, no repo code
-                       skip_tokenizer_init=not has_tokenizer, logprobs_mode=LOGPROBS_MODE,
-                       enforce_eager=self.on_cpu, generation_config="vllm",
-                       enable_sleep_mode=not self.on_cpu,
-                       gpu_memory_utilization=gpu_memory_utilization,
-                       **({} if max_logprobs is None else {"max_logprobs": max_logprobs}))
+        llm = LLM(self.model_dir, dtype=dtype, seed=seed, max_model_len=max_model_len,
+                  load_format="safetensors", trust_remote_code=False,  # no pickles, no repo code
+                  skip_tokenizer_init=not has_tokenizer, logprobs_mode=LOGPROBS_MODE,
+                  enforce_eager=self.on_cpu, generation_config="vllm",
+                  enable_sleep_mode=not self.on_cpu,
+                  gpu_memory_utilization=gpu_memory_utilization,
+                  **({} if max_logprobs is None else {"max_logprobs": max_logprobs}))
+        self.llm = _Supervised(llm)
         self.has_tokenizer = has_tokenizer
         self.cpu_linear = cpu_linear if self.on_cpu else None
         unpack_start = time.perf_counter()

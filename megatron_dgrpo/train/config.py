@@ -120,8 +120,13 @@ class RolloutConfig:
     kv_cache_gib: float = 1.0  # CPU only; on GPU gpu_memory_utilization rules
     gpu_memory_utilization: float = 0.5  # GPU: fraction vLLM may take beside the trainer
     sleep_level: int = 2  # GPU: release weights + KV cache while training (0: never); CPU: no-op
+    # Either engine: a generate call that fails or returns other samples than asked is
+    # attempted again this many times (with a warning), then the run stops naming the error.
+    retries: int = 1
 
     def validate(self) -> None:
+        if self.retries < 0:
+            raise ValueError(f"rollout.retries must be >= 0, got {self.retries}")
         if self.verify_every < 0:
             raise ValueError(f"rollout.verify_every must be >= 0 (0 = never), got {self.verify_every}")
         if self.verify_sequences < 1:
@@ -199,6 +204,9 @@ class RunConfig:
     micro_batch_size: int | None = None
     save_every: int = 5
     keep_last: int = 2
+    # A step with a non-finite loss or gradient norm updates nothing and saves nothing; this
+    # many such steps in a row stop the run (train/guards.py).
+    max_skipped_steps: int = 3
     tokenizer: str = ""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     student: ModelSource = field(default_factory=ModelSource)
@@ -234,7 +242,7 @@ class RunConfig:
 
         runtime = runtime or Runtime.detect()
         for name in ("steps", "prompts_per_step", "save_every", "keep_last", "ppo_mini_batches",
-                     "ppo_epochs"):
+                     "ppo_epochs", "max_skipped_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
@@ -395,7 +403,8 @@ class RunConfig:
              f"loss.objective={loss.objective} does not use group advantages"),
             (self.sampling, tuple(f.name for f in fields(SamplingConfig)), not spec.on_policy,
              f"loss.objective={loss.objective} samples no rollouts"),
-            (self.rollout, tuple(f.name for f in fields(RolloutConfig) if f.name != "engine"),
+            (self.rollout, tuple(f.name for f in fields(RolloutConfig)
+                                 if f.name not in ("engine", "retries")),
              self.rollout.engine == "embedded" and not self.uses_vllm_teacher(),
              "rollout.engine=embedded starts no vLLM engine"),
             (self.dynamic_sampling, ("max_rounds",), self.dynamic_sampling.mode == "keep",

@@ -35,7 +35,7 @@ from megatron_dgrpo.algorithms.inputs import TokenBatch
 from megatron_dgrpo.algorithms.metrics import LossMetrics
 from megatron_dgrpo.data.chat import load_chat_tokenizer
 from megatron_dgrpo.data.rewards import overlong_penalty
-from megatron_dgrpo.data.longblocks import LongBlocksLoader, scan
+from megatron_dgrpo.data.longblocks import LongBlocksLoader, require_usable_example, scan
 from megatron_dgrpo.data.mix import ExampleStream
 from megatron_dgrpo.parallel.collectives import reduce_scalar
 from megatron_dgrpo.parallel.context import (
@@ -47,7 +47,9 @@ from megatron_dgrpo.parallel.context import (
 from megatron_dgrpo.parallel.fused import loss_from_hidden
 from megatron_dgrpo.parallel.materialized import loss_from_logits
 from megatron_dgrpo.train.batch import MicroBatch, StepBatch, plan_micro_batches
+from megatron_dgrpo.train import faults
 from megatron_dgrpo.train.config import RunConfig
+from megatron_dgrpo.train.guards import SkippedSteps, generate_with_retries, invalid_rewards
 from megatron_dgrpo.train.optimizer import StudentOptimizer
 from megatron_dgrpo.train.rollout_metrics import step_rollout_metrics
 from megatron_dgrpo.train.sources import (
@@ -90,6 +92,7 @@ class Trainer:
         self.replica = model_replica() if uses_vllm else None  # engines live on its leader
 
         self.tokenizer = load_chat_tokenizer(config.tokenizer)
+        require_usable_example(config.data, self.tokenizer)  # e.g. every prompt too long
         self.model_config = config.student.model_config()
         require_tokenizer_fits(self.tokenizer, self.model_config, "the student")
         self.student = build_model(self.model_config, config.parallel, config.student.init_from)
@@ -110,6 +113,7 @@ class Trainer:
         self.sequences = self._sequence_source()
         self.prompts = ExampleStream(LongBlocksLoader(config.data, self.tokenizer))
         self.step = 0
+        self.skipped = SkippedSteps(config.max_skipped_steps)  # non-finite steps in a row
 
     @property
     def optimizer(self):
@@ -214,7 +218,8 @@ class Trainer:
         outcome rewards when on-policy (trained on by grpo/dgrpo, logged for every
         on-policy objective), the overlong penalty included."""
         rewards_config = self.config.rewards
-        batch, metrics = self.sequences.generate(examples, self.step, draw)
+        batch, metrics = generate_with_retries(self.sequences, examples, self.step, draw,
+                                               self.config.rollout.retries)
         if self.objective.on_policy:
             rewards = rewards_config.score_all(batch.responses, batch.references, batch.tasks)
             if rewards_config.overlong == "penalty":
@@ -222,7 +227,11 @@ class Trainer:
                 rewards = [r + rewards_config.overlong_weight
                            * overlong_penalty(n, budget, rewards_config.overlong_buffer)
                            for r, n in zip(rewards, batch.response_lengths)]
-            batch.rewards = torch.tensor(rewards, dtype=torch.float32, device=self.device)
+            # a failed reward (NaN) gives its sample zero weight, counted
+            batch.rewards, invalid = invalid_rewards(
+                torch.tensor(rewards, dtype=torch.float32, device=self.device), batch.group_size)
+            batch.sequences.loss_mask &= ~invalid[:, None]
+            metrics["reward/invalid"] = reduce_scalar(invalid.sum(), "sum", self.dp_group)
         return batch, metrics
 
     def _refill(self, batch: StepBatch) -> tuple[StepBatch, dict[str, float]]:
@@ -305,12 +314,13 @@ class Trainer:
                 self.optim.zero_grad()
                 loss, loss_metrics = self._accumulate_gradients(self._plan(part), part,
                                                                 part_signals)
-                optim.append(self.optim.step(self.step, config.steps))
                 losses.append(reduce_scalar(loss, "sum", self.dp_cp_group))
+                optim.append(self.optim.step(self.step, config.steps, losses[-1]))
                 metrics.append(all_reduce_metrics(loss_metrics, self.dp_cp_group))
         optim_metrics = optim[0] if len(optim) == 1 else {
             "optim/lr": optim[-1]["optim/lr"], "optim/updates": float(len(optim)),
-            "optim/grad_norm": sum(o["optim/grad_norm"] for o in optim) / len(optim)}
+            "optim/grad_norm": sum(o["optim/grad_norm"] for o in optim) / len(optim),
+            "optim/skipped": float(any(o["optim/skipped"] for o in optim))}
         return sum(losses) / len(losses), LossMetrics.average(metrics), optim_metrics
 
     def _accumulate_gradients(self, plan: list[MicroBatch], sequences,
@@ -340,6 +350,8 @@ class Trainer:
                     piece, piece_metrics = loss_from_logits(config.loss, tokens, student,
                                                             teacher_outputs, self.tp_group,
                                                             temperature=self.temperature)
+                if faults.fires("loss.nan", self.step):
+                    piece = piece * float("nan")
                 # Megatron DDP averages gradients over the DP x CP ranks; our loss pieces
                 # already sum to the global loss, so undo the average.
                 (piece * self.dp_size * self.cp_size).backward()

@@ -43,7 +43,12 @@ from megatron_dgrpo.parallel.replicas import Replica
 from megatron_dgrpo.rollout.engine import SamplingConfig
 from megatron_dgrpo.rollout.verify import RefitVerificationError
 from megatron_dgrpo.train.batch import StepBatch
-from megatron_dgrpo.train.sources import rollout_seed, rollout_step_batch
+from megatron_dgrpo.train.sources import (
+    RolloutError,
+    engine_rollouts,
+    rollout_seed,
+    rollout_step_batch,
+)
 
 
 class VLLMRollouts:
@@ -101,10 +106,16 @@ class VLLMRollouts:
                                       prompt_offset=self.replica.index * len(examples))
         rollouts = None
         if self.replica.is_leader:
-            rollouts = self.engine.generate([e.prompt_ids for e in examples], params)
-            if self.config.sleep_level:
+            try:  # the replica's other ranks learn of a failure through the broadcast
+                rollouts = engine_rollouts(self.engine, [e.prompt_ids for e in examples],
+                                           params, step)
+            except RolloutError as exc:
+                rollouts = exc
+            if self.config.sleep_level and not isinstance(rollouts, RolloutError):
                 self.engine.sleep(self.config.sleep_level)
         rollouts = broadcast_object(rollouts, src=self.replica.leader, group=self.replica.group)
+        if isinstance(rollouts, RolloutError):
+            raise RolloutError(f"replica {self.replica.index}: {rollouts}")
         count = self.config.verify_sequences
         self._probe = [(r.prompt_ids + r.response_ids, len(r.prompt_ids))
                        for r in rollouts.rollouts[:count]]
