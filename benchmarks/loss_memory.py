@@ -7,6 +7,10 @@ Compared on the same shapes (T tokens, hidden size H, vocabulary V):
   (``megatron_dgrpo.parallel.materialized.loss_from_logits``);
 * ``fused``: the same loss from hidden states and output weights, chunk by chunk
   (``megatron_dgrpo.parallel.fused.loss_from_hidden``, default chunk);
+* ``fused_fp8``: ``fused`` with the output-layer GEMMs in FP8 (``fp8=Fp8LossConfig()``:
+  tensorwise, hybrid; student and teacher). Its peak memory is meaningful here, its time is
+  not: CPU ``torch._scaled_mm`` has no FP8 arithmetic (FP8 speed needs a GPU's tensor
+  cores, ``benchmarks/loss_memory_cuda.py``);
 * ``liger_jsd``: liger-kernel's ``LigerFusedLinearJSDLoss`` (student + teacher output layers,
   JSD + hard CE, ``chunk_size=1024``), compiled with ``torch.compile`` as Liger ships it;
 * ``liger_grpo``: liger-kernel's ``LigerFusedLinearGRPOLoss`` (surrogate + k3 KL to a
@@ -46,7 +50,7 @@ import subprocess
 import sys
 import time
 
-METHODS = ("materialized", "fused", "liger_jsd", "liger_grpo")
+METHODS = ("materialized", "fused", "fused_fp8", "liger_jsd", "liger_grpo")
 HIDDEN = 1024
 LIGER_CHUNK_TOKENS = 1024
 FULL_TOKENS = (2048, 4096, 8192, 16384)
@@ -111,12 +115,15 @@ def _runner(method: str, data, tokens: int):
             teacher_logits = teacher_hidden @ data["teacher_weight"].T
             loss, _ = loss_from_logits(config, _dgrpo_batch(data, tokens), logits[None], teacher_logits[None])
             loss.backward()
-    elif method == "fused":
+    elif method in ("fused", "fused_fp8"):
+        from megatron_dgrpo.parallel.fp8 import Fp8LossConfig
         from megatron_dgrpo.parallel.fused import loss_from_hidden
+
+        fp8 = Fp8LossConfig() if method == "fused_fp8" else None
 
         def run():
             loss, _ = loss_from_hidden(config, _dgrpo_batch(data, tokens), hidden[None], data["weight"],
-                                       teacher_hidden[None], data["teacher_weight"])
+                                       teacher_hidden[None], data["teacher_weight"], fp8=fp8)
             loss.backward()
     elif method == "liger_jsd":
         from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss

@@ -5,7 +5,9 @@ The GPU counterpart of ``benchmarks/loss_memory.py`` (which measures CPU RSS). S
 hidden states ``[T, H]`` and output weights ``[V, H]`` for student and teacher.
 
 * ``materialized``: ``loss_from_logits`` on full ``[T, V]`` student and teacher logits;
-* ``fused``: ``loss_from_hidden``, chunk by chunk (default chunk size).
+* ``fused``: ``loss_from_hidden``, chunk by chunk (default chunk size);
+* ``fused FP8``: the same with the output-layer GEMMs in FP8 (``--fp8-recipe``, hybrid
+  format; skipped with ``none`` or on GPUs below compute capability 8.9).
 
 Peak = ``torch.cuda.max_memory_allocated`` during the call minus the memory allocated just
 before it (the inputs): what the loss and its backward add, gradients of the hidden states
@@ -47,6 +49,7 @@ def _inputs(tokens: int, hidden: int, vocab: int, dtype: torch.dtype) -> dict:
 
 def _step(method: str, data: dict) -> None:
     from megatron_dgrpo.algorithms import LossConfig, TokenBatch, token_weights
+    from megatron_dgrpo.parallel.fp8 import Fp8LossConfig
     from megatron_dgrpo.parallel.fused import loss_from_hidden
     from megatron_dgrpo.parallel.materialized import loss_from_logits
 
@@ -55,9 +58,11 @@ def _step(method: str, data: dict) -> None:
     batch = TokenBatch(loss_mask=mask, weights=token_weights(mask, "token_mean"),
                        targets=data["targets"], advantages=data["advantages"],
                        old_logp=data["old_logp"], rollout_logp=data["rollout_logp"])
-    if method == "fused":
+    if method.startswith("fused"):
+        recipe = method.partition(":")[2]
         loss, _ = loss_from_hidden(config, batch, data["hidden"], data["weight"],
-                                   data["teacher_hidden"], data["teacher_weight"])
+                                   data["teacher_hidden"], data["teacher_weight"],
+                                   fp8=Fp8LossConfig(recipe=recipe) if recipe else None)
     else:
         loss, _ = loss_from_logits(config, batch, data["hidden"] @ data["weight"].T,
                                    data["teacher_hidden"] @ data["teacher_weight"].T)
@@ -94,27 +99,38 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vocab", type=int, default=151936)
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--fp8-recipe", choices=("tensorwise", "rowwise", "none"),
+                        default="tensorwise")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("loss_memory_cuda.py needs a CUDA GPU; on CPU use benchmarks/loss_memory.py")
+    fp8 = args.fp8_recipe != "none" and torch.cuda.get_device_capability() >= (8, 9)
     torch.backends.cuda.matmul.allow_tf32 = True  # what a training run would use
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     print(f"{torch.cuda.get_device_name()}, H={args.hidden}, V={args.vocab}, inputs {args.dtype}, "
           f"TF32 matmuls, one forward + backward, median of {args.repeats}\n")
     print("| T | materialized MiB | fused MiB | fused / materialized memory | "
-          "materialized s | fused s | fused / materialized time |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+          "materialized s | fused s | fused / materialized time | fused FP8 MiB | "
+          "fused FP8 s | FP8 / fused time |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for tokens in args.tokens:
         free, _ = torch.cuda.mem_get_info()
         fused = measure("fused", tokens, args.hidden, args.vocab, dtype, args.repeats)
+        row = (f"| {tokens} | does not fit | {fused['peak_mib']:.0f} | - | - | "
+               f"{fused['seconds']:.3f} | - |")
         if 5 * tokens * args.vocab * 4 < 0.8 * free:
             base = measure("materialized", tokens, args.hidden, args.vocab, dtype, args.repeats)
-            print(f"| {tokens} | {base['peak_mib']:.0f} | {fused['peak_mib']:.0f} | "
-                  f"{fused['peak_mib'] / base['peak_mib']:.3f} | {base['seconds']:.3f} | "
-                  f"{fused['seconds']:.3f} | {fused['seconds'] / base['seconds']:.2f} |", flush=True)
+            row = (f"| {tokens} | {base['peak_mib']:.0f} | {fused['peak_mib']:.0f} | "
+                   f"{fused['peak_mib'] / base['peak_mib']:.3f} | {base['seconds']:.3f} | "
+                   f"{fused['seconds']:.3f} | {fused['seconds'] / base['seconds']:.2f} |")
+        if fp8:
+            quantised = measure(f"fused:{args.fp8_recipe}", tokens, args.hidden, args.vocab, dtype,
+                                args.repeats)
+            row += (f" {quantised['peak_mib']:.0f} | {quantised['seconds']:.3f} | "
+                    f"{quantised['seconds'] / fused['seconds']:.2f} |")
         else:
-            print(f"| {tokens} | does not fit | {fused['peak_mib']:.0f} | - | - | "
-                  f"{fused['seconds']:.3f} | - |", flush=True)
+            row += " - | - | - |"
+        print(row, flush=True)
 
 
 if __name__ == "__main__":

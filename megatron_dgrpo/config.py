@@ -53,6 +53,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return _coerce(value, option, where)
             except ConfigError as exc:
                 errors.append(str(exc))
+        if len(errors) == 1:  # Optional[X]: X's own message names the offending key
+            raise ConfigError(errors[0])
         raise ConfigError(f"{where}: {value!r} does not match {_type_name(tp)}")
     if origin is typing.Literal:
         if value not in args:
@@ -99,6 +101,14 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if isinstance(tp, type) and not isinstance(value, tp):
         raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
     return value
+
+
+def require_choice(option: str, value: Any, choices: Iterable[Any]) -> None:
+    """For ``validate()`` methods: ValueError naming ``option`` unless ``value`` is one of
+    ``choices`` (dataclasses built in Python skip the loader's ``Literal`` check)."""
+    choices = list(choices)
+    if value not in choices:
+        raise ValueError(f"{option} must be one of {', '.join(map(str, choices))}, got {value!r}")
 
 
 def _build(cls: type[T], data: Mapping[str, Any], where: str) -> T:

@@ -17,7 +17,7 @@ What it does, each phase with progress on the console and its outputs under ``--
    which the teacher's guidance matters (e.g. the last token of "unanswerable"). The loss
    still trains the temperature-1 policy; the truncated importance weight
    ``pi_old / pi_rollout`` (``loss.tis_cap``) corrects for the tempered sampler;
-6. ``eval/<model>``: greedy answers on the held-out set for the teacher and for every
+6. ``eval/<model>/heldout``: greedy answers on the held-out set for the teacher and for every
    student checkpoint (``scores.md``, ``heatmap.png``, ``predictions.jsonl``);
 7. ``report.md``, ``quickstart.json``, ``heldout_reward.png``: held-out reward of the
    teacher and of the student through dGRPO, and each run's training curves
@@ -111,76 +111,6 @@ def make_assets(out: Path, plan: QuickstartPlan, seed: int) -> dict[str, Path]:
     return assets
 
 
-def _model_dir(run_dir: Path, step: int) -> Path:
-    return run_dir / "checkpoints" / f"step_{step:08d}" / "model"
-
-
-def _run_config(run_dir: Path, assets: dict[str, Path], tp: int, seed: int,
-                **sections: Any) -> dict[str, Any]:
-    """A ``dgrpo train`` config (as a dict) for one phase."""
-    return {"run_dir": str(run_dir), "seed": seed, "tokenizer": str(assets["tokenizer"]),
-            "parallel": {"tensor_parallel": tp}, "keep_last": 1_000,
-            "data": {"paths": [str(assets["train"])]}, **sections}
-
-
-def _train(rank: int, world_size: int, config: dict[str, Any]) -> int:
-    """One ``dgrpo train`` run on this rank (spawned by :func:`_run_phase`)."""
-    import torch
-
-    from megatron_dgrpo.config import from_dict
-    from megatron_dgrpo.train.config import RunConfig
-    from megatron_dgrpo.train.runner import run_training
-
-    torch.set_num_threads(max(1, 2 // world_size))
-    run = from_dict(RunConfig, config)
-    run.validate()
-    return run_training(run, show_progress=rank == 0)
-
-
-def _run_phase(config: dict[str, Any], tp: int) -> None:
-    """Train one phase on ``tp`` spawned ranks, then render its curves (``dgrpo report``)."""
-    from megatron_dgrpo.report import write_report
-    from megatron_dgrpo.parallel.launch import run_distributed
-
-    codes = run_distributed(_train, tp, args=(config,), timeout_s=3600)
-    if any(codes):
-        raise RuntimeError(f"training in {config['run_dir']} stopped early (exit codes {codes})")
-    write_report(config["run_dir"])
-
-
-def _evaluate(rank: int, world_size: int, models: list[tuple[str, str]], tokenizer_dir: str,
-              heldout_dir: str, eval_root: str, max_new_tokens: int) -> dict[str, dict]:
-    """Greedy held-out answers of each ``(label, checkpoint)``; scores per label."""
-    import torch
-
-    from megatron_dgrpo.data.chat import IM_END, load_chat_tokenizer, reply_text
-    from megatron_dgrpo.data.evaluate import ALL, evaluate
-    from megatron_dgrpo.data.longblocks import LongBlocksConfig, LongBlocksLoader
-    from megatron_dgrpo.models.config import ParallelConfig
-    from megatron_dgrpo.models.loading import checkpoint_model
-    from megatron_dgrpo.models.provider import initialize_parallel
-    from megatron_dgrpo.rollout.embedded import EmbeddedEngine
-    from megatron_dgrpo.rollout.engine import SamplingParams
-
-    torch.set_num_threads(2)
-    tokenizer = load_chat_tokenizer(tokenizer_dir)
-    params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, stop_strings=[IM_END])
-    initialize_parallel(ParallelConfig())
-    scores = {}
-    for label, checkpoint in models:
-        model, config = checkpoint_model(checkpoint, ParallelConfig(), tokenizer)
-        engine = EmbeddedEngine(model, config.vocab_size, decode=tokenizer.decode)
-
-        def generate(prompts: list[list[int]], engine: EmbeddedEngine = engine) -> list[str]:
-            batch = engine.generate(prompts, params)
-            return [reply_text(r.text) for r in batch.rollouts]
-
-        loader = LongBlocksLoader(LongBlocksConfig(paths=(heldout_dir,), split="all"), tokenizer)
-        table = evaluate(loader, generate, out_dir=Path(eval_root) / label, batch_size=32)
-        scores[label] = {family: table.score(family) for family in [*table.families, ALL]}
-    return scores
-
-
 # ------------------------------------------------------------------------ report
 
 
@@ -220,7 +150,7 @@ def _report_markdown(summary: dict[str, Any]) -> str:
               f"(teacher {summary['teacher']:.1f}). Curve: `heldout_reward.png`.", "",
               "Training curves: `runs/<phase>/report/summary.md` and `curves.png` for "
               "teacher-sft, student-cold-start, student-dgrpo. Per-model answers: "
-              "`eval/<model>/predictions.jsonl`.", "",
+              "`eval/<model>/heldout/predictions.jsonl`.", "",
               "| phase | seconds |", "|---|---:|"]
     lines += [f"| {phase} | {seconds:.0f} |" for phase, seconds in summary["seconds"].items()]
     return "\n".join(lines) + "\n"
@@ -235,6 +165,7 @@ def run_quickstart(args: argparse.Namespace) -> int:
     from megatron_dgrpo.data.chat import IM_END
     from megatron_dgrpo.outputs import refuse_existing
     from megatron_dgrpo.parallel.launch import run_distributed
+    from megatron_dgrpo.recipe import HeldOut, evaluate_models, model_dir, run_config, train_phase
 
     plan, plan_name = (SHORT, "short") if args.short else (FULL, "full")
     console = Console()
@@ -263,22 +194,23 @@ def run_quickstart(args: argparse.Namespace) -> int:
     teacher_run, cold_run, dgrpo_run = runs / "teacher-sft", runs / "student-cold-start", runs / "student-dgrpo"
 
     phase("teacher", f"SFT of {TEACHER_PRESET} for {plan.teacher_sft_steps} steps")
-    _run_phase(_run_config(teacher_run, assets, args.tp, args.seed,
-                           student={"preset": TEACHER_PRESET}, steps=plan.teacher_sft_steps,
-                           save_every=plan.teacher_sft_steps, **sft), args.tp)
+    data = (assets["tokenizer"], assets["train"], args.tp)
+    train_phase(run_config(teacher_run, *data, args.seed, student={"preset": TEACHER_PRESET},
+                           steps=plan.teacher_sft_steps, save_every=plan.teacher_sft_steps,
+                           **sft), args.tp)
     done("teacher")
 
     phase("cold start", f"SFT of {STUDENT_PRESET} for {plan.cold_start_steps} steps")
-    _run_phase(_run_config(cold_run, assets, args.tp, args.seed + 1,
-                           student={"preset": STUDENT_PRESET}, steps=plan.cold_start_steps,
-                           save_every=plan.cold_start_steps, **sft), args.tp)
+    train_phase(run_config(cold_run, *data, args.seed + 1, student={"preset": STUDENT_PRESET},
+                           steps=plan.cold_start_steps, save_every=plan.cold_start_steps,
+                           **sft), args.tp)
     done("cold start")
 
-    teacher_ckpt = _model_dir(teacher_run, plan.teacher_sft_steps)
-    cold_ckpt = _model_dir(cold_run, plan.cold_start_steps)
+    teacher_ckpt = model_dir(teacher_run, plan.teacher_sft_steps)
+    cold_ckpt = model_dir(cold_run, plan.cold_start_steps)
     phase("dgrpo", f"dGRPO of the student for {plan.dgrpo_steps} steps, teacher as the anchor")
-    _run_phase(_run_config(
-        dgrpo_run, assets, args.tp, args.seed + 2,
+    train_phase(run_config(
+        dgrpo_run, *data, args.seed + 2,
         student={"preset": None, "init_from": str(cold_ckpt)},
         teacher={"preset": None, "init_from": str(teacher_ckpt)},
         loss={"objective": "dgrpo", "kl_coef": plan.kl_coef},
@@ -292,10 +224,13 @@ def run_quickstart(args: argparse.Namespace) -> int:
     phase("eval", "greedy answers on the held-out set: teacher, student through dGRPO")
     eval_steps = list(range(plan.eval_every, plan.dgrpo_steps + 1, plan.eval_every))
     models = [("teacher", str(teacher_ckpt)), ("student-step-0", str(cold_ckpt))]
-    models += [(f"student-step-{s}", str(_model_dir(dgrpo_run, s))) for s in eval_steps]
-    heldout = run_distributed(_evaluate, 1, args=(models, str(assets["tokenizer"]),
-                                                  str(assets["heldout"]), str(out / "eval"),
-                                                  plan.max_new_tokens), timeout_s=3600)[0]
+    models += [(f"student-step-{s}", str(model_dir(dgrpo_run, s))) for s in eval_steps]
+    held_out = HeldOut("heldout", str(assets["heldout"]), str(assets["train"]), plan.max_new_tokens)
+    scored = run_distributed(evaluate_models, 1, args=(models, str(assets["tokenizer"]),
+                                                       [held_out], str(out / "eval")),
+                             timeout_s=3600)[0]
+    heldout = {label: {**sets["heldout"]["families"], "all": sets["heldout"]["all"]}
+               for label, sets in scored.items()}
     done("eval")
 
     curve = [(0, heldout["student-step-0"]["all"])]

@@ -6,8 +6,12 @@
 #
 #   tools/validate_gpu.sh [OUT_DIR]      # default runs/gpu-validation (or $OUT)
 #
-# Writes OUT_DIR/{environment.txt, pytest.txt, loss_memory_cuda.md}; exit status is
-# pytest's.
+# Runs tests/gpu: Megatron on CUDA vs transformers, the fused loss, the trainer, and the
+# FP8 loss checks (tests/gpu/test_fp8_loss_cuda.py: torch._scaled_mm on CUDA against the
+# float64 product, the fused FP8 loss against the CPU FP8 loss and its documented error;
+# they need compute capability >= 8.9, not Transformer Engine, and are skipped below it).
+# Writes OUT_DIR/{environment.txt, pytest.txt, loss_memory_cuda.md} (the benchmark adds the
+# fused FP8 loss's columns); exit status is pytest's.
 set -uo pipefail
 out=${1:-${OUT:-runs/gpu-validation}}
 mkdir -p "$out"
@@ -28,7 +32,8 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     "$python" - <<'PY'
 import importlib, torch
-print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())
+print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(),
+      "compute capability %d.%d" % torch.cuda.get_device_capability())
 for name in ("megatron.core", "transformer_engine", "vllm", "transformers"):
     try:
         module = importlib.import_module(name)

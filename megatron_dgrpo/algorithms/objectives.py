@@ -64,7 +64,10 @@ class LossConfig:
             each gives is tabulated in :mod:`megatron_dgrpo.algorithms.kl`. ``None`` picks
             the objective's default: kd ``full``, grpo ``k2``, opd ``full``, dgrpo ``full``.
         kl_coef: beta, weight of the anchor KL (reference for grpo, teacher for dgrpo) and
-            of the teacher shaping in dgrpo's advantage form. Default 0.04. opd's KL
+            of the teacher shaping in dgrpo's advantage form. ``None`` (default) picks the
+            objective's ``default_kl_coef``: grpo 0.04 (the GRPO reference-KL convention),
+            dgrpo 0.5 (the paper's best teacher-KL weight as secondary sources report it,
+            beta = 0 worst; our own sweep: ``dgrpo experiment --ablations beta``). opd's KL
             has unit weight.
         ref_kl_coef: dgrpo only: weight of an extra KL to the reference (default 0 = none).
         ref_kl_estimator: sampled estimator of that reference term (default ``k2``, the
@@ -90,7 +93,7 @@ class LossConfig:
     objective: str = "dgrpo"
     aggregation: str = "token_mean"
     kl_estimator: str | None = None
-    kl_coef: float = 0.04
+    kl_coef: float | None = None
     ref_kl_coef: float = 0.0
     ref_kl_estimator: str = "k2"
     form: str = "loss"
@@ -103,6 +106,10 @@ class LossConfig:
     adv_eps: float = 1e-6
     adv_std_unbiased: bool = False
     length_norm: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kl_coef is None and self.objective in OBJECTIVES:
+            self.kl_coef = OBJECTIVES[self.objective].default_kl_coef
 
     @property
     def spec(self) -> Objective:
@@ -215,6 +222,7 @@ class Objective:
         kl_coef_anchor: what ``kl_coef`` weighs: ``reference``, ``teacher`` or ``None``
             (``kl_coef`` has no effect).
         accepts_ref_kl: ``ref_kl_coef`` adds a KL to the frozen reference on top.
+        default_kl_coef: ``kl_coef`` when a config leaves it unset.
         forms: the ``form`` values it accepts (``loss``, ``advantage``).
         min_group_size: the fewest responses per prompt (``sampling.n``) it can train on.
     """
@@ -229,6 +237,7 @@ class Objective:
     needs_teacher: bool
     kl_coef_anchor: str | None = None
     accepts_ref_kl: bool = False
+    default_kl_coef: float = 0.0
     forms: tuple[str, ...] = ("loss",)
     min_group_size: int = 1
 
@@ -405,11 +414,13 @@ OBJECTIVES: dict[str, Objective] = {
                   uses_rewards=False, needs_teacher=True),
         Objective("grpo", _grpo, "reverse", SAMPLED_ESTIMATORS, "k2", on_policy=True,
                   uses_rewards=True, needs_teacher=False, kl_coef_anchor="reference",
+                  default_kl_coef=0.04,
                   min_group_size=2),
         Objective("opd", _opd, "reverse", KL_ESTIMATORS, "full", on_policy=True,
                   uses_rewards=False, needs_teacher=True, forms=FORMS),
         Objective("dgrpo", _dgrpo, "reverse", KL_ESTIMATORS, "full", on_policy=True,
                   uses_rewards=True, needs_teacher=True, kl_coef_anchor="teacher",
+                  default_kl_coef=0.5,
                   accepts_ref_kl=True, forms=FORMS, min_group_size=2),
     )
 }

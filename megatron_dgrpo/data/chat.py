@@ -149,6 +149,13 @@ class ChatTokenizer(Protocol):
         (end-of-turn included); control tokens only where the template puts them."""
         ...
 
+    @property
+    def end_of_turn_id(self) -> int | None:
+        """The control token that ends the assistant's turn (the template's first control
+        token after the reply, e.g. ``<|im_end|>``), or None if the turn ends in plain text:
+        what a generation stops at."""
+        ...
+
     def encode(self, text: str) -> list[int]:
         """Token ids of trusted text (template markers), control-token literals parsed and no
         special tokens added. Never for data content: use ``prompt_ids`` / ``response_ids``."""
@@ -198,6 +205,10 @@ class _FramedChatTokenizer(ABC):
 
     def response_ids(self, user_message: str, response: str) -> list[int]:
         return self._response.ids(response, self.encode, self.encode_plain)
+
+    @property
+    def end_of_turn_id(self) -> int | None:
+        return self._response.tail[0] if self._response.tail else None
 
 
 class HFChatTokenizer(_FramedChatTokenizer):

@@ -55,7 +55,8 @@ def add_synth_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=1, help="generator processes")
 
 
-def _progress():
+def progress_bar():
+    """A rich progress bar (description, bar, done / total, elapsed) for the commands."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     return Progress(
@@ -83,7 +84,7 @@ def run_synth(args: argparse.Namespace) -> int:
             unanswerable_share=args.unanswerable_share,
         )
         config.validate()
-        with _progress() as progress:
+        with progress_bar() as progress:
             bar = progress.add_task("synth", total=config.num_examples)
             shards = write_synth_dataset(
                 config,
@@ -118,7 +119,7 @@ def run_ruler(args: argparse.Namespace) -> int:
     try:
         config = ruler_config(args)
         total = len(config.lengths) * len(config.task_names) * config.num_per_task
-        with _progress() as progress:
+        with progress_bar() as progress:
             bar = progress.add_task("ruler", total=total)
             files = write_ruler_suite(config, args.out, on_example=lambda: progress.advance(bar))
     except (OutputExistsError, ValueError) as error:

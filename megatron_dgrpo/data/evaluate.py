@@ -6,7 +6,8 @@ so a document's special-token literals stay text), so any engine plugs in (the e
 engine, vLLM, or a test oracle). Scores come from a scorer ``score(item, response) -> float in
 [0, 1]``: by default :class:`~.rewards.RewardConfig` (per-task reward, answer extraction); suites
 with their own metrics (:mod:`.longbench`) bring theirs. They are reported as percentages (mean
-score x 100).
+score x 100). Items are generated in batches of similar prompt length (:func:`length_batches`),
+results kept in the items' order.
 
 Outputs of :func:`write_report`: ``scores.json`` (every cell with its count and mean),
 ``scores.md`` (family x length table with averages, then depth x length), ``heatmap.png``
@@ -25,10 +26,11 @@ fit on; ``scores.json`` carries its cells under ``"baseline"`` (``null`` when tu
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -103,31 +105,63 @@ def reward_scorer(rewards: RewardConfig) -> Scorer:
     return lambda item, response: rewards.score(response, item.reference, item.task)
 
 
+# Items are answered in windows of this many batches: each window sorted by prompt length, so a
+# batch holds prompts of similar length (less padding), while at most one window's prompts are
+# held in memory (a 100K-token prompt is ~3.6 MB of Python ints).
+SORT_WINDOW_BATCHES = 8
+
+
+def length_batches(lengths: Sequence[int], batch_size: int,
+                   window_batches: int = SORT_WINDOW_BATCHES) -> list[list[int]]:
+    """The generation batches of items with prompt ``lengths`` (tokens), as item indices.
+
+    Items are taken in windows of ``batch_size x window_batches`` in order; each window is
+    sorted by prompt length (ties keep their order) and cut into batches of ``batch_size``
+    (the window's last batch may be shorter), each batch in item order. Every index appears
+    exactly once. Depends only on the lengths and the sizes, so every caller that splits the
+    batches (data-parallel replicas) or streams the windows (:func:`score_items`) generates the
+    same batches.
+    """
+    if batch_size <= 0 or window_batches <= 0:
+        raise ValueError(f"batch_size and window_batches must be positive, got {batch_size} "
+                         f"and {window_batches}")
+    window = batch_size * window_batches
+    batches = []
+    for start in range(0, len(lengths), window):
+        order = sorted(range(start, min(start + window, len(lengths))), key=lengths.__getitem__)
+        batches += [sorted(order[i:i + batch_size]) for i in range(0, len(order), batch_size)]
+    return batches
+
+
+def generate_batches(prompts: Sequence[Sequence[int]], batches: Iterable[list[int]],
+                     generate: Generate) -> dict[int, str]:
+    """``generate`` called once per batch of prompt indices; index -> response."""
+    responses: dict[int, str] = {}
+    for batch in batches:
+        texts = generate([list(prompts[i]) for i in batch])
+        if len(texts) != len(batch):
+            raise ValueError(f"generate returned {len(texts)} responses for {len(batch)} prompts")
+        responses.update(zip(batch, texts))
+    return responses
+
+
 def score_items(
     items: Iterable[EvalItem], generate: Generate, rewards: RewardConfig | Scorer, batch_size: int = 16
 ) -> list[ScoredItem]:
-    """Generate in batches of ``batch_size`` prompts and score every response (with a
+    """Generate in batches of ``batch_size`` prompts of similar length (:func:`length_batches`;
+    results in the items' order) and score every response (with a
     :class:`~.rewards.RewardConfig` or a scorer ``score(item, response)``)."""
     score = reward_scorer(rewards) if isinstance(rewards, RewardConfig) else rewards
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     scored: list[ScoredItem] = []
-    batch: list[EvalItem] = []
-
-    def flush() -> None:
-        responses = generate([list(i.prompt_ids) for i in batch])
-        if len(responses) != len(batch):
-            raise ValueError(f"generate returned {len(responses)} responses for {len(batch)} prompts")
-        for item, response in zip(batch, responses):
-            scored.append(ScoredItem(item, response, score(item, response)))
-        batch.clear()
-
-    for item in items:
-        batch.append(item)
-        if len(batch) == batch_size:
-            flush()
-    if batch:
-        flush()
+    iterator = iter(items)
+    while window := list(itertools.islice(iterator, batch_size * SORT_WINDOW_BATCHES)):
+        prompts = [item.prompt_ids for item in window]
+        batches = length_batches([len(p) for p in prompts], batch_size)
+        responses = generate_batches(prompts, batches, generate)
+        scored += [ScoredItem(item, responses[i], score(item, responses[i]))
+                   for i, item in enumerate(window)]
     return scored
 
 

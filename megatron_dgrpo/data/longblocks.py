@@ -160,7 +160,7 @@ class LongBlocksExample:
     language: str
     teacher_responses: dict[str, str]
     metadata: dict
-    target_answer: str = ""  # what SFT/KD train on (LongBlocksConfig.target); the reference by default
+    target_answer: str | None = None  # what SFT/KD train on (LongBlocksConfig.target); None: the reference
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -204,6 +204,20 @@ def iter_parquet_rows(paths, batch_rows: int, summary: LoadSummary) -> Iterator[
             summary.unreadable_files += 1
 
 
+def filter_reason(config: LongBlocksConfig, row: dict) -> str | None:
+    """Why ``row`` is left out by choice (language, source, split), or None; fields that are not
+    strings are never filtered on. Reads only the row's ``id``, ``language`` and ``source``."""
+    language, source, row_id = (row.get(c) for c in ("language", "source", "id"))
+    if config.languages and isinstance(language, str) and language not in config.languages:
+        return "language"
+    if config.sources and isinstance(source, str) and source not in config.sources:
+        return "source"
+    if (config.split != "all" and isinstance(row_id, str)
+            and split_of(row_id, config.validation_fraction, config.split_salt) != config.split):
+        return "split"
+    return None
+
+
 def row_problem(row: dict) -> str | None:
     """Why ``row`` is unusable (a skip reason), or None if its fields are well-formed."""
     for column in REQUIRED_COLUMNS:
@@ -230,19 +244,6 @@ class LongBlocksLoader:
         self.tokenizer = tokenizer
         self.summary = LoadSummary()
 
-    def _filter_reason(self, row: dict) -> str | None:
-        """Why ``row`` is left out by choice; fields that are not strings are never filtered on."""
-        cfg = self.config
-        language, source, row_id = (row.get(c) for c in ("language", "source", "id"))
-        if cfg.languages and isinstance(language, str) and language not in cfg.languages:
-            return "language"
-        if cfg.sources and isinstance(source, str) and source not in cfg.sources:
-            return "source"
-        if (cfg.split != "all" and isinstance(row_id, str)
-                and split_of(row_id, cfg.validation_fraction, cfg.split_salt) != cfg.split):
-            return "split"
-        return None
-
     def example_of_row(self, row: dict) -> LongBlocksExample | tuple[str, int]:
         """The example, or (skip reason, prompt tokens)."""
         cfg = self.config
@@ -255,8 +256,8 @@ class LongBlocksLoader:
             return "under_length", len(prompt_ids)
         teachers = {c: v for c, v in row.items()
                     if c.startswith(RESPONSE_PREFIX) and isinstance(v, str) and v.strip()}
-        if cfg.target != "reference" and cfg.target not in teachers:
-            return f"missing {cfg.target}", len(prompt_ids)
+        if cfg.target != "reference" and not isinstance(row.get(cfg.target), str):
+            return f"missing {cfg.target}", len(prompt_ids)  # (an empty reply is a reply)
         known = set(REQUIRED_COLUMNS) | {c for c in row if c.startswith(RESPONSE_PREFIX)}
         return LongBlocksExample(
             id=row["id"],
@@ -268,13 +269,13 @@ class LongBlocksLoader:
             language=row["language"],
             teacher_responses=teachers,
             metadata={k: v for k, v in row.items() if k not in known},
-            target_answer=row["answer"] if cfg.target == "reference" else teachers[cfg.target],
+            target_answer=row["answer"] if cfg.target == "reference" else row[cfg.target],
         )
 
     def __iter__(self) -> Iterator[LongBlocksExample]:
         summary = self.summary
         for row in iter_parquet_rows(self.config.paths, self.config.batch_rows, summary):
-            reason = self._filter_reason(row)
+            reason = filter_reason(self.config, row)
             if reason:
                 summary.filtered[reason] += 1
                 continue

@@ -45,6 +45,18 @@ class MixedItem(Generic[T]):
     source: str
 
 
+def reread_source(source: Iterable[T]) -> SourceOpener:
+    """A source opener over a re-iterable ``source`` (e.g. a ``LongBlocksLoader``): every
+    epoch reads it again in its own order, from ``position`` on."""
+    def open_at(epoch: int, position: int) -> Iterator[T]:
+        iterator = iter(source)
+        for _ in range(position):
+            next(iterator)
+        return iterator
+
+    return open_at
+
+
 class ListSource(Generic[T]):
     """A source over an in-memory list, reshuffled every epoch with a seeded permutation."""
 
@@ -118,6 +130,10 @@ class TokenShareMixer(Generic[T]):
         item = cursor.next_item()
         cursor.tokens += self.num_tokens(item)
         return MixedItem(item, cursor.name)
+
+    def take(self, count: int) -> list[T]:
+        """The next ``count`` items (the stream interface of :class:`ExampleStream`)."""
+        return [next(self).item for _ in range(count)]
 
     @property
     def long_token_share(self) -> float:

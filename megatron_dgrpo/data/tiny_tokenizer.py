@@ -25,23 +25,25 @@ CHATML_TEMPLATE = (
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
 
-def training_corpus(lines: int = 1500, seed: int = 99) -> list[str]:
-    """Sentences from generated documents, the generator's questions with their answers
-    (so frequent answers such as ``unanswerable`` become single tokens, as a real tokenizer
-    would have them), plus digits and punctuation."""
+def training_corpus(lines: int = 1500, seed: int = 99, documents: int = 16) -> list[str]:
+    """Sentences from ``documents`` generated documents, the generator's questions with their
+    answers (so frequent answers such as ``unanswerable`` become single tokens, as a real
+    tokenizer would have them), plus digits and punctuation."""
     from megatron_dgrpo.data.synth import SynthConfig, SynthGenerator
 
     generator = SynthGenerator(SynthConfig(lengths=(256,), seed=seed, filler_bank_size=200))
-    examples = [generator.example(i) for i in range(max(16, lines // 5))]
-    sentences = " ".join(e.document for e in examples[:16]).split(". ")
+    examples = [generator.example(i) for i in range(max(documents, lines // 5))]
+    sentences = " ".join(e.document for e in examples[:documents]).split(". ")
     rng = random.Random(seed)
     return ([rng.choice(sentences) + "." for _ in range(lines)]
             + [f"{e.question} {e.answer} {e.answer} {e.answer}" for e in examples]
             + ["0 1 2 3 4 5 6 7 8 9 , ; : ? ! ( ) # ' Answer: unanswerable"])
 
 
-def train_tiny_tokenizer(out_dir: str | Path, vocab_size: int = 400) -> Path:
-    """Train and save (``save_pretrained``) the tokenizer as the new directory ``out_dir``."""
+def train_tiny_tokenizer(out_dir: str | Path, vocab_size: int = 400, lines: int = 1500,
+                         documents: int = 16) -> Path:
+    """Train and save (``save_pretrained``) the tokenizer as the new directory ``out_dir``
+    (corpus: :func:`training_corpus` of ``lines`` sentences from ``documents`` documents)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -53,7 +55,7 @@ def train_tiny_tokenizer(out_dir: str | Path, vocab_size: int = 400) -> Path:
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(training_corpus(), trainer)
+    tokenizer.train_from_iterator(training_corpus(lines, documents=documents), trainer)
     wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>",
                                       pad_token="<|endoftext|>")
     wrapped.chat_template = CHATML_TEMPLATE

@@ -6,7 +6,7 @@ Two plain dataclasses (defaults and type hints only, so the YAML loader in
 * :class:`ModelConfig`: the architecture's hyper-parameters (Qwen3 first). Defaults are the
   ``tiny-qwen3`` test model, so an empty ``model:`` section runs on a laptop CPU.
 * :class:`ParallelConfig`: how the model is laid out (TP, PP, CP, sequence parallel) and
-  which kernels it may use (Transformer Engine, FP8).
+  which kernels it may use (Transformer Engine, its FP8 recipe: :class:`TransformerFp8Config`).
 
 Each has ``validate()`` raising ``ValueError``. Checks that need both (heads divisible by TP,
 layers by PP) live in :func:`validate_layout`, which the model provider calls at start-up.
@@ -24,6 +24,8 @@ import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
+
+from megatron_dgrpo.config import require_choice
 
 SUPPORTED_ARCHITECTURES = ("qwen3",)
 
@@ -116,6 +118,51 @@ class ModelConfig:
 
 CP_COMM_TYPES = ("p2p", "a2a", "a2a+p2p", "allgather")
 
+# Transformer Engine FP8 recipes (Megatron's ``fp8_recipe``) and the oldest TE that has each
+# (megatron/core/fp8_utils.py get_fp8_recipe); mxfp8 runs on Blackwell (sm100+) only.
+TE_FP8_RECIPES = {"delayed": "1.0", "tensorwise": "2.2.0.dev0", "blockwise": "2.3.0.dev0",
+                  "mxfp8": "2.1.0"}
+FP8_FORMATS = ("hybrid", "e4m3")
+
+
+@dataclass
+class TransformerFp8Config:
+    """Transformer Engine FP8 for the transformer layers' GEMMs (``parallel.fp8``; GPU with
+    TE only). The output layer's GEMMs inside the fused loss have their own option,
+    ``loss_fp8`` (:mod:`megatron_dgrpo.parallel.fp8`, runs without TE).
+
+    ``recipe`` (Megatron's ``fp8_recipe``): ``delayed`` (scales from an amax history),
+    ``tensorwise`` (per-tensor current scaling, TE >= 2.2), ``blockwise`` (1x128 and
+    128x128 block scales, TE >= 2.3), ``mxfp8`` (32-element blocks with E8M0 scales,
+    TE >= 2.1, Blackwell GPUs). ``format`` (Megatron's ``fp8``): ``hybrid`` (E4M3 forward,
+    E5M2 gradients) or ``e4m3``.
+    """
+
+    recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = "delayed"
+    format: Literal["hybrid", "e4m3"] = "hybrid"
+
+    def validate(self) -> None:
+        require_choice("parallel.fp8.recipe", self.recipe, TE_FP8_RECIPES)
+        require_choice("parallel.fp8.format", self.format, FP8_FORMATS)
+
+    def check_runtime(self, runtime: Runtime) -> None:
+        """ValueError if the installed TE or the GPU lacks this recipe (when known)."""
+        from packaging.version import Version
+
+        oldest = TE_FP8_RECIPES[self.recipe]
+        installed = runtime.transformer_engine_version
+        if installed is not None and Version(installed) < Version(oldest):
+            raise ValueError(f"parallel.fp8.recipe={self.recipe} needs Transformer Engine >= "
+                             f"{oldest}; this machine has {installed}")
+        capability = runtime.cuda_capability
+        if self.recipe == "mxfp8" and capability is not None and capability < (10, 0):
+            raise ValueError(f"parallel.fp8.recipe=mxfp8 needs a Blackwell GPU (compute "
+                             f"capability >= 10.0); this one has {capability[0]}.{capability[1]}")
+
+    def megatron_fields(self) -> dict[str, str]:
+        """The ``TransformerConfig`` fields this maps to."""
+        return {"fp8": self.format, "fp8_recipe": self.recipe}
+
 
 @dataclass
 class ParallelConfig:
@@ -123,13 +170,17 @@ class ParallelConfig:
 
     ``use_te``: ``"auto"`` uses Transformer Engine layers when TE and CUDA are present and
     Megatron's local (plain torch) layers otherwise; ``True`` requires TE; ``False`` never
-    uses it. Sequence parallelism and FP8 need TE on CUDA.
+    uses it. Sequence parallelism and FP8 (``fp8``: a :class:`TransformerFp8Config`, None =
+    off) need TE on CUDA.
 
     ``cp_comm_type`` (Megatron's names) picks how context-parallel attention exchanges keys
     and values: ``p2p`` (ring), ``a2a``, ``a2a+p2p`` are Transformer Engine's kernels (CUDA);
     ``allgather`` gathers the whole sequence's keys and values on every CP rank and attends
     locally, which the local layer spec also serves (PyTorch SDPA), so CP runs without TE
     (on CPU too). Exact either way; allgather holds ``T`` keys/values per rank.
+
+    ``gpu_memory_gib``: memory of each GPU, for the start-up memory check of CUDA runs
+    (:mod:`megatron_dgrpo.train.memory`); None: what the device reports.
     """
 
     tensor_parallel: int = 1
@@ -138,7 +189,8 @@ class ParallelConfig:
     cp_comm_type: Literal["p2p", "a2a", "a2a+p2p", "allgather"] = "p2p"
     sequence_parallel: bool = False
     use_te: bool | Literal["auto"] = "auto"
-    fp8: bool = False
+    fp8: TransformerFp8Config | None = None
+    gpu_memory_gib: float | None = None
     # Seconds the start-up rendezvous and each collective wait for the other ranks before
     # this rank stops with an error naming the lost peer (a dead rank's closed connection
     # is noticed at once; this bounds a hung or unreachable one). Megatron's groups round
@@ -156,6 +208,8 @@ class ParallelConfig:
             raise ValueError(f"parallel.use_te must be true, false or 'auto', got {self.use_te!r}")
         if self.sequence_parallel and self.tensor_parallel == 1:
             raise ValueError("parallel.sequence_parallel needs tensor_parallel > 1")
+        if self.gpu_memory_gib is not None and self.gpu_memory_gib <= 0:
+            raise ValueError(f"parallel.gpu_memory_gib must be > 0, got {self.gpu_memory_gib}")
         runtime = runtime or Runtime.detect()
         if self.use_te is True and not runtime.has_te_on_cuda:
             raise ValueError(f"parallel.use_te=true needs Transformer Engine on CUDA; "
@@ -168,14 +222,20 @@ class ParallelConfig:
             (f"context parallelism with cp_comm_type={self.cp_comm_type}",
              self.context_parallel > 1 and self.cp_comm_type != "allgather"),
             ("sequence parallelism", self.sequence_parallel),
-            ("FP8", self.fp8)) if wanted]
+            (f"FP8 for the transformer layers (parallel.fp8.recipe="
+             f"{self.fp8.recipe if self.fp8 else ''})", self.fp8 is not None)) if wanted]
         if needs_te and not uses_te:
             reason = ("parallel.use_te is false" if self.use_te is False
                       else f"this machine has {runtime.describe()}")
             hint = ("; parallel.cp_comm_type=allgather runs context parallelism without it"
                     if self.context_parallel > 1 and self.cp_comm_type != "allgather" else "")
+            if self.fp8 is not None:
+                hint += ("; FP8 GEMMs of the loss's output layer (loss_fp8) run without "
+                         "Transformer Engine")
             raise ValueError(f"{' and '.join(needs_te)} needs Transformer Engine on CUDA; "
                              f"{reason}{hint}")
+        if self.fp8 is not None:
+            self.fp8.check_runtime(runtime)
 
     def uses_te(self, runtime: Runtime | None = None) -> bool:
         """Whether models are built with the Transformer Engine layer spec."""
@@ -190,10 +250,13 @@ class ParallelConfig:
 
 @dataclass(frozen=True)
 class Runtime:
-    """What this process can use: CUDA, and Transformer Engine importable."""
+    """What this process can use: CUDA, and Transformer Engine importable (with the GPU's
+    compute capability and TE's version where detected; None = unknown)."""
 
     cuda: bool
     transformer_engine: bool
+    cuda_capability: tuple[int, int] | None = None
+    transformer_engine_version: str | None = None
 
     @property
     def has_te_on_cuda(self) -> bool:
@@ -211,11 +274,14 @@ class Runtime:
 
         if not torch.cuda.is_available():
             return Runtime(cuda=False, transformer_engine=False)
+        capability = tuple(torch.cuda.get_device_capability())
         try:  # on machines without CUDA libraries TE raises other errors than ImportError
+            import transformer_engine
             import transformer_engine.pytorch  # noqa: F401
         except Exception:  # noqa: BLE001
-            return Runtime(cuda=True, transformer_engine=False)
-        return Runtime(cuda=True, transformer_engine=True)
+            return Runtime(cuda=True, transformer_engine=False, cuda_capability=capability)
+        return Runtime(cuda=True, transformer_engine=True, cuda_capability=capability,
+                       transformer_engine_version=getattr(transformer_engine, "__version__", None))
 
 
 def validate_layout(model: ModelConfig, parallel: ParallelConfig) -> None:

@@ -88,7 +88,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig,
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype is torch.bfloat16,
-        fp8="hybrid" if parallel.fp8 else None,
+        **(parallel.fp8.megatron_fields() if parallel.fp8 else {}),
         use_cpu_initialization=on_cpu,
         **cpu_flags,
     )

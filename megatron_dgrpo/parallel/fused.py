@@ -16,6 +16,11 @@ gradient ``[M, H]`` and three chunk-sized ``[chunk_tokens, V_local]`` buffers (s
 logits, which become the logits' gradient in place, teacher logits, probabilities). The default chunk holds
 ``DEFAULT_CHUNK_ELEMENTS`` (:mod:`.vocab`) logits per model.
 
+FP8 (``fp8=Fp8LossConfig(...)``, :mod:`megatron_dgrpo.parallel.fp8`): the three GEMMs take
+FP8 operands (E4M3 hidden states and weights, E5M2 or E4M3 logits' gradient, per-tensor or
+row-wise current scaling) and return float32; everything after them is unchanged. It adds
+``2 * V_local * H`` bytes (the weight in FP8, row- and column-major) to the peak.
+
 Composition: TP: the weights are vocabulary shards ``[V_local, H]``, hidden states are
 replicated over TP, and the returned hidden-state gradient is all-reduced over the TP group
 (the same contract as Megatron's column-parallel output layer). CP / DP / microbatches:
@@ -33,8 +38,14 @@ from torch.autograd.function import once_differentiable
 from megatron_dgrpo.algorithms.inputs import StudentTerms, TokenBatch
 from megatron_dgrpo.algorithms.metrics import LossMetrics
 from megatron_dgrpo.algorithms.objectives import LossConfig, evaluate, get_objective
-from megatron_dgrpo.parallel.materialized import check_logits_shapes, check_temperature
 from megatron_dgrpo.parallel.collectives import all_reduce, group_rank_and_size
+from megatron_dgrpo.parallel.fp8 import (
+    Fp8LossConfig,
+    Fp8OutputLayer,
+    check_fp8_shapes,
+    fp8_unsupported_reason,
+)
+from megatron_dgrpo.parallel.materialized import check_logits_shapes, check_temperature
 from megatron_dgrpo.parallel.vocab import (
     PADDED_VOCAB_LOGIT,
     default_chunk_tokens,
@@ -57,7 +68,31 @@ class _ChunkedRun:
     chunk_tokens: int
     padded_from: int
     temperature: float = 1.0
+    fp8: Fp8LossConfig | None = None
     metrics: LossMetrics | None = None
+
+    def output_layer(self, weight: Tensor, teacher: bool, want_grads: bool, compute: torch.dtype):
+        """The GEMMs of the student's (or the teacher's) output layer for this call."""
+        if self.fp8 is None or (teacher and not self.fp8.teacher):
+            return _OutputLayer(weight, compute)
+        return Fp8OutputLayer(weight, self.fp8, self.padded_from, self.tp_group, want_grads,
+                              self.chunk_tokens)
+
+
+class _OutputLayer:
+    """The output layer's GEMMs in the weight's dtype, logits and weight gradient in
+    ``compute`` (the interface of :class:`~megatron_dgrpo.parallel.fp8.Fp8OutputLayer`)."""
+
+    def __init__(self, weight: Tensor, compute: torch.dtype):
+        self.weight, self.compute = weight, compute
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        return (hidden @ self.weight.T).to(self.compute)
+
+    def backward(self, grad_logits: Tensor, hidden: Tensor, grad_hidden: Tensor,
+                 grad_weight: Tensor) -> None:
+        torch.mm(grad_logits.to(self.weight.dtype), self.weight, out=grad_hidden)
+        grad_weight.addmm_(grad_logits.T, hidden.to(self.compute))
 
 
 def _differentiable(terms: StudentTerms) -> tuple[StudentTerms, list[Tensor]]:
@@ -68,10 +103,10 @@ def _differentiable(terms: StudentTerms) -> tuple[StudentTerms, list[Tensor]]:
     return StudentTerms(*leaves, teacher_logp=terms.teacher_logp), leaves
 
 
-def _scaled_logits(hidden: Tensor, weight: Tensor, compute: torch.dtype,
-                   run: _ChunkedRun) -> Tensor:
-    """``hidden @ weight.T / T`` in ``compute`` precision, padding columns masked."""
-    logits = (hidden @ weight.T).to(compute)
+def _chunk_logits(layer, hidden: Tensor, compute: torch.dtype, run: _ChunkedRun) -> Tensor:
+    """One chunk's logits ``hidden @ weight.T / T`` through ``layer`` (float or FP8 GEMMs),
+    in ``compute`` precision, padding columns masked."""
+    logits = layer.logits(hidden).to(compute)
     if run.temperature != 1.0:
         logits /= run.temperature
     logits[:, run.padded_from:] = PADDED_VOCAB_LOGIT
@@ -90,15 +125,18 @@ class _FusedLinearLoss(torch.autograd.Function):
         grad_weight = torch.zeros_like(student_weight, dtype=compute) if want_grads else None
         total = student_hidden.new_zeros(())
         metrics = LossMetrics()
+        student = run.output_layer(student_weight, False, want_grads, compute)
+        teacher = (None if run.teacher_hidden is None
+                   else run.output_layer(run.teacher_weight, True, False, compute))
         for start in range(0, student_hidden.shape[0], run.chunk_tokens):
             stop = min(start + run.chunk_tokens, student_hidden.shape[0])
             chunk = run.batch.token_slice(start, stop)
             hidden = student_hidden[start:stop]
-            logits = _scaled_logits(hidden, student_weight, compute, run)
+            logits = _chunk_logits(student, hidden, compute, run)
             teacher_logits = None
-            if run.teacher_hidden is not None:
-                teacher_logits = _scaled_logits(run.teacher_hidden[start:stop], run.teacher_weight,
-                                                compute, run)
+            if teacher is not None:
+                teacher_logits = _chunk_logits(teacher, run.teacher_hidden[start:stop], compute,
+                                               run)
             terms, saved, student_exp = terms_forward(logits, teacher_logits, chunk.targets,
                                                 chunk.teacher_topk_indices, run.kl_direction,
                                                 run.tp_group)
@@ -120,9 +158,7 @@ class _FusedLinearLoss(torch.autograd.Function):
                 if run.temperature != 1.0:  # d(z / T) / dz
                     grad_logits /= run.temperature
                 del student_exp, saved, logits
-                torch.mm(grad_logits.to(student_weight.dtype), student_weight,
-                         out=grad_hidden[start:stop])
-                grad_weight.addmm_(grad_logits.T, hidden.to(compute))
+                student.backward(grad_logits, hidden, grad_hidden[start:stop], grad_weight)
                 del grad_logits
             total = total + loss.detach()
             metrics = metrics.merge(chunk_metrics)
@@ -150,7 +186,8 @@ def loss_from_hidden(config: LossConfig, batch: TokenBatch, student_hidden: Tens
                      student_weight: Tensor, teacher_hidden: Tensor | None = None,
                      teacher_weight: Tensor | None = None, tp_group=None,
                      chunk_tokens: int | None = None, vocab_size: int | None = None,
-                     temperature: float = 1.0) -> tuple[Tensor, LossMetrics]:
+                     temperature: float = 1.0,
+                     fp8: Fp8LossConfig | None = None) -> tuple[Tensor, LossMetrics]:
     """This rank's share of the global loss computed from final hidden states.
 
     Args:
@@ -165,10 +202,15 @@ def loss_from_hidden(config: LossConfig, batch: TokenBatch, student_hidden: Tens
         vocab_size: the real vocabulary size when the weights carry Megatron's TP padding
             rows: logits of ids at and past it are set to :data:`PADDED_VOCAB_LOGIT` (student
             and teacher) and get no gradient. ``None``: every row is a real token.
+        temperature: both models' logits are divided by it before the loss (the trained
+            policy is ``softmax(logits / T)``, the distribution rollouts are sampled from).
+        fp8: FP8 GEMMs for the output layer (:mod:`megatron_dgrpo.parallel.fp8`; the
+            hidden size and ``V_local`` must be multiples of 16); ``None``: the weights' dtype.
 
     Returns:
         ``(loss, metrics)`` exactly as :func:`megatron_dgrpo.parallel.materialized.loss_from_logits`
-        would give for ``logits = hidden @ weight.T``. Gradients reach ``student_hidden``
+        would give for ``logits = hidden @ weight.T`` (with ``fp8``: within FP8's error,
+        measured in ``tests/parallel/test_fp8_loss.py``). Gradients reach ``student_hidden``
         (all-reduced over TP) and ``student_weight``.
     """
     config.validate()
@@ -191,6 +233,8 @@ def loss_from_hidden(config: LossConfig, batch: TokenBatch, student_hidden: Tens
                              f"a tokenizer")
     if chunk_tokens is not None and chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    if fp8 is not None:
+        _check_fp8(fp8, student_weight, teacher_weight)
     batch.validate(vocab_size=local_vocab * group_rank_and_size(tp_group)[1])
     flat = batch.flatten()
     # Tokens outside the loss mask add exactly 0 to the loss and its gradient: only loss
@@ -211,7 +255,21 @@ def loss_from_hidden(config: LossConfig, batch: TokenBatch, student_hidden: Tens
         chunk_tokens=chunk_tokens or default_chunk_tokens(local_vocab),
         padded_from=first_padded_column(vocab_size, local_vocab, group_rank_and_size(tp_group)[0]),
         temperature=temperature,
+        fp8=fp8,
     )
     loss = _FusedLinearLoss.apply(student_hidden.reshape(-1, hidden_size)[keep], student_weight,
                                   run)
     return loss, run.metrics
+
+
+def _check_fp8(fp8: Fp8LossConfig, student_weight: Tensor, teacher_weight: Tensor | None) -> None:
+    """ValueError if the FP8 GEMMs cannot run on these weights or this device."""
+    fp8.validate()
+    device = student_weight.device
+    reason = fp8_unsupported_reason(torch.cuda.get_device_capability(device)
+                                    if device.type == "cuda" else None)
+    if reason is not None:
+        raise ValueError(f"loss_fp8: {reason}")
+    check_fp8_shapes(student_weight.shape[1], student_weight.shape[0], "student")
+    if teacher_weight is not None and fp8.teacher:
+        check_fp8_shapes(teacher_weight.shape[1], teacher_weight.shape[0], "teacher")

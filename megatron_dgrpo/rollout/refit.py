@@ -49,6 +49,7 @@ from megatron_dgrpo.parallel.collectives import (
 from megatron_dgrpo.rollout.vllm_worker import (
     Bucket,
     begin_weight_update,
+    cuda_device_uuid,
     finish_weight_update,
     load_serialized_bucket,
     load_weight_bucket,
@@ -224,16 +225,17 @@ def _receive(params: list[StageParam], config: ModelConfig, like: torch.Tensor,
 
 
 class DirectTransport:
-    """Engine in this process: hand the tensors over as they are (no copy until vLLM's)."""
+    """Engine worker in this process (engine TP = 1, in-process engine): hand the tensors
+    over as they are (no copy until vLLM's)."""
 
     def send(self, engine, bucket: Bucket) -> None:
         engine.run_on_worker(load_weight_bucket, bucket)
 
 
 class SerializedTransport:
-    """Engine in a child process on CPU: each bucket travels through vLLM's RPC as one
-    flat byte string per dtype plus names, shapes and the dtype (plain types survive its
-    msgpack)."""
+    """Engine workers in child processes on CPU: each bucket travels through vLLM's RPC as
+    one flat byte string per dtype plus names, shapes and the dtype (plain types survive its
+    msgpack); with engine tensor parallelism every worker receives it and loads its slice."""
 
     def send(self, engine, bucket: Bucket) -> None:
         by_dtype: dict[torch.dtype, Bucket] = {}
@@ -263,25 +265,28 @@ class CudaIpcTransport:
 
         kept = [t.detach().contiguous() for _, t in bucket]
         handles = [reduce_tensor(t)[1] for t in kept]
-        engine.run_on_worker(load_weight_bucket_ipc, [n for n, _ in bucket], handles)
+        engine.run_on_worker(load_weight_bucket_ipc, [n for n, _ in bucket], handles,
+                             cuda_device_uuid(kept[0].device))
         torch.cuda.synchronize()
         del kept
 
 
 def select_transport(engine, transport: str = "auto"):
-    """``"direct"``, ``"serialized"``, ``"cuda_ipc"`` or ``"auto"`` (by process model/device)."""
+    """``"direct"``, ``"serialized"``, ``"cuda_ipc"`` or ``"auto"`` (by where the engine's
+    workers run and the device): direct when the one worker is in this process."""
     choices = {"direct": DirectTransport, "serialized": SerializedTransport,
                "cuda_ipc": CudaIpcTransport}
     if transport == "auto":
-        if engine.in_process:
+        if engine.workers_in_process:
             transport = "direct"
         else:
             transport = "serialized" if engine.on_cpu else "cuda_ipc"
     if transport not in choices:
         raise ValueError(f"unknown refit transport {transport!r}; "
                          f"choose from auto, {', '.join(choices)}")
-    if transport == "direct" and not engine.in_process:
-        raise ValueError("the direct refit transport needs an in-process engine")
+    if transport == "direct" and not engine.workers_in_process:
+        raise ValueError("the direct refit transport needs the engine's worker in this "
+                         "process (an in-process engine at engine tensor parallel 1)")
     return choices[transport]()
 
 

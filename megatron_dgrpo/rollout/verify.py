@@ -1,11 +1,16 @@
 """Refit verification, cheap enough to run every N steps.
 
-Two checks, both against the live trainer (never against what the refit believed it sent):
+Three checks, all against the live trainer (never against what the refit believed it sent):
 
 1. Log-probs of a probe batch: the engine scores the probe sequences teacher-forced
-   (``prompt_logprobs``) and the trainer runs its forward on the same tokens; the largest
-   absolute gap (nats) must stay within ``logprob_tol``.
-2. Weight fingerprints: for every Hugging Face tensor ``W`` [N, K], the vector ``W @ x_K``
+   (``prompt_logprobs``: a prefill) and the trainer runs its forward on the same tokens; the
+   largest absolute gap (nats) must stay within ``logprob_tol``.
+2. Log-probs of decoded tokens: the engine generates ``decode_tokens`` greedy tokens from
+   each probe prompt (prefill, then decode steps through its KV cache) and reports their
+   log-probs as it sampled them; the trainer scores the same tokens teacher-forced. Refit
+   bugs have shown correct prefills with corrupt decoding (a stale KV prefix cache, CUDA
+   graphs captured on the old weights), which the first check alone cannot see.
+3. Weight fingerprints: for every Hugging Face tensor ``W`` [N, K], the vector ``W @ x_K``
    (``x_K`` a fixed pseudo-random probe of length K, float64); 1-D tensors are their own
    fingerprint. The trainer computes it from its *shards* without gathering (row shards
    give rows, column shards give partial sums that are all-reduced) and maps it to HF names
@@ -15,8 +20,14 @@ Two checks, both against the live trainer (never against what the refit believed
    The relative error ``|f_engine - f_trainer| / |f_trainer|`` of each tensor names the
    worst parameter when something is off.
 
-Cost per call: one mat-vec per parameter on each side plus a forward/scoring pass over the
-probe batch. Any failure raises :class:`RefitVerificationError` on every rank.
+Engine tensor parallelism: each engine worker fingerprints its own shards and the pieces are
+tiled by offset (:func:`~megatron_dgrpo.rollout.vllm_worker.merge_worker_fingerprints`); a
+replicated tensor is compared once per worker.
+
+Cost per call: one mat-vec per parameter on each side, a scoring pass and a short greedy
+generation on the engine, one chunked forward over both probe sets on the trainer (only
+the probed tokens reach the output layer: no ``[T, V]`` logits). Any failure raises
+:class:`RefitVerificationError` on every rank.
 """
 
 from __future__ import annotations
@@ -34,13 +45,19 @@ from megatron_dgrpo.parallel.collectives import (
     all_gather_objects,
     all_gather_tensors,
     all_reduce,
+    broadcast_object,
     gather_objects,
     world_rank,
 )
 from megatron_dgrpo.parallel.context import cp_all_gather, cp_shard, sequence_alignment
 from megatron_dgrpo.parallel.replicas import Replica
+from megatron_dgrpo.rollout.engine import SamplingParams
 from megatron_dgrpo.rollout.sequences import build_sequences
-from megatron_dgrpo.rollout.vllm_worker import engine_fingerprints, probe_vector
+from megatron_dgrpo.rollout.vllm_worker import (
+    engine_fingerprints,
+    merge_worker_fingerprints,
+    probe_vector,
+)
 
 _DEFAULT_FINGERPRINT_RTOL = {"torch.float32": 1e-5, "torch.bfloat16": 2e-2, "torch.float16": 5e-3}
 
@@ -51,11 +68,12 @@ class RefitVerificationError(RuntimeError):
 
 @dataclass
 class VerificationReport:
-    """Result on the engine's rank: largest log-prob gap (nats) and per-tensor relative
-    errors."""
+    """Result on the engine's rank: largest log-prob gaps (nats) of the teacher-forced probe
+    and of the engine's decoded tokens, and per-tensor relative fingerprint errors."""
 
     max_logprob_gap: float
     relative_errors: dict[str, float]
+    max_decode_logprob_gap: float = 0.0
 
     @property
     def worst_parameter(self) -> tuple[str, float]:
@@ -164,16 +182,25 @@ def _relative_error(engine_paths: list[list[float]], trainer: torch.Tensor) -> f
     return math.inf if any(math.isnan(e) for e in errors) else max(errors)
 
 
-def compare(engine_logprobs: Sequence[Sequence[float]], trainer_logprobs: Sequence[Sequence[float]],
-            engine_prints: dict[str, list[list[float]]],
-            trainer_prints: dict[str, torch.Tensor]) -> VerificationReport:
-    """Largest log-prob gap and per-tensor relative fingerprint errors."""
-    gaps = [abs(e - t) for es, ts in zip(engine_logprobs, trainer_logprobs, strict=True)
+def _max_gap(engine: Sequence[Sequence[float]], trainer: Sequence[Sequence[float]]) -> float:
+    """Largest ``|engine - trainer|`` over all tokens (inf if any is NaN; 0 if none)."""
+    gaps = [abs(e - t) for es, ts in zip(engine, trainer, strict=True)
             for e, t in zip(es, ts, strict=True)]
     gap = max(gaps) if gaps else 0.0
+    return math.inf if math.isnan(gap) else gap
+
+
+def compare(engine_logprobs: Sequence[Sequence[float]], trainer_logprobs: Sequence[Sequence[float]],
+            engine_prints: dict[str, list[list[float]]],
+            trainer_prints: dict[str, torch.Tensor],
+            engine_decoded: Sequence[Sequence[float]] = (),
+            trainer_decoded: Sequence[Sequence[float]] = ()) -> VerificationReport:
+    """Largest log-prob gaps (teacher-forced probe; decoded tokens) and per-tensor relative
+    fingerprint errors."""
     errors = {name: _relative_error(engine_prints.get(name, []), value)
               for name, value in trainer_prints.items()}
-    return VerificationReport(math.inf if math.isnan(gap) else gap, errors)
+    return VerificationReport(_max_gap(engine_logprobs, trainer_logprobs), errors,
+                              _max_gap(engine_decoded, trainer_decoded))
 
 
 def failure_message(report: VerificationReport, logprob_tol: float,
@@ -182,10 +209,15 @@ def failure_message(report: VerificationReport, logprob_tol: float,
     name, worst = report.worst_parameter
     over = sorted((n for n, e in report.relative_errors.items() if e > fingerprint_rtol),
                   key=lambda n: -report.relative_errors[n])
-    if report.max_logprob_gap <= logprob_tol and not over:
+    gaps = (report.max_logprob_gap, report.max_decode_logprob_gap)
+    if max(gaps) <= logprob_tol and not over:
         return None
-    lines = [(f"refit verification failed: max |log-prob gap| "
-              f"{report.max_logprob_gap:.3e} nats (tolerance {logprob_tol:.1e})")]
+    lines = [(f"refit verification failed: max |log-prob gap| {gaps[0]:.3e} nats on the "
+              f"teacher-forced probe, {gaps[1]:.3e} nats on the engine's decoded tokens "
+              f"(tolerance {logprob_tol:.1e})")]
+    if gaps[1] > logprob_tol >= gaps[0]:
+        lines.append("the engine scores the probe right but decodes wrong (its KV cache or "
+                     "decode kernels hold stale state)")
     if over:
         lines.append(f"worst parameter: {name} (relative fingerprint error {worst:.3e}, "
                      f"tolerance {fingerprint_rtol:.1e}; inf = missing in the engine)")
@@ -197,29 +229,55 @@ def failure_message(report: VerificationReport, logprob_tol: float,
     return "; ".join(lines)
 
 
+def _decode_probe(engine, prompts: list[list[int]], decode_tokens: int,
+                  replica: Replica | None) -> tuple[list[list[int]], list[list[float]]]:
+    """The engine's greedy ``decode_tokens`` tokens per prompt and their log-probs (on the
+    replica's leader; the tokens also on its other ranks, the log-probs only there)."""
+    leader, group = (replica.leader, replica.group) if replica else (0, None)
+    decoded = None
+    if world_rank() == leader and decode_tokens > 0:
+        batch = engine.generate(prompts, SamplingParams(temperature=0.0,
+                                                        max_new_tokens=decode_tokens))
+        decoded = [(r.response_ids, r.logprobs) for r in batch.rollouts]
+    decoded = broadcast_object(decoded, src=leader, group=group) or []
+    return [ids for ids, _ in decoded], [logprobs for _, logprobs in decoded]
+
+
 def verify_refit(engine, model: torch.nn.Module, config: ModelConfig,
                  probe_sequences: Sequence[Sequence[int]], prompt_lengths: Sequence[int],
                  logprob_tol: float = 1e-4, fingerprint_rtol: float | None = None,
-                 replica: Replica | None = None) -> VerificationReport | None:
+                 replica: Replica | None = None,
+                 decode_tokens: int = 4) -> VerificationReport | None:
     """Check each replica's engine against the replica's model; raise
     :class:`RefitVerificationError` on every rank if any check of any replica fails. Call on
-    every trainer rank (PP = 1 for the log-prob probe) with this rank's ``replica`` (default:
-    the world is one replica, led by rank 0) and its probes; ``engine`` is the engine on the
-    replica's leader and None elsewhere. Returns the report on the leaders.
+    every trainer rank (PP = 1 for the log-prob probes) with this rank's ``replica``
+    (default: the world is one replica, led by rank 0) and its probes; ``engine`` is the
+    engine on the replica's leader and None elsewhere. Returns the report on the leaders.
 
-    ``fingerprint_rtol`` defaults by the engine's dtype (1e-5 for float32, 2e-2 bfloat16).
+    ``decode_tokens``: greedy tokens the engine generates from each probe prompt (the first
+    ``prompt_lengths[i]`` tokens of each probe), whose decode-time log-probs are compared
+    with the trainer's (0: no decode probe); each prompt plus them must fit the engine's
+    ``max_model_len``. ``fingerprint_rtol`` defaults by the engine's dtype (1e-5 for
+    float32, 2e-2 bfloat16).
     """
-    trainer_logprobs = trainer_token_logprobs(model, config, probe_sequences, prompt_lengths)
+    prompts = [list(s[:n]) for s, n in zip(probe_sequences, prompt_lengths, strict=True)]
+    decoded, engine_decoded = _decode_probe(engine, prompts, decode_tokens, replica)
+    scored = trainer_token_logprobs(
+        model, config, [*probe_sequences, *(p + d for p, d in zip(prompts, decoded))],
+        [*prompt_lengths, *(len(p) for p in prompts[:len(decoded)])])
+    trainer_logprobs, trainer_decoded = scored[:len(prompts)], scored[len(prompts):]
     trainer_prints = trainer_fingerprints(model, config, replica)
     message, report = None, None
     if world_rank() == (replica.leader if replica else 0):
         engine_logprobs = engine.score(probe_sequences, prompt_lengths)
         all_shapes = mapping.hf_shapes(config)
         shapes = {name: all_shapes[name] for name in trainer_prints}
-        dtype, engine_prints = engine.run_on_worker(engine_fingerprints, shapes)
+        dtype, engine_prints = merge_worker_fingerprints(
+            engine.run_on_workers(engine_fingerprints, shapes))
         rtol = fingerprint_rtol if fingerprint_rtol is not None else \
             _DEFAULT_FINGERPRINT_RTOL.get(dtype, 2e-2)
-        report = compare(engine_logprobs, trainer_logprobs, engine_prints, trainer_prints)
+        report = compare(engine_logprobs, trainer_logprobs, engine_prints, trainer_prints,
+                         engine_decoded, trainer_decoded)
         message = failure_message(report, logprob_tol, rtol)
     messages = all_gather_objects(message)  # every replica's verdict, on every rank
     failures = [m for m in messages if m]

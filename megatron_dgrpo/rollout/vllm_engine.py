@@ -27,6 +27,17 @@ must re-pack every layer. ``"torch"`` keeps plain [N, K] weights computed with `
 into the tensors the forward reads, with no repacking, at the cost of a slower decode and
 of one checkpoint reload at start-up (``benchmarks/refit.py`` measures both).
 
+Engine tensor parallelism (``tensor_parallel_size``): the engine's model is split over that
+many vLLM workers (vLLM's own TP), always in worker processes of their own, so functions sent
+to them travel pickled and refit buckets go by bytes (CPU) or CUDA IPC handles (GPU). Every
+worker receives the full Hugging Face tensors and its weight loaders take its slice; worker
+functions run on all of them (:meth:`VLLMEngine.run_on_workers`). On CPU each worker is
+bound to its share of this process's CPUs (``VLLM_CPU_OMP_THREADS_BIND``, unless set), since
+vLLM's automatic binding wants one NUMA node per worker; on GPU the workers of a
+multi-process engine see the GPUs ``[current, current + tensor_parallel_size)`` of this
+process (``CUDA_VISIBLE_DEVICES`` while the engine starts), i.e. those of the replica's
+first ranks.
+
 Sleep mode (releasing weights and KV cache while the trainer runs) exists on GPU only
 (``enable_sleep_mode=True``); on CPU :meth:`VLLMEngine.sleep` and :meth:`VLLMEngine.wake_up`
 log that nothing is released and return.
@@ -34,13 +45,14 @@ log that nothing is released and return.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -169,16 +181,89 @@ def check_model_for_backend(model_dir: str | os.PathLike, on_cpu: bool,
     return config
 
 
+def check_engine_tensor_parallel(config: ModelConfig, tensor_parallel: int) -> None:
+    """Raise ValueError unless vLLM can split ``config`` over ``tensor_parallel`` workers:
+    query heads divisible by it, and key/value heads divisible by it or it by them (vLLM
+    then replicates each key/value head over ``tensor_parallel / kv_heads`` workers)."""
+    heads, groups = config.num_attention_heads, config.num_query_groups
+    if tensor_parallel < 1:
+        raise ValueError(f"engine tensor parallel size must be >= 1, got {tensor_parallel}")
+    if heads % tensor_parallel or (groups % tensor_parallel and tensor_parallel % groups):
+        raise ValueError(
+            f"engine tensor parallel {tensor_parallel} does not split the model: vLLM needs "
+            f"num_attention_heads ({heads}) divisible by it and num_query_groups ({groups}) "
+            f"divisible by it or dividing it")
+
+
+def cpu_worker_binding(tensor_parallel: int, cpus: Sequence[int] | None = None) -> str:
+    """``VLLM_CPU_OMP_THREADS_BIND`` for ``tensor_parallel`` CPU workers: this process's
+    allowed CPUs (or ``cpus``) in that many contiguous groups, e.g. ``"0|1"``, ``"0,1|2,3"``.
+    EngineUnavailableError if there are fewer CPUs than workers."""
+    cpus = sorted(os.sched_getaffinity(0) if cpus is None else cpus)
+    if len(cpus) < tensor_parallel:
+        raise EngineUnavailableError(
+            f"vLLM's CPU backend runs one worker per CPU group: engine tensor parallel "
+            f"{tensor_parallel} needs at least {tensor_parallel} CPUs, this process may use "
+            f"{len(cpus)}")
+    bounds = [len(cpus) * i // tensor_parallel for i in range(tensor_parallel + 1)]
+    return "|".join(",".join(str(c) for c in cpus[a:b]) for a, b in zip(bounds, bounds[1:]))
+
+
+def engine_visible_devices(visible: str | None, current: int, tensor_parallel: int,
+                           device_count: int) -> str:
+    """``CUDA_VISIBLE_DEVICES`` for the workers of a multi-process GPU engine: the GPUs
+    ``current .. current + tensor_parallel - 1`` of this process's list ``visible`` (None:
+    all ``device_count`` GPUs). EngineUnavailableError if the list is too short."""
+    devices = ([d.strip() for d in visible.split(",") if d.strip()] if visible
+               else [str(i) for i in range(device_count)])
+    if current + tensor_parallel > len(devices):
+        raise EngineUnavailableError(
+            f"engine tensor parallel {tensor_parallel} from GPU {current} needs GPUs "
+            f"{current}..{current + tensor_parallel - 1}, but this process sees "
+            f"{len(devices)} ({','.join(devices)})")
+    return ",".join(devices[current:current + tensor_parallel])
+
+
 def _trainer_has_other_ranks() -> bool:
     return world_size() > 1
 
 
-def _configure_process_model(in_process: bool) -> None:
+@contextlib.contextmanager
+def _scoped_environ(updates: Mapping[str, str]) -> Iterator[None]:
+    """``os.environ`` with ``updates`` inside the block (what vLLM's children inherit)."""
+    saved = {key: os.environ.get(key) for key in updates}
+    os.environ.update(updates)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _configure_process_model(in_process: bool, workers_in_process: bool) -> None:
     """Environment read by vLLM when the ``LLM`` is built (see the module docstring)."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
-    if not in_process:
+    if not workers_in_process:
         os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"  # a fork would inherit our PG
         os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
+
+
+def _startup_environ(on_cpu: bool, tensor_parallel: int,
+                     workers_in_process: bool) -> dict[str, str]:
+    """Variables set only while the ``LLM`` starts (see the module docstring)."""
+    if workers_in_process:
+        return {}
+    if on_cpu:
+        if tensor_parallel == 1 or os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
+            return {}
+        return {"VLLM_CPU_OMP_THREADS_BIND": cpu_worker_binding(tensor_parallel)}
+    visible = engine_visible_devices(os.environ.get("CUDA_VISIBLE_DEVICES"),
+                                     torch.cuda.current_device(), tensor_parallel,
+                                     torch.cuda.device_count())
+    return {"CUDA_VISIBLE_DEVICES": visible}
 
 
 class VLLMEngine:
@@ -203,36 +288,52 @@ class VLLMEngine:
             reloads the checkpoint once to get the plain weights). Ignored on GPU.
         max_logprobs: the most log-probs per position a request may ask for (``k`` of
             :meth:`score_topk`); default: vLLM's (20).
+        tensor_parallel_size: vLLM workers the model is split over (see the module
+            docstring); the heads must split (:func:`check_engine_tensor_parallel`).
+        max_num_seqs: sequences the engine runs at once (vLLM's ``max_num_seqs``; default
+            vLLM's); the memory check of the run config sizes the KV cache for this many
+            sequences of ``max_model_len`` tokens.
     """
 
     def __init__(self, model_dir: str | os.PathLike, *, dtype: str = "auto",
                  max_model_len: int = 2048, kv_cache_gib: float = 1.0,
                  gpu_memory_utilization: float = 0.5, seed: int = 0,
                  in_process: bool | None = None, package: str = "vllm",
-                 cpu_linear: str = "onednn", max_logprobs: int | None = None):
+                 cpu_linear: str = "onednn", max_logprobs: int | None = None,
+                 tensor_parallel_size: int = 1, max_num_seqs: int | None = None):
         if cpu_linear not in CPU_LINEAR_CHOICES:
             raise ValueError(f"unknown cpu_linear {cpu_linear!r}; choose from "
                              f"{', '.join(CPU_LINEAR_CHOICES)}")
         require_engine_package(package)
         self.on_cpu = not torch.cuda.is_available()
         self.config = check_model_for_backend(model_dir, self.on_cpu)
+        check_engine_tensor_parallel(self.config, tensor_parallel_size)
         self.model_dir = str(model_dir)
+        self.tensor_parallel = tensor_parallel_size
         self.in_process = not _trainer_has_other_ranks() if in_process is None else in_process
-        _configure_process_model(self.in_process)
+        self.workers_in_process = self.in_process and tensor_parallel_size == 1
+        _configure_process_model(self.in_process, self.workers_in_process)
         if self.on_cpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(kv_cache_gib))))
+        startup_environ = _startup_environ(self.on_cpu, tensor_parallel_size,
+                                           self.workers_in_process)
 
         from vllm import LLM
 
         has_tokenizer = any((Path(model_dir) / f).is_file() for f in _TOKENIZER_FILES)
+        optional = {name: value for name, value in (("max_logprobs", max_logprobs),
+                                                    ("max_num_seqs", max_num_seqs))
+                    if value is not None}
         start = time.perf_counter()
-        llm = LLM(self.model_dir, dtype=dtype, seed=seed, max_model_len=max_model_len,
-                  load_format="safetensors", trust_remote_code=False,  # no pickles, no repo code
-                  skip_tokenizer_init=not has_tokenizer, logprobs_mode=LOGPROBS_MODE,
-                  enforce_eager=self.on_cpu, generation_config="vllm",
-                  enable_sleep_mode=not self.on_cpu,
-                  gpu_memory_utilization=gpu_memory_utilization,
-                  **({} if max_logprobs is None else {"max_logprobs": max_logprobs}))
+        with _scoped_environ(startup_environ):
+            llm = LLM(self.model_dir, dtype=dtype, seed=seed, max_model_len=max_model_len,
+                      # no pickles, no repository code
+                      load_format="safetensors", trust_remote_code=False,
+                      skip_tokenizer_init=not has_tokenizer, logprobs_mode=LOGPROBS_MODE,
+                      enforce_eager=self.on_cpu, generation_config="vllm",
+                      enable_sleep_mode=not self.on_cpu,
+                      gpu_memory_utilization=gpu_memory_utilization,
+                      tensor_parallel_size=tensor_parallel_size, **optional)
         self.llm = _Supervised(llm)
         self.has_tokenizer = has_tokenizer
         self.cpu_linear = cpu_linear if self.on_cpu else None
@@ -244,11 +345,21 @@ class VLLMEngine:
         self.sleeping: set[str] = set()  # of SLEEP_PARTS; generate needs it empty
 
     # ----------------------------------------------------------------- worker access
-    def run_on_worker(self, function: Callable[..., Any], *args: Any) -> Any:
-        """``function(worker, *args)`` on the (single) vLLM worker; returns its result."""
+    def run_on_workers(self, function: Callable[..., Any], *args: Any) -> list[Any]:
+        """``function(worker, *args)`` on every vLLM worker at once; their results, one per
+        engine TP rank, in rank order."""
         results = self.llm.collective_rpc(function, args=args)
-        if len(results) != 1:
-            raise RuntimeError(f"expected one vLLM worker (engine TP=1), found {len(results)}")
+        if len(results) != self.tensor_parallel:
+            raise RuntimeError(f"expected {self.tensor_parallel} vLLM worker(s) (engine "
+                               f"tensor parallel), found {len(results)}")
+        return results
+
+    def run_on_worker(self, function: Callable[..., Any], *args: Any) -> Any:
+        """``function(worker, *args)`` on every vLLM worker; returns the result they agree
+        on (RuntimeError naming them if they do not)."""
+        results = self.run_on_workers(function, *args)
+        if any(result != results[0] for result in results[1:]):
+            raise RuntimeError(f"vLLM workers disagree on {function.__name__}: {results}")
         return results[0]
 
     def reset_prefix_cache(self) -> None:

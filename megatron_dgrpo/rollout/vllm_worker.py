@@ -1,8 +1,12 @@
 """What runs inside the vLLM worker: weight updates (refit) and weight fingerprints (verification).
 
-Every function here takes the vLLM worker as its first argument and is sent to it by
-:meth:`~megatron_dgrpo.rollout.vllm_engine.VLLMEngine.run_on_worker` (module level, so they
-pickle by reference when the engine runs in another process). Together with
+Every function here takes the vLLM worker as its first argument and is sent to every worker
+of the engine by :meth:`~megatron_dgrpo.rollout.vllm_engine.VLLMEngine.run_on_workers`
+(module level, so they pickle by reference when the workers run in other processes). With
+engine tensor parallelism each worker receives the same full Hugging Face tensors and vLLM's
+weight loaders copy the worker's slice (``load_weights`` narrows every tensor to the
+worker's rows or columns; the layer-wise reload counts the narrowed elements, so a layer
+completes on each worker once all its HF tensors have arrived). Together with
 :mod:`megatron_dgrpo.rollout.vllm_engine` this is the only module that touches vLLM's
 internals (``model_runner``, the layer-wise reload machinery, linear-layer quantisation
 methods, the CPU backend's packed GEMMs), so a vLLM upgrade is confined to these two files.
@@ -25,6 +29,7 @@ layers with the fixed vector :func:`probe_vector` (see :mod:`megatron_dgrpo.roll
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -69,17 +74,38 @@ def load_weight_bucket(worker, bucket: Bucket) -> None:
         _worker_model(worker).load_weights(iter(bucket))
 
 
-def load_weight_bucket_ipc(worker, names: list[str], handles: list[tuple]) -> None:
-    """Worker (GPU, engine in another process): rebuild CUDA IPC tensors, then load them."""
+def load_weight_bucket_ipc(worker, names: list[str], handles: list[tuple],
+                           device_uuid: str) -> None:
+    """Worker (GPU, engine in another process): rebuild CUDA IPC tensors, then load them.
+
+    The tensors live on the sender's GPU, named by its UUID (device indices differ between
+    processes with different ``CUDA_VISIBLE_DEVICES``). With engine tensor parallelism
+    every worker opens the same full tensors and its weight loaders copy their TP slice
+    onto the worker's own GPU (a peer read when the sender's GPU is another one)."""
     from torch.multiprocessing.reductions import rebuild_cuda_tensor
 
-    device_index = worker.device.index
+    device_index = cuda_device_index(device_uuid)
     tensors = []
     for handle in handles:
         args = list(handle)
         args[6] = device_index  # reduce_tensor's args: index 6 is the device
         tensors.append(rebuild_cuda_tensor(*args))
     load_weight_bucket(worker, list(zip(names, tensors)))
+
+
+def cuda_device_uuid(device: torch.device) -> str:
+    """The UUID of a CUDA device (the same in every process, unlike its index)."""
+    return str(torch.cuda.get_device_properties(device).uuid)
+
+
+def cuda_device_index(uuid: str) -> int:
+    """This process's index of the CUDA device with ``uuid``; RuntimeError if not visible."""
+    for index in range(torch.cuda.device_count()):
+        if cuda_device_uuid(torch.device("cuda", index)) == uuid:
+            return index
+    raise RuntimeError(f"the refit's GPU {uuid} is not visible to this vLLM worker "
+                       f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); "
+                       "the engine must run on GPUs that include the sender's")
 
 
 def load_serialized_bucket(worker, names: list[str], shapes: list[list[int]],
@@ -200,15 +226,24 @@ def unpack_cpu_linears(worker, weights_path: str) -> int:
 
 
 def engine_fingerprints(worker, shapes: dict[str, tuple[int, ...]]
-                        ) -> tuple[str, dict[str, list[list[float]]]]:
-    """Worker: (model dtype name, HF name -> fingerprints of every engine path that uses
-    the tensor; an empty list where the engine lacks it). Plain lists and strings, so the
-    result survives vLLM's RPC when the engine runs in another process.
+                        ) -> tuple[str, dict[str, list[tuple[int, list[float]]]]]:
+    """Worker: (model dtype name, HF name -> this worker's piece of every engine path that
+    uses the tensor: ``(offset, values)``, ``values`` being rows ``offset ..`` of the full
+    fingerprint; an empty list where the engine lacks the tensor). Plain lists, ints and
+    strings, so the result survives vLLM's RPC when the engine runs in another process.
+    Combine the workers' results with :func:`merge_worker_fingerprints`.
 
     Linear layers are probed through their forward (whatever layout the backend packed
     them into); a fused layer (qkv_proj, gate_up_proj) gives each HF tensor its output
     slice. Embeddings give the stored weight and the GEMM that produces logits, plus the
     tied ``lm_head``'s GEMM when the output layer shares the embedding.
+
+    Engine tensor parallelism: every worker runs this at once (``collective_rpc``) with the
+    same ``shapes``, so the all-reduce inside each row-parallel layer's forward pairs up
+    across workers. A column-parallel layer or a vocabulary shard gives its rows at their
+    offset in the full tensor; row-parallel layers (fed their slice of the probe, reduced
+    over the engine's TP group) and replicated tensors give the full vector on every
+    worker, each worker's copy compared on its own.
     """
     from vllm.model_executor.layers.linear import LinearBase
     from vllm.model_executor.layers.vocab_parallel_embedding import (
@@ -221,7 +256,7 @@ def engine_fingerprints(worker, shapes: dict[str, tuple[int, ...]]
                   getattr(model, "packed_modules_mapping", {}).items()
                   for index, part in enumerate(parts)}
     lm_head = getattr(model, "lm_head", None)
-    fingerprints: dict[str, list[torch.Tensor]] = {}
+    pieces: dict[str, list[tuple[int, torch.Tensor]]] = {}
     with torch.no_grad():
         for name, shape in shapes.items():
             module_path, _, param_name = name.rpartition(".")
@@ -233,36 +268,113 @@ def engine_fingerprints(worker, shapes: dict[str, tuple[int, ...]]
             try:
                 module = model.get_submodule(module_path)
             except AttributeError:
-                fingerprints[name] = []
+                pieces[name] = []
                 continue
             if isinstance(module, LinearBase):
-                fingerprints[name] = [_linear_fingerprint(module, shape, part, dtype)]
+                pieces[name] = [_linear_fingerprint(module, shape, part, dtype)]
             elif isinstance(module, VocabParallelEmbedding):
                 tied = [lm_head] if lm_head is not None and lm_head is not module and \
                     lm_head.weight is module.weight else []
-                fingerprints[name] = [_stored_fingerprint(module.weight, shape)] + [
+                pieces[name] = [_vocab_fingerprint(module, module.weight, shape)] + [
                     _logits_gemm_fingerprint(m, shape, dtype) for m in [module] + tied]
             else:
                 tensor = getattr(module, param_name, None)
-                fingerprints[name] = ([] if tensor is None
-                                      else [_stored_fingerprint(tensor, shape)])
-    return str(dtype), {name: [f.tolist() for f in prints] for name, prints in fingerprints.items()}
+                pieces[name] = ([] if tensor is None
+                                else [(0, _stored_fingerprint(tensor, shape))])
+    return str(dtype), {name: [(offset, values.tolist()) for offset, values in paths]
+                        for name, paths in pieces.items()}
+
+
+def merge_worker_fingerprints(results: list[tuple[str, dict[str, list]]]
+                              ) -> tuple[str, dict[str, list[list[float]]]]:
+    """Combine :func:`engine_fingerprints` of every engine worker (rank order) into
+    (dtype, HF name -> full fingerprint of every path).
+
+    Per tensor and path, the workers' pieces are grouped by offset: distinct offsets tile
+    the full fingerprint (TP shards, concatenated by offset); a piece that several workers
+    hold at the same offset (replicated tensors, row-parallel outputs, key/value heads
+    replicated over more ranks than there are heads) yields one full path per copy, so a
+    worker with a stale copy is caught. A path whose pieces do not tile ``[0, n)`` (a
+    worker lacks its shard) is returned as it stands and fails the shape check.
+    """
+    dtypes = {dtype for dtype, _ in results}
+    if len(dtypes) != 1:
+        raise RuntimeError(f"vLLM workers report different dtypes: {sorted(dtypes)}")
+    merged: dict[str, list[list[float]]] = {}
+    for name in results[0][1]:
+        per_worker = [prints.get(name, []) for _, prints in results]
+        if any(len(paths) != len(per_worker[0]) for paths in per_worker):
+            merged[name] = []  # a worker lacks the tensor: reported as missing
+            continue
+        merged[name] = [path for index in range(len(per_worker[0]))
+                        for path in _tile([paths[index] for paths in per_worker])]
+    return dtypes.pop(), merged
+
+
+def _tile(pieces: list[tuple[int, list[float]]]) -> list[list[float]]:
+    """Full paths from the workers' ``(offset, values)`` pieces of one path (see
+    :func:`merge_worker_fingerprints`)."""
+    by_offset: dict[int, list[list[float]]] = {}
+    for offset, values in pieces:
+        by_offset.setdefault(offset, []).append(values)
+    copies = max(len(group) for group in by_offset.values())
+    return [[value for offset in sorted(by_offset)
+             for value in by_offset[offset][copy % len(by_offset[offset])]]
+            for copy in range(copies)]
 
 
 def _linear_fingerprint(module, shape: tuple[int, ...], part: int | None,
-                        dtype: torch.dtype) -> torch.Tensor:
-    output = module(probe_vector(shape[1]).to(dtype)[None, :])
-    output = (output[0] if isinstance(output, tuple) else output)[0].double().cpu()
-    if part is not None:
-        start = sum(module.output_sizes[:part])
-        output = output[start:start + module.output_sizes[part]]
-    return output
+                        dtype: torch.dtype) -> tuple[int, torch.Tensor]:
+    """This worker's ``(offset, W @ x)`` rows of the HF tensor ``part`` of ``module``."""
+    from vllm.model_executor.layers.linear import (
+        ColumnParallelLinear,
+        QKVParallelLinear,
+        RowParallelLinear,
+    )
+
+    probe = probe_vector(shape[1])
+    tp, rank = getattr(module, "tp_size", 1), getattr(module, "tp_rank", 0)
+    row_parallel = isinstance(module, RowParallelLinear)
+    if row_parallel and module.input_is_parallel and tp > 1:
+        width = module.input_size_per_partition
+        probe = probe[rank * width:(rank + 1) * width]
+    output = module(probe.to(dtype)[None, :])
+    output = (output[0] if isinstance(output, tuple) else output)[0]
+    if row_parallel and not module.reduce_results and tp > 1:
+        from vllm.distributed import tensor_model_parallel_all_reduce
+
+        output = tensor_model_parallel_all_reduce(output)
+    output = output.double().cpu()
+    if not isinstance(module, ColumnParallelLinear) or module.gather_output or tp == 1:
+        if part is not None:  # the full fused output: [q, k, v] or [gate, up]
+            start = sum(module.output_sizes[:part])
+            output = output[start:start + module.output_sizes[part]]
+        return 0, output
+    sizes = [size // tp for size in getattr(module, "output_sizes", [output.numel() * tp])]
+    part = part or 0
+    start = sum(sizes[:part])
+    shard = rank
+    if isinstance(module, QKVParallelLinear) and part > 0:  # k, v: heads may be replicated
+        shard = rank // module.num_kv_head_replicas
+    return shard * sizes[part], output[start:start + sizes[part]]
 
 
-def _logits_gemm_fingerprint(module, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """W @ x through the embedding module's GEMM (the path that computes logits)."""
+def _vocab_fingerprint(module, weight: torch.Tensor,
+                       shape: tuple[int, ...]) -> tuple[int, torch.Tensor]:
+    """``(offset, W @ x)`` of this worker's rows of the real vocabulary (no padding)."""
+    indices = module.shard_indices
+    rows = weight.detach()[:indices.num_org_elements].double().cpu()
+    return indices.org_vocab_start_index, rows @ probe_vector(shape[1])
+
+
+def _logits_gemm_fingerprint(module, shape: tuple[int, ...],
+                             dtype: torch.dtype) -> tuple[int, torch.Tensor]:
+    """W @ x through the embedding module's GEMM (the path that computes logits): this
+    worker's vocabulary rows at their offset."""
     output = module.quant_method.apply(module, probe_vector(shape[1]).to(dtype)[None, :])
-    return output[0, :shape[0]].double().cpu()
+    indices = module.shard_indices
+    return (indices.org_vocab_start_index,
+            output[0, :indices.num_org_elements].double().cpu())
 
 
 def _stored_fingerprint(tensor: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:

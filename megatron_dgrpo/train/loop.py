@@ -36,7 +36,7 @@ from megatron_dgrpo.algorithms.metrics import LossMetrics
 from megatron_dgrpo.data.chat import load_chat_tokenizer
 from megatron_dgrpo.data.rewards import overlong_penalty
 from megatron_dgrpo.data.longblocks import LongBlocksLoader, require_usable_example, scan
-from megatron_dgrpo.data.mix import ExampleStream
+from megatron_dgrpo.data.mix import ExampleStream, TokenShareMixer, reread_source
 from megatron_dgrpo.parallel.collectives import reduce_scalar
 from megatron_dgrpo.parallel.context import (
     all_reduce_metrics,
@@ -111,9 +111,20 @@ class Trainer:
         self.teacher = self._teacher_source()
         self.optim = StudentOptimizer(self.student, config.optim)
         self.sequences = self._sequence_source()
-        self.prompts = ExampleStream(LongBlocksLoader(config.data, self.tokenizer))
+        self.prompts = self._example_stream()
         self.step = 0
         self.skipped = SkippedSteps(config.max_skipped_steps)  # non-finite steps in a row
+
+    def _example_stream(self):
+        """The training examples: ``data`` alone, or mixed with ``short_data`` by token share."""
+        config = self.config
+        long = LongBlocksLoader(config.data, self.tokenizer)
+        if config.short_data is None:
+            return ExampleStream(long)
+        scan(config.short_data)
+        short = LongBlocksLoader(config.short_data, self.tokenizer)
+        return TokenShareMixer(reread_source(long), reread_source(short),
+                               lambda example: example.num_prompt_tokens, config.mix)
 
     @property
     def optimizer(self):
@@ -145,7 +156,7 @@ class Trainer:
 
         config = self.config
         if not self.objective.on_policy:
-            return FixedSequences(self.tokenizer, self.align, self.device)
+            return FixedSequences(self.tokenizer, self.align, self.device, config.prompt_loss)
         if config.rollout.engine == "vllm":
             return VLLMRollouts(config.rollout, self.student, self.model_config, config.sampling,
                                 config.data.max_prompt_tokens + config.sampling.max_new_tokens,
@@ -208,6 +219,8 @@ class Trainer:
             metrics["groups/zero_advantage_frac"] = (
                 reduce_scalar(flat.sum(), "sum", self.dp_group)
                 / reduce_scalar(batch.num_groups, "sum", self.dp_group))
+        if isinstance(self.prompts, TokenShareMixer):  # realised share of prompt tokens so far
+            metrics["data/long_token_share"] = self.prompts.long_token_share
         if config.rewards.overlong == "mask" and batch.rewards is not None:
             truncated = torch.tensor(batch.truncated, device=self.device)
             batch.sequences.loss_mask &= ~truncated[:, None]
@@ -345,7 +358,7 @@ class Trainer:
                     piece, piece_metrics = loss_from_hidden(
                         config.loss, tokens, *student, *(teacher_outputs or (None, None)),
                         self.tp_group, config.loss_chunk_tokens, vocab_size=vocab_size,
-                        temperature=self.temperature)
+                        temperature=self.temperature, fp8=config.loss_fp8)
                 else:
                     piece, piece_metrics = loss_from_logits(config.loss, tokens, student,
                                                             teacher_outputs, self.tp_group,

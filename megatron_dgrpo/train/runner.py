@@ -1,9 +1,10 @@
 """Running a training job: resume, steps with progress, metrics, checkpoints, pre-emption.
 
 A run directory holds ``config.yaml`` (the resolved config), ``metrics.jsonl``,
-``tensorboard/`` and ``checkpoints/``. Starting a run whose directory has a checkpoint
-resumes it from the newest complete one (a directory of another run, or of anything else,
-is refused: :mod:`.run_dir`); SIGTERM/SIGUSR1 save after the current step and exit with
+``tensorboard/``, ``checkpoints/`` and, with an ``eval`` section, ``eval/`` (one report per
+evaluation, :mod:`megatron_dgrpo.train.evaluation`). Starting a run whose directory has a
+checkpoint resumes it from the newest complete one (a directory of another run, or of anything
+else, is refused: :mod:`.run_dir`); SIGTERM/SIGUSR1 save after the current step and exit with
 :data:`REQUEUE_EXIT_CODE`, so a Slurm requeue loses at most that step; a ``kill -9`` loses
 the steps since the last checkpoint. A step skipped for a non-finite loss saves nothing
 (:mod:`.guards`). A collective that fails because another rank died or hung becomes
@@ -16,11 +17,13 @@ import logging
 from pathlib import Path
 
 from megatron_dgrpo.config import to_dict
-from megatron_dgrpo.parallel.collectives import peer_lost_error, world_rank
+from megatron_dgrpo.parallel.collectives import init_default_group, peer_lost_error, world_rank
+from megatron_dgrpo.parallel.cpu import default_backend
 from megatron_dgrpo.train.checkpoint import (
     latest_checkpoint, load_training_checkpoint, remove_interrupted_saves,
     save_training_checkpoint)
 from megatron_dgrpo.train.config import RunConfig
+from megatron_dgrpo.train.evaluation import InTrainingEvaluation
 from megatron_dgrpo.train.loop import Trainer
 from megatron_dgrpo.train.metrics import MetricsLogger
 from megatron_dgrpo.train.preemption import PreemptionGuard
@@ -72,10 +75,16 @@ def run_training(config: RunConfig, show_progress: bool = True) -> int:
 
 
 def _train(config: RunConfig, show_progress: bool) -> int:
+    # before world_rank() (0 on every rank without it); the timeout bounds a lost peer
+    init_default_group(default_backend(), config.parallel.timeout_s)
     writer = world_rank() == 0
     if writer:
         for note in config.notices():
             log.warning("%s", note)
+        plan = config.memory_plan()
+        if plan is not None:
+            log.info("memory per GPU (train/memory.py):\n%s", plan.summary())
+    evaluation = InTrainingEvaluation.prepare(config)  # held-out set checked before any model
     trainer = Trainer(config)
     resumed_from = _resume(trainer)
     run_dir = Path(config.run_dir)
@@ -86,15 +95,19 @@ def _train(config: RunConfig, show_progress: bool) -> int:
                            run_config=to_dict(config)) if writer else None
     progress = _progress(show_progress and writer, trainer.step, config.steps)
     try:
+        if evaluation is not None:
+            evaluation.start(trainer, logger)  # with eval.at_start on a fresh run: step 0
         with PreemptionGuard() as guard:
             while trainer.step < config.steps:
                 metrics = trainer.train_step()
+                stop = guard.should_stop()
+                if evaluation is not None:
+                    metrics.update(evaluation.after_step(trainer, logger, stopping=stop))
                 if logger is not None:
                     logger.log(trainer.step, metrics)
                 if progress is not None:
                     progress.update(metrics)
                 trainer.skipped.record(trainer.step, metrics)  # stops a diverged run
-                stop = guard.should_stop()
                 due = trainer.step % config.save_every == 0 or trainer.step == config.steps
                 if stop or (due and not metrics["optim/skipped"]):
                     _save(trainer)
@@ -111,7 +124,7 @@ def _train(config: RunConfig, show_progress: bool) -> int:
 class _Progress:
     """A rich progress bar showing the step and the headline metrics."""
 
-    HEADLINE = ("loss", "reward/mean", "policy/kl_teacher", "policy/entropy")
+    HEADLINE = ("loss", "reward/mean", "policy/kl_teacher", "policy/entropy", "eval/all")
 
     def __init__(self, first_step: int, total: int):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn

@@ -115,14 +115,17 @@ class SequenceSource(Protocol):
 
 
 class FixedSequences:
-    """Prompt + reference answer of each example (SFT, KD)."""
+    """Prompt + target answer of each example (SFT, KD); ``prompt_loss``: the loss covers
+    the prompt tokens too."""
 
-    def __init__(self, tokenizer, align: int, device: torch.device):
+    def __init__(self, tokenizer, align: int, device: torch.device, prompt_loss: bool = False):
         self.tokenizer, self.align, self.device = tokenizer, align, device
+        self.prompt_loss = prompt_loss
 
     def generate(self, examples: list[LongBlocksExample], step: int,
                  draw: int = 0) -> tuple[StepBatch, dict[str, float]]:
-        sequences = answer_sequences(examples, self.tokenizer, self.align).to(self.device)
+        sequences = answer_sequences(examples, self.tokenizer, self.align,
+                                     self.prompt_loss).to(self.device)
         return StepBatch(examples=list(examples), sequences=sequences), {}
 
     def after_step(self, step: int) -> dict[str, float]:

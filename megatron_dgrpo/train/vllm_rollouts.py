@@ -1,8 +1,9 @@
 """Rollouts from a colocated vLLM engine, kept on the trainer's weights by refit + verification.
 
-One engine (:class:`megatron_dgrpo.rollout.vllm_engine.VLLMEngine`, engine TP=1) per model
-replica (data-parallel rank), on the replica's leader (its first global rank, see
-:mod:`megatron_dgrpo.parallel.replicas`), so rollout capacity grows with data parallelism.
+One engine (:class:`megatron_dgrpo.rollout.vllm_engine.VLLMEngine`, over
+``rollout.engine_tensor_parallel`` GPUs) per model replica (data-parallel rank), on the
+replica's leader (its first global rank, see :mod:`megatron_dgrpo.parallel.replicas`), so
+rollout capacity grows with data parallelism.
 Per step:
 
 1. :meth:`VLLMRollouts.generate`: each leader samples its replica's prompts and broadcasts
@@ -18,8 +19,9 @@ Per step:
    :class:`RefitVerificationError` on every rank, which stops training.
 
 Metrics (identical on every rank; the worst replica's): ``time/engine_start_s`` (first
-step), ``time/refit_s``, ``refit/gb`` (per engine), ``verify/max_logprob_gap`` (nats),
-``verify/worst_fingerprint_error`` (relative), ``verify/passed``.
+step), ``time/refit_s``, ``refit/gb`` (per engine), ``verify/max_logprob_gap`` (nats,
+teacher-forced probe), ``verify/max_decode_logprob_gap`` (nats, the engine's greedy decoded
+tokens), ``verify/worst_fingerprint_error`` (relative), ``verify/passed``.
 """
 
 from __future__ import annotations
@@ -85,12 +87,19 @@ class VLLMRollouts:
         started = time.perf_counter()
         self.engine = start_engine_from_model(
             self.model, self.model_config, self.replica, self.config.refit_bucket_mb,
-            dtype=self.config.dtype, max_model_len=self.max_model_len,
-            kv_cache_gib=self.config.kv_cache_gib,
-            gpu_memory_utilization=self.config.gpu_memory_utilization,
-            seed=self.seed + self.replica.index)
+            max_model_len=self.max_model_len, seed=self.seed + self.replica.index,
+            **engine_options(self.config))
         self.started = True
         return time.perf_counter() - started
+
+    def serving_engine(self):
+        """The replica's engine on the trainer's current weights (after a step's refit, or
+        started here from them if no step has run yet), ``None`` off the replica's leader; and
+        ``time/engine_start_s`` if it started now. Call on every rank."""
+        metrics = {}
+        if not self.started:
+            metrics["time/engine_start_s"] = max_over_world(self._start())
+        return self.engine, metrics
 
     # ------------------------------------------------------------------ per step
 
@@ -98,9 +107,7 @@ class VLLMRollouts:
                  draw: int = 0) -> tuple[StepBatch, dict[str, float]]:
         """Rollouts of this replica's ``examples`` (the same on all its ranks), grouped by
         prompt; and the start-up metric on the first call."""
-        metrics = {}
-        if not self.started:
-            metrics["time/engine_start_s"] = max_over_world(self._start())
+        _, metrics = self.serving_engine()
         # seeded per prompt of the global batch: the same samples at any data-parallel size
         params = self.sampling.params(rollout_seed(self.seed, step, 0, draw),
                                       prompt_offset=self.replica.index * len(examples))
@@ -142,7 +149,8 @@ class VLLMRollouts:
                                         [s for s, _ in self._probe], [n for _, n in self._probe],
                                         logprob_tol=self.config.logprob_tolerance(
                                             self.model_config),
-                                        replica=self.replica)
+                                        replica=self.replica,
+                                        decode_tokens=self.config.verify_decode_tokens)
             except RefitVerificationError as exc:
                 raise RefitVerificationError(
                     f"step {step}: {exc}. Training stopped: the vLLM engine no longer samples "
@@ -150,9 +158,19 @@ class VLLMRollouts:
                     "unaccounted way") from exc
             if verified is not None:
                 metrics["verify/max_logprob_gap"] = verified.max_logprob_gap
+                metrics["verify/max_decode_logprob_gap"] = verified.max_decode_logprob_gap
                 metrics["verify/worst_fingerprint_error"] = verified.worst_parameter[1]
                 metrics["verify/passed"] = 1.0
         return worst_over_world(metrics if self.replica.is_leader else {})
+
+
+def engine_options(rollout_config) -> dict:
+    """The :class:`~megatron_dgrpo.rollout.vllm_engine.VLLMEngine` settings of the run's
+    ``rollout`` section (shared by the rollout engines and the vLLM teacher)."""
+    return {"dtype": rollout_config.dtype, "kv_cache_gib": rollout_config.kv_cache_gib,
+            "gpu_memory_utilization": rollout_config.gpu_memory_utilization,
+            "tensor_parallel_size": rollout_config.engine_tensor_parallel,
+            "max_num_seqs": rollout_config.max_num_seqs}
 
 
 def export_hf(model: torch.nn.Module, model_config: ModelConfig, out_dir: Path,

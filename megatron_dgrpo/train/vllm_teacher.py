@@ -67,15 +67,13 @@ class VLLMTeacher(_Stopwatch):
               max_model_len: int, seed: int, replica: Replica) -> VLLMTeacher:
         """Export the (Megatron) ``teacher`` and start the replica's engine on its leader with
         the engine settings of the run's ``rollout`` section (dtype, KV cache, GPU memory
-        share). Call on every rank of ``replica``."""
-        from megatron_dgrpo.train.vllm_rollouts import start_engine_from_model
+        share, engine tensor parallelism). Call on every rank of ``replica``."""
+        from megatron_dgrpo.train.vllm_rollouts import engine_options, start_engine_from_model
 
         engine = start_engine_from_model(
             teacher, model_config, replica, rollout_config.refit_bucket_mb,
-            dtype=rollout_config.dtype, max_model_len=max_model_len,
-            kv_cache_gib=rollout_config.kv_cache_gib,
-            gpu_memory_utilization=rollout_config.gpu_memory_utilization, seed=seed,
-            max_logprobs=k)
+            max_model_len=max_model_len, seed=seed, max_logprobs=k,
+            **engine_options(rollout_config))
         return cls(engine, k, replica)
 
     def score(self, batch: StepBatch) -> TeacherScores:

@@ -8,8 +8,12 @@ from megatron_dgrpo.algorithms.objectives import OBJECTIVES, LossConfig, get_obj
 def test_defaults_are_valid_and_documented_values():
     config = LossConfig().validate()
     assert (config.objective, config.aggregation, config.form) == ("dgrpo", "token_mean", "loss")
-    assert (config.eps_low, config.eps_high, config.kl_coef, config.tis_cap) == (0.2, 0.28, 0.04, 2.0)
+    assert (config.eps_low, config.eps_high, config.kl_coef, config.tis_cap) == (0.2, 0.28, 0.5, 2.0)
     assert config.resolved_kl_estimator == "full"
+    # kl_coef left unset: each objective's default (dgrpo 0.5, grpo's reference KL 0.04)
+    assert {name: LossConfig(objective=name).kl_coef for name in OBJECTIVES} == {
+        "sft": 0.0, "kd": 0.0, "grpo": 0.04, "opd": 0.0, "dgrpo": 0.5}
+    assert LossConfig(objective="dgrpo", kl_coef=0.04).kl_coef == 0.04
 
 
 def test_registry_holds_the_five_objectives_with_their_default_estimators():

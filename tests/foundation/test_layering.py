@@ -18,7 +18,8 @@ BASE = {"megatron_dgrpo", "megatron_dgrpo.config", "megatron_dgrpo.errors",
         "megatron_dgrpo.outputs", "megatron_dgrpo.parallel.collectives"}
 LAYERS = ["algorithms", "parallel", "models", "rollout", "train"]
 MAY_IMPORT_DATA = {"train"}
-TOP = {"cli", "quickstart", "eval_cli", "report", "launch", "testing"}
+TOP = {"cli", "quickstart", "experiment", "experiment_report", "recipe", "eval_cli", "report",
+       "launch", "testing"}
 VLLM_ADAPTERS = {"megatron_dgrpo.rollout.vllm_engine", "megatron_dgrpo.rollout.vllm_worker"}
 DISTRIBUTED = {"megatron_dgrpo.parallel.collectives", "megatron_dgrpo.parallel.launch"}
 

@@ -53,7 +53,7 @@ def test_reported_heldout_scores_match_a_rescoring_of_the_predictions(short_run)
     assert list(summary["heldout"]) == labels
     rewards = RewardConfig()
     for label in labels:
-        predictions = [json.loads(line) for line in (out / "eval" / label / "predictions.jsonl").open()]
+        predictions = [json.loads(line) for line in (out / "eval" / label / "heldout" / "predictions.jsonl").open()]
         assert len(predictions) == SHORT.heldout_examples
         rescored = [rewards.score(p["response"], p["reference"], p["task"]) for p in predictions]
         assert summary["heldout"][label]["all"] == pytest.approx(100 * statistics.mean(rescored))

@@ -10,6 +10,7 @@ from megatron_dgrpo.models.config import (
     ModelConfig,
     ParallelConfig,
     Runtime,
+    TransformerFp8Config,
     validate_layout,
 )
 
@@ -50,7 +51,10 @@ def test_layout_that_divides_evenly_is_accepted():
      "parallel.cp_comm_type must be one of p2p, a2a, a2a+p2p, allgather, got 'ring'"),
     (ParallelConfig(tensor_parallel=2, sequence_parallel=True),
      "sequence parallelism needs Transformer Engine on CUDA"),
-    (ParallelConfig(fp8=True), "FP8 needs Transformer Engine on CUDA"),
+    (ParallelConfig(fp8=TransformerFp8Config(recipe="tensorwise")),
+     ("FP8 for the transformer layers (parallel.fp8.recipe=tensorwise) needs Transformer "
+      "Engine on CUDA; this machine has no CUDA and no Transformer Engine; FP8 GEMMs of the "
+      "loss's output layer (loss_fp8) run without Transformer Engine")),
     (ParallelConfig(use_te=True),
      ("use_te=true needs Transformer Engine on CUDA; this machine has no CUDA and no "
       "Transformer Engine")),
@@ -65,10 +69,64 @@ def test_gpu_only_features_are_refused_on_cpu(parallel, message):
 
 def test_gpu_only_features_are_accepted_with_te_on_cuda():
     parallel = ParallelConfig(tensor_parallel=2, context_parallel=2, sequence_parallel=True,
-                              fp8=True)
+                              fp8=TransformerFp8Config())
     parallel.validate(GPU_WITH_TE)
     assert parallel.uses_te(GPU_WITH_TE)
     assert not parallel.uses_te(CPU)
+
+
+def _gpu_with_te(version, capability=(9, 0)):
+    return Runtime(cuda=True, transformer_engine=True, cuda_capability=capability,
+                   transformer_engine_version=version)
+
+
+@pytest.mark.parametrize("recipe, runtime, message", [
+    ("tensorwise", _gpu_with_te("2.1.0"),
+     "parallel.fp8.recipe=tensorwise needs Transformer Engine >= 2.2.0.dev0; this machine "
+     "has 2.1.0"),
+    ("blockwise", _gpu_with_te("2.2.0"),
+     "parallel.fp8.recipe=blockwise needs Transformer Engine >= 2.3.0.dev0; this machine "
+     "has 2.2.0"),
+    ("mxfp8", _gpu_with_te("2.8.0", (9, 0)),
+     "parallel.fp8.recipe=mxfp8 needs a Blackwell GPU (compute capability >= 10.0); this "
+     "one has 9.0"),
+    ("delayed", GPU_WITHOUT_TE, "FP8 for the transformer layers (parallel.fp8.recipe=delayed) "
+                                "needs Transformer Engine on CUDA; this machine has CUDA and "
+                                "no Transformer Engine"),
+])
+def test_te_fp8_recipes_the_installed_te_or_gpu_lacks_are_refused(recipe, runtime, message):
+    with pytest.raises(ValueError) as err:
+        ParallelConfig(fp8=TransformerFp8Config(recipe=recipe)).validate(runtime)
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("recipe, runtime", [
+    ("delayed", _gpu_with_te("1.13.0")), ("tensorwise", _gpu_with_te("2.2.0")),
+    ("blockwise", _gpu_with_te("2.3.0")), ("mxfp8", _gpu_with_te("2.1.0", (10, 0))),
+    ("tensorwise", GPU_WITH_TE),  # TE version not known: Megatron checks it when building
+])
+def test_te_fp8_recipe_maps_to_megatrons_transformer_config(recipe, runtime):
+    from megatron_dgrpo.models.provider import transformer_config
+
+    for fmt in ("hybrid", "e4m3"):
+        parallel = ParallelConfig(fp8=TransformerFp8Config(recipe=recipe, format=fmt))
+        config = transformer_config(ModelConfig(), parallel, runtime)
+        assert (config.fp8, config.fp8_recipe) == (fmt, recipe)
+    assert transformer_config(ModelConfig(), ParallelConfig(), runtime).fp8 is None
+
+
+def test_bad_te_fp8_options_name_the_option():
+    from megatron_dgrpo.config import from_dict
+
+    with pytest.raises(ValueError, match="fp8.recipe: 'current' is not one of"):
+        from_dict(ParallelConfig, {"fp8": {"recipe": "current"}})
+    with pytest.raises(ValueError, match="parallel.fp8.recipe must be one of delayed, "
+                                         "tensorwise, blockwise, mxfp8, got 'current'"):
+        TransformerFp8Config(recipe="current").validate()
+    # The boolean of earlier versions:
+    with pytest.raises(ValueError, match="fp8: expected a mapping for TransformerFp8Config, "
+                                         "got True"):
+        from_dict(ParallelConfig, {"fp8": True})
 
 
 def test_te_switched_off_refuses_context_parallel_even_on_gpu():

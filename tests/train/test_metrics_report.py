@@ -54,3 +54,19 @@ def test_report_command_writes_png_and_summary(tmp_path, capsys):
 def test_report_of_a_run_without_metrics_is_a_clear_error(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "no metrics.jsonl records" in capsys.readouterr().err
+
+
+def test_report_plots_held_out_scores_per_family_with_the_baseline(tmp_path):
+    with MetricsLogger(tmp_path) as logger:
+        logger.log(0, {"eval_baseline/synthesis": 12.5, "eval_baseline/all": 10.0,
+                       "eval/synthesis/1k": 20.0, "eval/synthesis/all": 20.0, "eval/all": 20.0})
+        logger.log(1, {"loss": 1.0})
+        logger.log(2, {"loss": 0.5, "eval/synthesis/1k": 40.0, "eval/synthesis/all": 40.0,
+                       "eval/all": 40.0})
+    assert main(["report", str(tmp_path)]) == 0
+    png = (tmp_path / "report" / "eval.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    summary = (tmp_path / "report" / "summary.md").read_text()
+    assert "| family | step 0 | step 2 | baseline |" in summary
+    assert "| synthesis | 20.0 | 40.0 | 12.5 |" in summary
+    assert "| all | 20.0 | 40.0 | 10.0 |" in summary

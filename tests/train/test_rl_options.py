@@ -93,3 +93,34 @@ def test_truncated_responses_can_be_masked_or_penalised(runs):
     first_plain, first_penalised = plain[0], penalised[0]  # same seed, same first rollouts
     # 4 tokens at a budget of 4 with a buffer of 2: penalty -1, times weight 0.5
     assert first_penalised["reward/mean"] == pytest.approx(first_plain["reward/mean"] - 0.5)
+
+
+def test_token_share_mixing_resumes_exactly(setup, tmp_path_factory):
+    """`short_data` mixed into `data` at long_share 0.5 (data/mix.py TokenShareMixer): the
+    realised share of prompt tokens approaches 0.5, and a run interrupted after one step
+    resumes the mixer where it stood (same examples, same metrics)."""
+    from megatron_dgrpo.cli import main
+
+    short = tmp_path_factory.mktemp("short") / "data"
+    assert main(["data", "synth", "--out", str(short), "--num", "16", "--lengths", "64",
+                 "--seed", "29", "--tokenizer", str(setup[1])]) == 0
+    mixed = {"short_data": {"paths": [str(short)]}, "mix": {"long_share": 0.5},
+             "loss": {"objective": "sft"}, "sampling": {}}
+
+    def config(name, steps):
+        c = _config(setup, name, steps=steps, **mixed)
+        del c["teacher"], c["sampling"]
+        c["rewards"] = {}
+        return c
+
+    straight, interrupted = config("mix-straight", 3), config("mix-interrupted", 1)
+    resumed = {**interrupted, "steps": 3}
+    assert run_distributed(_runs, 1, args=([straight, interrupted, resumed],)) == [[0, 0, 0]]
+    shares = [r["data/long_token_share"] for r in read_metrics(straight["run_dir"])]
+    assert 0.3 < shares[-1] < 0.7 and len(set(shares)) > 1
+
+    def comparable(run_dir):
+        return [{k: v for k, v in r.items() if k != "time" and not k.startswith(
+            ("time/", "throughput/", "memory/"))} for r in read_metrics(run_dir)]
+
+    assert comparable(interrupted["run_dir"]) == comparable(straight["run_dir"])
