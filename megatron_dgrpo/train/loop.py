@@ -46,8 +46,8 @@ from megatron_dgrpo.parallel.context import (
 )
 from megatron_dgrpo.parallel.fused import loss_from_hidden
 from megatron_dgrpo.parallel.materialized import loss_from_logits
-from megatron_dgrpo.train.batch import MicroBatch, StepBatch, plan_micro_batches
 from megatron_dgrpo.train import faults
+from megatron_dgrpo.train.batch import MicroBatch, StepBatch, plan_micro_batches
 from megatron_dgrpo.train.config import RunConfig
 from megatron_dgrpo.train.guards import SkippedSteps, generate_with_retries, invalid_rewards
 from megatron_dgrpo.train.optimizer import StudentOptimizer

@@ -1,7 +1,8 @@
-"""Whose run directory is it: a run starts only in a missing or empty directory, and resumes
-only in the directory of the same run (its ``config.yaml`` equal to this config but for
-:data:`RESUMABLE` options). Checked before any work, so a mistyped ``run_dir`` never writes
-into, or resumes, another run's results or any other directory's files.
+"""Whose run directory is it: a run starts only in a missing or empty directory (the Slurm
+scripts' job records aside), and resumes only in the directory of the same run (its
+``config.yaml`` equal to this config but for :data:`RESUMABLE` options). Checked before any
+work, so a mistyped ``run_dir`` never writes into, or resumes, another run's results or any
+other directory's files.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ import yaml
 from megatron_dgrpo.config import dump_yaml
 
 CONFIG_FILE = "config.yaml"
+# What may be in a run's directory before its first start: the job records the Slurm scripts
+# write before the trainer runs (slurm/lib/common.sh, ``dgrpo_job_dir``).
+LAUNCHER_RECORDS = ("slurm",)
 # What may change when a run resumes: where its directory is (moved or copied), how long it
 # runs, and how it saves, logs and waits.
 RESUMABLE = ("run_dir", "steps", "save_every", "keep_last", "logging", "max_skipped_steps",
@@ -44,7 +48,8 @@ def check_run_dir(config) -> None:
         raise ValueError(f"run_dir {run_dir} is a file, not a directory; choose another run_dir")
     saved = run_dir / CONFIG_FILE
     if not saved.is_file():
-        if any(not p.name.startswith(f".{CONFIG_FILE}.") for p in run_dir.iterdir()):
+        if any(not p.name.startswith(f".{CONFIG_FILE}.") and p.name not in LAUNCHER_RECORDS
+               for p in run_dir.iterdir()):
             raise ValueError(f"run_dir {run_dir} is not empty and holds no run (no {CONFIG_FILE}): "
                              "choose a new run_dir; nothing in it was touched")
         return
