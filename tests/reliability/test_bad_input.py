@@ -337,3 +337,18 @@ def test_the_console_command_answers_as_the_forked_one(world, tmp_path):
         assert result.returncode == 2, result.stderr[-3000:]
         assert re.search(message, result.stderr.strip().splitlines()[-1])
         assert "Traceback" not in result.stderr
+
+
+def test_a_fresh_run_may_start_beside_the_slurm_scripts_job_records(tmp_path):
+    """``slurm/*.sbatch`` write ``RUN_DIR/slurm/JOB-rN/`` before the trainer starts: that
+    directory is a fresh run's, anything else in it is not."""
+    from megatron_dgrpo.train.config import RunConfig
+    from megatron_dgrpo.train.run_dir import check_run_dir
+
+    run_dir = tmp_path / "run"
+    (run_dir / "slurm" / "42-r0").mkdir(parents=True)
+    (run_dir / "slurm" / "42-r0" / "env.txt").write_text("SLURM_JOB_ID=42\n")
+    check_run_dir(RunConfig(run_dir=str(run_dir)))
+    (run_dir / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="is not empty and holds no run"):
+        check_run_dir(RunConfig(run_dir=str(run_dir)))
