@@ -11,7 +11,9 @@ a constant learning rate, no gradient clipping. ``--workload`` picks the shapes:
   teacher (``small-qwen3``) architectures, its tokenizer and data (``dgrpo quickstart``'s
   assets: 64-token documents), 8 prompts x G=4 x 12 new tokens;
 - ``13m``: a 13M-parameter Qwen3 (student and teacher), 256-token documents, 2 prompts x G=4
-  x 32 new tokens: fewer, longer sequences through a model where the matrix products dominate.
+  x 32 new tokens: fewer, longer sequences through a model where the matrix products dominate;
+- ``long``: the same 13M-parameter models on prompts of >= 2K tokens (1728-token documents),
+  1 prompt x G=4 x 64 new tokens: the long-context case this project is for.
 
 Runs, each in a fresh process (so peak memory is its own):
 
@@ -19,7 +21,8 @@ Runs, each in a fresh process (so peak memory is its own):
 - TRL, ``GRPOTrainer`` with ``beta=0`` and the matching loss (``benchmarks/trl_step.py``,
   run in ``.venv-bench`` from ``tools/install_bench.sh``; skipped with a note if absent);
 - ours, dGRPO with a teacher of the student's size (TRL has no teacher-guided objective, so
-  this row has no TRL counterpart).
+  this row is compared with TRL's GRPO: the same rollouts and update, plus the teacher's
+  forward and the full-vocabulary KL).
 
 Each run does one warm-up step, then ``--steps`` measured steps, with ``--threads`` torch
 threads (ours: split over ``--tp`` ranks). Reported per run: median seconds per step (the
@@ -30,13 +33,17 @@ log-probs here) and training (forward, loss, backward, optimizer step); median t
 where a step's tokens = generated tokens + tokens of the training sequences (prompt +
 completion, no padding), identical on both sides by construction; CPU seconds per step (all
 threads, summed over ranks) and tokens per CPU second; and peak RSS (MiB, of the whole
-process, summed over ranks). Target: ours >= 1.5x TRL's tokens/s on GRPO. The runs are
-sequential, so other jobs on the machine skew the wall-time ratio: the load average at the
-end of each run is printed, and the CPU-time ratio is printed beside it.
+process, summed over ranks). Targets: our GRPO >= 1.5x TRL's tokens/s, our dGRPO >= 1.2x
+TRL's GRPO tokens/s. The runs are sequential, so other jobs on the machine skew the wall-time
+ratio: the load average at the end of each run is printed, the CPU-time ratio beside it, and
+``--repeats N`` runs the three N times in turn on the same assets, so that the ratios of each
+round are measured side by side and their median and spread are printed (``--json``: every
+row and ratio to a file).
 
     tools/install_bench.sh                        # once: TRL in .venv-bench
     .venv/bin/python benchmarks/e2e_step.py       # a few minutes on an idle 2-core machine
     .venv/bin/python benchmarks/e2e_step.py --workload 13m --tp 2 --steps 5
+    .venv/bin/python benchmarks/e2e_step.py --workload long --repeats 3 --json long.json
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ import dataclasses
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import tempfile
@@ -62,7 +70,8 @@ from megatron_dgrpo.quickstart import FULL, STUDENT_PRESET, TEACHER_PRESET
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH_PYTHON = REPO / ".venv-bench" / "bin" / "python"
-TARGET_RATIO = 1.5
+# Targets (tokens/s): our GRPO over TRL's GRPO, our dGRPO over TRL's GRPO.
+TARGETS = {"GRPO": 1.5, "dGRPO": 1.2}
 REWARD_NAME = "bench_answer_length_parity"
 
 
@@ -76,6 +85,7 @@ class Workload:
     group: int
     new_tokens: int
     document_tokens: int  # quickstart: generated with its task mix; else all tasks
+    min_prompt_tokens: int = 1  # the run refuses data with a shorter prompt
 
 
 # ~13M parameters; vocabulary 1024 = the quickstart tokenizer's.
@@ -88,18 +98,21 @@ WORKLOADS = {
                            prompts=FULL.dgrpo_prompts_per_step, group=FULL.group_size,
                            new_tokens=FULL.max_new_tokens, document_tokens=FULL.document_tokens),
     "13m": Workload(MODEL_13M, MODEL_13M, prompts=2, group=4, new_tokens=32, document_tokens=256),
+    "long": Workload(MODEL_13M, MODEL_13M, prompts=1, group=4, new_tokens=64,
+                     document_tokens=1728, min_prompt_tokens=2048),
 }
 
 
 # ---------------------------------------------------------------- workload
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that define the work of a run (also read by ``e2e_profile.py``)."""
     parser.add_argument("--workload", choices=sorted(WORKLOADS), default="quickstart")
     parser.add_argument("--steps", type=int, default=3, help="measured steps after 1 warm-up")
     parser.add_argument("--prompts", type=int, help="prompts per step (default: the workload's)")
-    parser.add_argument("--group", type=int, help="completions per prompt, G (default: the workload's)")
+    parser.add_argument("--group", type=int,
+                        help="completions per prompt, G (default: the workload's)")
     parser.add_argument("--new-tokens", type=int,
                         help="tokens per completion (default: the workload's)")
     parser.add_argument("--threads", type=int, default=2,
@@ -107,12 +120,24 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--tp", type=int, default=1, help="our tensor-parallel size (ranks)")
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+
+
+def resolve_workload(args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` with the workload's prompts, G and new tokens where not given."""
     workload = WORKLOADS[args.workload]
     args.prompts = args.prompts or workload.prompts
     args.group = args.group or workload.group
     args.new_tokens = args.new_tokens or workload.new_tokens
     return args
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_workload_arguments(parser)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="rounds of the three runs on the same assets")
+    parser.add_argument("--json", help="write every round's rows and ratios to this file")
+    return resolve_workload(parser.parse_args())
 
 
 def prepare_assets(root: Path, args: argparse.Namespace) -> dict[str, str]:
@@ -155,6 +180,10 @@ def step_prompts(paths: dict[str, str], args: argparse.Namespace) -> list[list[i
     needed = args.prompts * (args.steps + 1)
     if len(prompts) < needed:
         raise RuntimeError(f"the data has {len(prompts)} usable prompts, the run needs {needed}")
+    shortest, wanted = min(map(len, prompts[:needed])), WORKLOADS[args.workload].min_prompt_tokens
+    if shortest < wanted:
+        raise RuntimeError(f"a prompt of {shortest} tokens; workload {args.workload} needs "
+                           f">= {wanted}")
     return prompts[:needed]
 
 
@@ -281,8 +310,9 @@ def print_table(rows: dict[str, dict[str, float]]) -> None:
         print(format_row(name, row))
 
 
-def run_all(args: argparse.Namespace, root: Path) -> dict[str, dict[str, float]]:
-    """Every run on one workload under ``root``; rows by run name, each printed when done."""
+def run_all(args: argparse.Namespace, root: Path) -> list[dict[str, dict[str, float]]]:
+    """``args.repeats`` rounds of every run on one workload under ``root`` (assets made once);
+    per round, rows by run name, each printed when done."""
     from megatron_dgrpo.models.mapping import hf_shapes
 
     paths = prepare_assets(root, args)
@@ -296,43 +326,81 @@ def run_all(args: argparse.Namespace, root: Path) -> dict[str, dict[str, float]]
           f"{teacher / 1e6:.2f}M (dGRPO only), fp32; {args.prompts} prompts "
           f"x G={args.group} x {args.new_tokens} new tokens per step, prompts of "
           f"{min(map(len, prompts))}-{max(map(len, prompts))} tokens; 1 warm-up + "
-          f"{args.steps} measured steps; {args.threads} torch threads per run; "
-          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", flush=True)
+          f"{args.steps} measured steps; {args.threads} torch threads per run; ours at "
+          f"TP={args.tp}; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs",
+          flush=True)
     runs = {
-        f"ours (TP={args.tp}) GRPO": lambda: run_ours(
+        RUN_NAMES["ours_grpo"]: lambda: run_ours(
             run_config(paths, args, "grpo", str(root / "grpo")), args),
-        "TRL GRPOTrainer GRPO": lambda: run_trl(
+        RUN_NAMES["trl_grpo"]: lambda: run_trl(
             {"hf_model": paths["student_hf"], "tokenizer": paths["tokenizer"],
              "prompt_ids": prompts, "prompts_per_step": args.prompts, "group": args.group,
              "max_new_tokens": args.new_tokens, "steps": args.steps + 1, "lr": args.lr,
              "seed": args.seed, "threads": args.threads}, root),
-        f"ours (TP={args.tp}) dGRPO": lambda: run_ours(
+        RUN_NAMES["ours_dgrpo"]: lambda: run_ours(
             run_config(paths, args, "dgrpo", str(root / "dgrpo")), args),
     }
-    rows = {}
-    for name, run in runs.items():
-        result = run()
-        if result is None:
-            print(f"{name}: skipped, {BENCH_PYTHON} not found (run tools/install_bench.sh)")
-            continue
-        rows[name] = summarize(result, tokens, expected)
-        print(f"done: {format_row(name, rows[name])}", flush=True)
-    return rows
+    rounds = []
+    for round_index in range(args.repeats):
+        rows = {}
+        for name, run in runs.items():
+            shutil.rmtree(root / "grpo", ignore_errors=True)
+            shutil.rmtree(root / "dgrpo", ignore_errors=True)
+            result = run()
+            if result is None:
+                print(f"{name}: skipped, {BENCH_PYTHON} not found (run tools/install_bench.sh)")
+                continue
+            rows[name] = summarize(result, tokens, expected)
+            print(f"round {round_index + 1}: {format_row(name, rows[name])}", flush=True)
+        rounds.append(rows)
+    return rounds
+
+
+RUN_NAMES = {"ours_grpo": "ours GRPO", "trl_grpo": "TRL GRPOTrainer GRPO",
+             "ours_dgrpo": "ours dGRPO"}
+
+
+def round_ratios(rows: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Ours over TRL's GRPO in one round: tokens/s (``GRPO``, ``dGRPO``) and tokens per CPU
+    second (``GRPO per CPU s``, ``dGRPO per CPU s``); empty without the TRL run."""
+    trl = rows.get(RUN_NAMES["trl_grpo"])
+    if trl is None:
+        return {}
+    ratios = {}
+    for objective, key in (("GRPO", "ours_grpo"), ("dGRPO", "ours_dgrpo")):
+        ours = rows[RUN_NAMES[key]]
+        ratios[objective] = ours["tokens_per_s"] / trl["tokens_per_s"]
+        ratios[f"{objective} per CPU s"] = ((ours["tokens_per_step"] / ours["cpu_s"])
+                                            / (trl["tokens_per_step"] / trl["cpu_s"]))
+    return ratios
 
 
 def main() -> None:
     args = parse_args()
     with tempfile.TemporaryDirectory(prefix="e2e_step_") as tmp:
-        rows = run_all(args, Path(tmp))
-    print_table(rows)
-    ours, trl = rows[f"ours (TP={args.tp}) GRPO"], rows.get("TRL GRPOTrainer GRPO")
-    if trl is not None:
-        ratio = ours["tokens_per_s"] / trl["tokens_per_s"]
-        verdict = "met" if ratio >= TARGET_RATIO else "NOT met"
-        print(f"ours/TRL tokens/s on GRPO: {ratio:.2f}x (target >= {TARGET_RATIO}x: {verdict}); "
-              "wall times are skewed when the load average exceeds the CPU count")
-        print(f"ours/TRL tokens per CPU second: {trl['cpu_s'] / ours['cpu_s']:.2f}x "
-              "(less sensitive to other jobs; OpenMP spin-waits still count)")
+        rounds = run_all(args, Path(tmp))
+    ratios = [round_ratios(rows) for rows in rounds]
+    for index, rows in enumerate(rounds):
+        print(f"\nround {index + 1}:")
+        print_table(rows)
+        print("ours / TRL GRPO: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios[index].items()))
+    if ratios[0]:
+        print(f"\nover {len(rounds)} round(s) (wall times are skewed when the load average "
+              "exceeds the CPU count; per CPU second is less sensitive, OpenMP spin-waits "
+              "still count):")
+        for key in ratios[0]:
+            values = sorted(r[key] for r in ratios)
+            median = statistics.median(values)
+            line = (f"  ours/TRL {key}: median {median:.2f}x "
+                    f"(min {values[0]:.2f}, max {values[-1]:.2f})")
+            if key in TARGETS:
+                verdict = "met" if median >= TARGETS[key] else "NOT met"
+                line += f"; target >= {TARGETS[key]}x: {verdict}"
+            print(line)
+    if args.json:
+        Path(args.json).write_text(json.dumps(
+            {"workload": args.workload, "args": vars(args), "rounds": rounds,
+             "ratios": ratios}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -14,9 +14,9 @@ What it does, each phase with progress on the console and its outputs under ``--
 5. ``runs/student-dgrpo``: dGRPO from the cold start, the teacher as the KL anchor, with a
    checkpoint every ``eval_every`` steps. Rollouts are sampled at temperature 0.6: a 2-layer
    student samples near-uniform junk at temperature 1 and so never visits the prefixes on
-   which the teacher's guidance matters (e.g. the last token of "unanswerable"). The loss
-   still trains the temperature-1 policy; the truncated importance weight
-   ``pi_old / pi_rollout`` (``loss.tis_cap``) corrects for the tempered sampler;
+   which the teacher's guidance matters (e.g. the last token of "unanswerable"). The trained
+   policy is the sampling policy ``softmax(logits / 0.6)`` (``train_temperature: sampling``,
+   the default), for the student, the teacher's KL and the engines' log-probs alike;
 6. ``eval/<model>/heldout``: greedy answers on the held-out set for the teacher and for every
    student checkpoint (``scores.md``, ``heatmap.png``, ``predictions.jsonl``);
 7. ``report.md``, ``quickstart.json``, ``heldout_reward.png``: held-out reward of the
@@ -61,7 +61,7 @@ class QuickstartPlan:
     sft_prompts_per_step: int
     dgrpo_prompts_per_step: int
     group_size: int  # rollouts per prompt
-    temperature: float  # of the rollouts; the loss still trains the temperature-1 policy
+    temperature: float  # of the rollouts, and of the trained policy softmax(logits / T)
     max_new_tokens: int
     sft_lr: float
     dgrpo_lr: float
