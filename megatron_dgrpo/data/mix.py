@@ -196,3 +196,46 @@ class ExampleStream(Generic[T]):
         for _ in range(state["position"]):
             next(self._iterator)
         self.position = state["position"]
+
+
+class Lookahead(Generic[T]):
+    """A stream (:class:`ExampleStream` or :class:`TokenShareMixer`) whose next items can be
+    read ahead without being consumed: :meth:`peek` draws them from the stream and holds
+    them, and the next :meth:`take` returns them first (asynchronous rollouts sample the
+    next step's prompts before the trainer takes them).
+
+    :meth:`state_dict` is the stream's state *before* the held items, so a checkpoint
+    resumes by drawing them again; :attr:`long_token_share` (a mixer's) counts them as drawn.
+    """
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+        self._held: list[T] = []
+        self._state_before_held: dict | None = None
+
+    def take(self, count: int) -> list[T]:
+        """The next ``count`` items: the held ones first, then from the stream."""
+        items, self._held = self._held[:count], self._held[count:]
+        if not self._held:
+            self._state_before_held = None
+        return items + (self.stream.take(count - len(items)) if len(items) < count else [])
+
+    def peek(self, count: int) -> list[T]:
+        """The next ``count`` items, left to be taken (the same ones until they are)."""
+        if not self._held:
+            self._state_before_held = self.stream.state_dict()
+        if len(self._held) < count:
+            self._held += self.stream.take(count - len(self._held))
+        return self._held[:count]
+
+    @property
+    def long_token_share(self) -> float | None:
+        """The mixer's realised long-token share (held items included); None for one source."""
+        return getattr(self.stream, "long_token_share", None)
+
+    def state_dict(self) -> dict:
+        return self._state_before_held if self._held else self.stream.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self._held, self._state_before_held = [], None
+        self.stream.load_state_dict(state)

@@ -169,6 +169,25 @@ def trainer_token_logprobs(model: torch.nn.Module, config: ModelConfig,
             enumerate(zip(sequences, prompt_lengths))]
 
 
+def fingerprint_norms(prints: dict[str, torch.Tensor | Sequence[float]]) -> dict[str, float]:
+    """HF name -> L2 norm of its fingerprint (float64): a compact record of which weights a
+    model holds (trainer's :func:`trainer_fingerprints`, or the engine's
+    :func:`engine_weight_digest`); the same weights give the same norms within the
+    fingerprint tolerance, one optimizer step apart they differ far beyond it."""
+    return {name: float(torch.as_tensor(values, dtype=torch.float64).norm())
+            for name, values in prints.items()}
+
+
+def engine_weight_digest(engine, config: ModelConfig) -> dict[str, float]:
+    """:func:`fingerprint_norms` of the weights ``engine`` samples with, through its own
+    layers (each tensor's first engine path; ``nan`` where the engine lacks it); call on
+    the engine's rank while it is idle."""
+    _, prints = merge_worker_fingerprints(
+        engine.run_on_workers(engine_fingerprints, mapping.hf_shapes(config)))
+    digest = fingerprint_norms({name: paths[0] for name, paths in prints.items() if paths})
+    return {name: digest.get(name, math.nan) for name in prints}
+
+
 # ---------------------------------------------------------------------------------------
 # The check
 

@@ -362,6 +362,21 @@ class VLLMEngine:
             raise RuntimeError(f"vLLM workers disagree on {function.__name__}: {results}")
         return results[0]
 
+    def check_alive(self) -> None:
+        """Raise :class:`EngineDiedError` if the engine's process has died (engines in a
+        process of their own; in-process engines have none to lose). vLLM's synchronous
+        client notices the death but leaves a ``generate`` already waiting blocked, so a
+        caller waiting on one from another thread polls this."""
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        client = self.llm.llm_engine.engine_core
+        ensure_alive = getattr(client, "ensure_alive", None)
+        if ensure_alive is not None:
+            try:
+                ensure_alive()
+            except EngineDeadError as exc:
+                raise EngineDiedError(f"the vLLM engine process is dead (vLLM: {exc})") from exc
+
     def reset_prefix_cache(self) -> None:
         """Forget cached KV blocks (they were computed with the previous weights)."""
         self.llm.reset_prefix_cache()

@@ -115,6 +115,14 @@ class RolloutConfig:
     exceed the replica's TP x CP x PP. ``max_num_seqs``: sequences an engine runs at once
     (vLLM's option); the memory check sizes its KV cache for that many ``max_model_len``
     sequences (None: vLLM's default, and the check asks room for one).
+
+    ``async_mode`` (:mod:`megatron_dgrpo.train.async_rollouts`): ``sync`` samples each batch
+    after the previous update; ``one_step`` samples step n + 1's batch during step n with the
+    weights step n started from (the engine in a process of its own; the loss corrects with
+    the engine's log-probs as behaviour policy); ``bounded`` refits only when the next batch
+    would be more than ``max_staleness`` updates old. (``off`` is YAML for false, hence
+    ``sync``.) vLLM rollouts only, without in-training evaluation (``eval.every``); on GPU
+    the engine must stay awake (``sleep_level: 0``).
     """
 
     engine: Literal["embedded", "vllm"] = "embedded"
@@ -134,6 +142,13 @@ class RolloutConfig:
     # Either engine: a generate call that fails or returns other samples than asked is
     # attempted again this many times (with a warning), then the run stops naming the error.
     retries: int = 1
+    async_mode: Literal["sync", "one_step", "bounded"] = "sync"  # see above
+    max_staleness: int = 2  # async_mode=bounded: the most updates a batch may lag (>= 1)
+
+    @property
+    def staleness_bound(self) -> int:
+        """The most updates a batch may lag the weights it trains: 0 (sync), 1, or k."""
+        return {"sync": 0, "one_step": 1, "bounded": self.max_staleness}[self.async_mode]
 
     def validate(self) -> None:
         if self.retries < 0:
@@ -160,6 +175,38 @@ class RolloutConfig:
         if self.verify_decode_tokens < 0:
             raise ValueError(f"rollout.verify_decode_tokens must be >= 0, got "
                              f"{self.verify_decode_tokens}")
+        if self.max_staleness < 1:
+            raise ValueError(f"rollout.max_staleness must be >= 1 (1 = one_step), got "
+                             f"{self.max_staleness}")
+
+    def check_async(self, on_policy_vllm: bool, dynamic_sampling: str, runtime: Runtime,
+                    evaluates: bool = False) -> None:
+        """``async_mode`` other than ``sync``: what it can run with (ValueError naming why);
+        ``evaluates``: the run has in-training evaluation (``eval.every``)."""
+        if self.async_mode == "sync":
+            return
+        option = f"rollout.async_mode={self.async_mode}"
+        if not on_policy_vllm:
+            raise ValueError(
+                f"{option} samples the next batch in a vLLM engine while the trainer trains, "
+                f"so it needs rollout.engine=vllm and an on-policy objective; the embedded "
+                f"engine samples with the trainer's own model and stays synchronous "
+                f"(rollout.async_mode=sync)")
+        if dynamic_sampling == "drop":
+            raise ValueError(
+                f"{option} samples one round per step ahead of time; dynamic_sampling.mode="
+                f"drop needs further rounds within the step: use rollout.async_mode=sync")
+        if evaluates:
+            raise ValueError(
+                f"{option} with eval.every > 0 is not supported: the engine is busy sampling "
+                f"the next batch when an evaluation would use it; evaluate the checkpoints "
+                f"with `dgrpo eval`, or use rollout.async_mode=sync")
+        if runtime.cuda and self.sleep_level:
+            raise ValueError(
+                f"{option}: the engine samples while the trainer trains, so it cannot sleep "
+                f"(rollout.sleep_level={self.sleep_level} releases its memory in that time); "
+                f"set rollout.sleep_level=0 and leave room for both with "
+                f"rollout.gpu_memory_utilization")
 
     def check_engine_split(self, model: ModelConfig, runtime: Runtime, which: str) -> None:
         """``engine_tensor_parallel`` splits ``model``'s heads, and on CPU each worker gets
@@ -331,6 +378,8 @@ class RunConfig:
                              f"loss.objective={objective} trains on fixed sequences; use "
                              f"rollout.engine=embedded (the default)")
         self.rollout.check_engine(student, runtime)
+        self.rollout.check_async(self.uses_vllm_rollouts(), self.dynamic_sampling.mode, runtime,
+                                 evaluates=self.eval.enabled)
         uses_engines = self.rollout.engine == "vllm" or self.uses_vllm_teacher()
         if (uses_engines and runtime.cuda
                 and self.rollout.engine_tensor_parallel > self.parallel.model_parallel_size):
@@ -509,6 +558,8 @@ class RunConfig:
                                  if f.name not in ("engine", "retries")),
              self.rollout.engine == "embedded" and not self.uses_vllm_teacher(),
              "rollout.engine=embedded starts no vLLM engine"),
+            (self.rollout, ("max_staleness",), self.rollout.async_mode != "bounded",
+             "only rollout.async_mode=bounded reads it (one_step is a bound of 1)"),
             (self.dynamic_sampling, ("max_rounds",), self.dynamic_sampling.mode == "keep",
              "dynamic_sampling.mode=keep draws no extra rounds"),
             (self.rewards, ("overlong_buffer", "overlong_weight"),

@@ -36,7 +36,7 @@ from megatron_dgrpo.algorithms.metrics import LossMetrics
 from megatron_dgrpo.data.chat import load_chat_tokenizer
 from megatron_dgrpo.data.rewards import overlong_penalty
 from megatron_dgrpo.data.longblocks import LongBlocksLoader, require_usable_example, scan
-from megatron_dgrpo.data.mix import ExampleStream, TokenShareMixer, reread_source
+from megatron_dgrpo.data.mix import ExampleStream, Lookahead, TokenShareMixer, reread_source
 from megatron_dgrpo.parallel.collectives import reduce_scalar
 from megatron_dgrpo.parallel.context import (
     all_reduce_metrics,
@@ -115,16 +115,17 @@ class Trainer:
         self.step = 0
         self.skipped = SkippedSteps(config.max_skipped_steps)  # non-finite steps in a row
 
-    def _example_stream(self):
-        """The training examples: ``data`` alone, or mixed with ``short_data`` by token share."""
+    def _example_stream(self) -> Lookahead:
+        """The training examples: ``data`` alone, or mixed with ``short_data`` by token share
+        (readable ahead, for asynchronous rollouts)."""
         config = self.config
         long = LongBlocksLoader(config.data, self.tokenizer)
         if config.short_data is None:
-            return ExampleStream(long)
+            return Lookahead(ExampleStream(long))
         scan(config.short_data)
         short = LongBlocksLoader(config.short_data, self.tokenizer)
-        return TokenShareMixer(reread_source(long), reread_source(short),
-                               lambda example: example.num_prompt_tokens, config.mix)
+        return Lookahead(TokenShareMixer(reread_source(long), reread_source(short),
+                                         lambda example: example.num_prompt_tokens, config.mix))
 
     @property
     def optimizer(self):
@@ -152,20 +153,37 @@ class Trainer:
 
     def _sequence_source(self) -> SequenceSource:
         from megatron_dgrpo.rollout.embedded import EmbeddedEngine
+        from megatron_dgrpo.train.async_rollouts import AsyncRollouts
         from megatron_dgrpo.train.vllm_rollouts import VLLMRollouts
 
         config = self.config
         if not self.objective.on_policy:
             return FixedSequences(self.tokenizer, self.align, self.device, config.prompt_loss)
         if config.rollout.engine == "vllm":
-            return VLLMRollouts(config.rollout, self.student, self.model_config, config.sampling,
-                                config.data.max_prompt_tokens + config.sampling.max_new_tokens,
-                                config.seed, self.replica, self.tokenizer.decode, self.align,
-                                self.device)
+            source = VLLMRollouts(config.rollout, self.student, self.model_config,
+                                  config.sampling,
+                                  config.data.max_prompt_tokens + config.sampling.max_new_tokens,
+                                  config.seed, self.replica, self.tokenizer.decode, self.align,
+                                  self.device)
+            if config.rollout.staleness_bound == 0:
+                return source
+            return AsyncRollouts(source, config.rollout.staleness_bound,
+                                 lambda: self._take_examples(ahead=True))
         engine = EmbeddedEngine(self.student, self.model_config.vocab_size,
                                 decode=self.tokenizer.decode)
         return EmbeddedRollouts(engine, config.sampling, config.seed, self.dp_rank,
                                 self.tokenizer.decode, self.align, self.device)
+
+    def state_dict(self) -> dict:
+        """The loop's part of a checkpoint (JSON): the example stream's position and what
+        the sequence source has in flight; call on every rank."""
+        return {"prompts": self.prompts.state_dict(), "sequences": self.sequences.state_dict(),
+                "skipped_in_a_row": self.skipped.in_a_row}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.prompts.load_state_dict(state["prompts"])
+        self.sequences.load_state_dict(state.get("sequences", {}))
+        self.skipped.in_a_row = state.get("skipped_in_a_row", 0)
 
     # ---------------------------------------------------------------- one step
 
@@ -199,10 +217,11 @@ class Trainer:
         metrics.update(self._step_costs(batch, started, generated, scored, trained))
         return metrics
 
-    def _take_examples(self) -> list:
-        """This rank's slice of the next ``prompts_per_step x DP`` examples."""
+    def _take_examples(self, ahead: bool = False) -> list:
+        """This rank's slice of the next ``prompts_per_step x DP`` examples (``ahead``: read
+        ahead, left for the next take)."""
         per_rank = self.config.prompts_per_step
-        step_examples = self.prompts.take(per_rank * self.dp_size)
+        step_examples = (self.prompts.peek if ahead else self.prompts.take)(per_rank * self.dp_size)
         return step_examples[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank]
 
     def _collect_batch(self) -> tuple[StepBatch, dict[str, float]]:
@@ -219,7 +238,7 @@ class Trainer:
             metrics["groups/zero_advantage_frac"] = (
                 reduce_scalar(flat.sum(), "sum", self.dp_group)
                 / reduce_scalar(batch.num_groups, "sum", self.dp_group))
-        if isinstance(self.prompts, TokenShareMixer):  # realised share of prompt tokens so far
+        if self.prompts.long_token_share is not None:  # realised share of prompt tokens so far
             metrics["data/long_token_share"] = self.prompts.long_token_share
         if config.rewards.overlong == "mask" and batch.rewards is not None:
             truncated = torch.tensor(batch.truncated, device=self.device)

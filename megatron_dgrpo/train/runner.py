@@ -36,8 +36,7 @@ log = logging.getLogger(__name__)
 def _save(trainer: Trainer) -> None:
     config = trainer.config
     save_training_checkpoint(config.run_dir, trainer.step, trainer.student, trainer.model_config,
-                             trainer.optimizer, {"prompts": trainer.prompts.state_dict(),
-                                                 "skipped_in_a_row": trainer.skipped.in_a_row},
+                             trainer.optimizer, trainer.state_dict(),
                              keep_last=config.keep_last)
 
 
@@ -52,8 +51,7 @@ def _resume(trainer: Trainer) -> int | None:
         return None
     restored = load_training_checkpoint(checkpoint, trainer.student, trainer.optimizer)
     trainer.step = restored["step"]
-    trainer.prompts.load_state_dict(restored["state"]["prompts"])
-    trainer.skipped.in_a_row = restored["state"].get("skipped_in_a_row", 0)
+    trainer.load_state_dict(restored["state"])
     if world_rank() == 0:
         log.warning("resuming %s from %s (step %d)", run_dir, checkpoint, trainer.step)
     return trainer.step

@@ -33,6 +33,7 @@ anchor of GRPO's KL) or the student before its PPO updates (``pi_old``).
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -51,6 +52,8 @@ from megatron_dgrpo.train import faults
 from megatron_dgrpo.train.batch import MicroBatch, StepBatch, answer_sequences
 from megatron_dgrpo.train.offload import Offloader
 from megatron_dgrpo.train.teacher_cache import TeacherTopKCache
+
+logger = logging.getLogger(__name__)
 
 
 class RolloutError(RunFailure):
@@ -113,8 +116,31 @@ class SequenceSource(Protocol):
         """Follow the student's update of ``step`` (e.g. refit an engine); metrics."""
         ...
 
+    def state_dict(self) -> dict:
+        """What a checkpoint must keep to resume exactly (work in flight), JSON-serialisable;
+        call on every rank (the save's rank 0 writes it)."""
+        ...
 
-class FixedSequences:
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s result on every rank (``{}``: nothing was saved)."""
+        ...
+
+
+class Stateless:
+    """A :class:`SequenceSource` with nothing in flight between steps. A checkpoint of an
+    asynchronous source loaded into one drops its in-flight batch (with a warning): the
+    next batch is sampled from the resumed weights instead."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            logger.warning("the checkpoint holds a batch sampled ahead (rollout.async_mode); "
+                           "this run samples synchronously and samples that step again")
+
+
+class FixedSequences(Stateless):
     """Prompt + target answer of each example (SFT, KD); ``prompt_loss``: the loss covers
     the prompt tokens too."""
 
@@ -132,7 +158,7 @@ class FixedSequences:
         return {}
 
 
-class EmbeddedRollouts:
+class EmbeddedRollouts(Stateless):
     """Rollouts sampled from the live student by the embedded engine (any TP; every TP rank
     calls with the same examples and gets the same rollouts)."""
 

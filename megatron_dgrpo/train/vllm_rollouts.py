@@ -42,18 +42,19 @@ from megatron_dgrpo.parallel.collectives import (
     worst_over_world,
 )
 from megatron_dgrpo.parallel.replicas import Replica
-from megatron_dgrpo.rollout.engine import SamplingConfig
+from megatron_dgrpo.rollout.engine import RolloutBatch, SamplingConfig
 from megatron_dgrpo.rollout.verify import RefitVerificationError
 from megatron_dgrpo.train.batch import StepBatch
 from megatron_dgrpo.train.sources import (
     RolloutError,
+    Stateless,
     engine_rollouts,
     rollout_seed,
     rollout_step_batch,
 )
 
 
-class VLLMRollouts:
+class VLLMRollouts(Stateless):
     """The trainer's handle on its replica's engine, a :class:`~megatron_dgrpo.train.
     sources.SequenceSource`; call every method on every rank.
 
@@ -83,11 +84,14 @@ class VLLMRollouts:
     # ------------------------------------------------------------------ start-up
 
     def _start(self) -> float:
-        """Start the replica's engine from the student's current weights; returns seconds."""
+        """Start the replica's engine from the student's current weights; returns seconds.
+        Asynchronous rollouts (``rollout.async_mode``) need it in a process of its own, so
+        that it samples while this process trains."""
         started = time.perf_counter()
         self.engine = start_engine_from_model(
             self.model, self.model_config, self.replica, self.config.refit_bucket_mb,
             max_model_len=self.max_model_len, seed=self.seed + self.replica.index,
+            in_process=None if self.config.async_mode == "sync" else False,
             **engine_options(self.config))
         self.started = True
         return time.perf_counter() - started
@@ -108,14 +112,10 @@ class VLLMRollouts:
         """Rollouts of this replica's ``examples`` (the same on all its ranks), grouped by
         prompt; and the start-up metric on the first call."""
         _, metrics = self.serving_engine()
-        # seeded per prompt of the global batch: the same samples at any data-parallel size
-        params = self.sampling.params(rollout_seed(self.seed, step, 0, draw),
-                                      prompt_offset=self.replica.index * len(examples))
         rollouts = None
         if self.replica.is_leader:
             try:  # the replica's other ranks learn of a failure through the broadcast
-                rollouts = engine_rollouts(self.engine, [e.prompt_ids for e in examples],
-                                           params, step)
+                rollouts = self.sample(examples, step, draw)
             except RolloutError as exc:
                 rollouts = exc
             if self.config.sleep_level and not isinstance(rollouts, RolloutError):
@@ -123,11 +123,26 @@ class VLLMRollouts:
         rollouts = broadcast_object(rollouts, src=self.replica.leader, group=self.replica.group)
         if isinstance(rollouts, RolloutError):
             raise RolloutError(f"replica {self.replica.index}: {rollouts}")
+        return self.step_batch(examples, rollouts), metrics
+
+    def sample(self, examples: list[LongBlocksExample], step: int, draw: int) -> RolloutBatch:
+        """The engine's rollouts of ``examples`` at ``step`` / ``draw`` (replica leader only;
+        no collectives, so it may run in a thread of its own); :class:`RolloutError` when
+        the engine fails."""
+        # seeded per prompt of the global batch: the same samples at any data-parallel size
+        params = self.sampling.params(rollout_seed(self.seed, step, 0, draw),
+                                      prompt_offset=self.replica.index * len(examples))
+        return engine_rollouts(self.engine, [e.prompt_ids for e in examples], params, step)
+
+    def step_batch(self, examples: list[LongBlocksExample],
+                   rollouts: RolloutBatch) -> StepBatch:
+        """The :class:`StepBatch` of ``rollouts`` of ``examples`` (every rank of the replica
+        holds them); the first ones become the probe of the next verification."""
         count = self.config.verify_sequences
         self._probe = [(r.prompt_ids + r.response_ids, len(r.prompt_ids))
                        for r in rollouts.rollouts[:count]]
-        return rollout_step_batch(examples, rollouts, params.n, self.decode, self.align,
-                                  self.device), metrics
+        return rollout_step_batch(examples, rollouts, self.sampling.n, self.decode, self.align,
+                                  self.device)
 
     def after_step(self, step: int) -> dict[str, float]:
         """After an optimizer step: refit the engine, and verify it on ``verify_every`` steps."""

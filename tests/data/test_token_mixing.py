@@ -1,10 +1,11 @@
-"""Token-share mixing: proportions, exact resume from state_dict, epochs, validation."""
+"""Token-share mixing: proportions, exact resume from state_dict, epochs, validation; reading
+ahead (Lookahead, for asynchronous rollouts)."""
 
 import itertools
 
 import pytest
 
-from megatron_dgrpo.data.mix import ListSource, MixConfig, TokenShareMixer
+from megatron_dgrpo.data.mix import ExampleStream, ListSource, Lookahead, MixConfig, TokenShareMixer
 
 
 def make_mixer(share=0.9, seed=0):
@@ -64,3 +65,24 @@ def test_errors_name_the_problem():
     other = make_mixer(0.5)
     with pytest.raises(ValueError, match="long_share"):
         other.load_state_dict(make_mixer(0.9).state_dict())
+
+
+@pytest.mark.parametrize("stream", ["examples", "mixer"])
+def test_lookahead_peeks_without_consuming_and_saves_the_state_before_the_peek(stream):
+    """Asynchronous rollouts read the next step's examples ahead: a :class:`Lookahead`
+    yields what the bare stream yields whatever it peeks, and its state after a peek
+    resumes (into a fresh stream) with the peeked items first."""
+    def make():
+        return make_mixer() if stream == "mixer" else ExampleStream(list(range(7)))
+
+    expected = make().take(12)
+    ahead = Lookahead(make())
+    got = ahead.take(3)
+    assert ahead.peek(3) == ahead.peek(2) + [expected[5]] == expected[3:6]
+    saved = ahead.state_dict()
+    got += ahead.take(2) + ahead.take(4)  # the held ones first, then the stream
+    assert got == expected[:9]
+    resumed = Lookahead(make())
+    resumed.load_state_dict(saved)
+    assert resumed.take(9) == expected[3:12]
+    assert (ahead.long_token_share is None) == (stream == "examples")
