@@ -11,8 +11,9 @@ by itself, with ``PeerLostError`` on its stderr, within 60 s.
 After every kill: each checkpoint that looks complete (``trainer_state.json``) holds exactly
 the uninterrupted run's checkpoint of that step (every tensor bit for bit, all metadata: a
 half-written one never looks complete), and the restart resumes from the checkpoint
-``latest`` names (the newest complete one if it names none). At the end the lineage's metrics (timings aside) and final checkpoint (weights,
-Adam state, RNG) equal the uninterrupted run's exactly. The first segment of each lineage is
+``latest`` names (the newest complete one if it names none). At the end the lineage's
+metrics (timings aside) and final checkpoint (weights, Adam state, RNG) equal the
+uninterrupted run's exactly. The first segment of each lineage is
 a real ``dgrpo train`` (``python -m megatron_dgrpo.cli``, under ``torch.distributed.run`` for
 TP=2); the others are forked from a pre-imported server, which starts them in a second.
 """
