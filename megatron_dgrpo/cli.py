@@ -110,12 +110,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dgrpo`` console script; returns the process exit code."""
     args = build_parser().parse_args(argv)
     _quiet_expected_warnings()
+    from megatron_dgrpo.errors import RunFailure
+
     try:
         return int(args._run(args) or 0)
     except (ValueError, FileExistsError, FileNotFoundError) as exc:
         # Bad input: one clear line, no traceback.
         print(f"dgrpo {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except RunFailure as exc:
+        # A fault stopped the run (lost rank, disk, divergence, engine): one line naming it.
+        print(f"dgrpo {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ Every configurable part of the package is a plain ``@dataclass`` with defaults a
 hints, optionally with a ``validate()`` method that raises ``ValueError``. This module turns
 nested dicts (from YAML) into those dataclasses, strictly:
 
-* an unknown key is an error that names it and lists the known ones;
+* an unknown key is an error that names it, suggests the nearest known key (a misspelling)
+  and lists the known ones; malformed YAML is an error naming the file, line and column;
 * values are checked against the field's type (``int``, ``float``, ``bool``, ``str``,
   ``Optional[...]``, ``Literal[...]``, ``list[...]``, ``dict[str, ...]``, nested dataclasses);
 * after building, ``validate()`` runs on every nested dataclass, inner ones first.
@@ -16,6 +17,7 @@ parallel.tensor_parallel=2 data.languages=[en,fr]``.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import types
 import typing
@@ -112,11 +114,14 @@ def require_choice(option: str, value: Any, choices: Iterable[Any]) -> None:
 def _build(cls: type[T], data: Mapping[str, Any], where: str) -> T:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(set(data) - set(fields), key=str)
     if unknown:
         prefix = f"{where}." if where else ""
+        hints = [f"{prefix}{k}: did you mean {prefix}{close[0]}?" for k in unknown
+                 if (close := difflib.get_close_matches(str(k), list(fields), n=1))]
         raise ConfigError(
-            f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
+            f"unknown config key(s) {', '.join(prefix + str(k) for k in unknown)}"
+            f"{' (' + '; '.join(hints) + ')' if hints else ''}; "
             f"known keys of {cls.__name__}: {', '.join(sorted(fields))}")
     kwargs = {}
     for name, value in data.items():
@@ -171,7 +176,11 @@ def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
             if not isinstance(child, dict):
                 raise ConfigError(f"override {item!r} conflicts with an earlier override of {part}")
             node = child
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML: "
+                              f"{_yaml_problem(exc)}") from None
     return tree
 
 
@@ -186,13 +195,25 @@ def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, 
     return merged
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error on one line: what is wrong, and where (line and column, 1-based)."""
+    mark = getattr(exc, "problem_mark", None)
+    what = " ".join(str(part) for part in (getattr(exc, "context", None),
+                                           getattr(exc, "problem", None)) if part)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{what or exc}{where}".replace("\n", " ")
+
+
 def load_config(cls: type[T], path: str | os.PathLike | None = None,
                 overrides: Iterable[str] = ()) -> T:
     """Load ``cls`` from a YAML file (optional) plus ``key=value`` overrides, then validate."""
     data: dict[str, Any] = {}
     if path is not None:
         with open(path, encoding="utf-8") as handle:
-            loaded = yaml.safe_load(handle)
+            try:
+                loaded = yaml.safe_load(handle)
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"{path} is not valid YAML: {_yaml_problem(exc)}") from None
         if loaded is not None and not isinstance(loaded, Mapping):
             raise ConfigError(f"{path}: the top level must be a mapping, got {type(loaded).__name__}")
         data = dict(loaded or {})

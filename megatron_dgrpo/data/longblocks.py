@@ -295,6 +295,15 @@ class LongBlocksLoader:
         logger.log(level, "LongBlocks: %s", summary.format())
 
 
+def require_usable_example(config: LongBlocksConfig, tokenizer: ChatTokenizer) -> None:
+    """ValueError unless the loader keeps at least one row of ``config.paths`` (rows are
+    tokenized until the first kept one: prompt lengths are what :func:`scan` cannot see),
+    with the loader's count of why each row was left out."""
+    loader = LongBlocksLoader(config, tokenizer)
+    if next(iter(loader), None) is None:
+        raise ValueError(f"the training data has no usable rows ({loader.summary.format()})")
+
+
 # ---------------------------------------------------------------------- start-up scan
 
 
@@ -356,6 +365,8 @@ def column_null_mask(parquet: pq.ParquetFile, group: int, column: str) -> np.nda
     """Null mask ``[rows]`` of ``column`` in row group ``group``: from the statistics when they
     decide it (no nulls / all null), else read in batches, keeping only the mask."""
     row_group = parquet.metadata.row_group(group)
+    if row_group.num_rows == 0:
+        return np.zeros(0, dtype=bool)
     for index in range(row_group.num_columns):
         stats = row_group.column(index).statistics
         if (row_group.column(index).path_in_schema == column and stats is not None
@@ -439,6 +450,9 @@ def scan(config: LongBlocksConfig) -> ScanSummary:
             summary.unreadable_files.append(f"{path} ({error})")
     trouble = summary.unusable_rows or summary.unreadable_files
     logger.log(logging.WARNING if trouble else logging.INFO, "LongBlocks scan: %s", summary.format())
+    if not summary.files or (not summary.rows and not summary.unreadable_files):
+        raise ValueError(f"nothing to train on: {', '.join(map(str, config.paths))} hold "
+                         f"{'no parquet files' if not summary.files else 'no rows'}")
     too_many = summary.unusable_fraction > config.max_unusable_fraction
     if (too_many or summary.unreadable_files) and not config.allow_unusable:
         why = (f"{100 * summary.unusable_fraction:.1f}% of the rows are unusable, more than "

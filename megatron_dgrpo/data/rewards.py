@@ -35,6 +35,8 @@ convention of :mod:`.answers` to the response first.
 
 from __future__ import annotations
 
+import logging
+import math
 import re
 import unicodedata
 from collections import Counter
@@ -45,6 +47,8 @@ from typing import Literal
 from rouge_score import rouge_scorer
 
 from .answers import AnswerFormat, extract_answer
+
+logger = logging.getLogger(__name__)
 
 RewardFn = Callable[[str, str], float]
 REWARDS: dict[str, RewardFn] = {}
@@ -304,9 +308,25 @@ class RewardConfig:
 
     def score_all(self, responses: list[str], references: list[str],
                   tasks: list[str | None]) -> list[float]:
-        """:meth:`score` of each (response, reference, task)."""
-        return [self.score(response, reference, task)
-                for response, reference, task in zip(responses, references, tasks, strict=True)]
+        """:meth:`score` of each (response, reference, task); NaN for a sample whose reward
+        raised or returned a non-finite value (logged once per call with the first error,
+        so one bad sample marks that sample, not the run)."""
+        scores, failures = [], []
+        for response, reference, task in zip(responses, references, tasks, strict=True):
+            try:
+                value = float(self.score(response, reference, task))
+            except Exception as exc:  # a user's reward function may raise anything
+                value = math.nan
+                failures.append(f"{self.reward_name(task)} raised {type(exc).__name__}: {exc}")
+            else:
+                if not math.isfinite(value):
+                    failures.append(f"{self.reward_name(task)} returned {value}")
+                    value = math.nan
+            scores.append(value)
+        if failures:
+            logger.warning("%d of %d rewards failed and get zero weight (first: %s)",
+                           len(failures), len(scores), failures[0])
+        return scores
 
 
 def overlong_penalty(length: int, max_length: int, buffer: int) -> float:

@@ -191,12 +191,19 @@ class ParallelConfig:
     use_te: bool | Literal["auto"] = "auto"
     fp8: TransformerFp8Config | None = None
     gpu_memory_gib: float | None = None
+    # Seconds the start-up rendezvous and each collective wait for the other ranks before
+    # this rank stops with an error naming the lost peer (a dead rank's closed connection
+    # is noticed at once; this bounds a hung or unreachable one). Megatron's groups round
+    # it up to whole minutes.
+    timeout_s: float = 600.0
 
     def validate(self, runtime: Runtime | None = None) -> None:
         """Raise ValueError if this layout cannot run on ``runtime`` (default: this machine)."""
         for name in ("tensor_parallel", "pipeline_parallel", "context_parallel"):
             if getattr(self, name) < 1:
                 raise ValueError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+        if self.timeout_s <= 0:
+            raise ValueError(f"parallel.timeout_s must be > 0, got {self.timeout_s}")
         if self.use_te not in (True, False, "auto"):
             raise ValueError(f"parallel.use_te must be true, false or 'auto', got {self.use_te!r}")
         if self.sequence_parallel and self.tensor_parallel == 1:

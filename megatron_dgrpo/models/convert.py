@@ -56,6 +56,24 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or written as asked; the message says why."""
 
 
+def open_safetensors(path: str | os.PathLike):
+    """``safe_open(path)`` (a context manager too), or a :class:`CheckpointError` naming the
+    file when it cannot be read: truncated, corrupted, or not safetensors at all."""
+    try:
+        return safe_open(str(path), "pt")
+    except Exception as exc:  # safetensors raises its own SafetensorError (or OSError)
+        raise CheckpointError(f"{path} is truncated or corrupted "
+                              f"({type(exc).__name__}: {exc})") from None
+
+
+def read_json(path: Path) -> Any:
+    """The JSON document in ``path``; a :class:`CheckpointError` naming it if it is not one."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc})") from None
+
+
 def shard_dir_name(tp_rank: int, pp_rank: int) -> str:
     return f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
 
@@ -74,7 +92,7 @@ class HFCheckpoint:
         config_file = self.path / "config.json"
         if not config_file.is_file():
             raise CheckpointError(f"{self.path} has no config.json")
-        self.hf_config: dict[str, Any] = json.loads(config_file.read_text())
+        self.hf_config: dict[str, Any] = read_json(config_file)
         self.config = ModelConfig.from_hf_config(self.hf_config)
         self._file_of = self._weight_files()
         self._open: dict[str, Any] = {}
@@ -82,9 +100,9 @@ class HFCheckpoint:
     def _weight_files(self) -> dict[str, str]:
         index = self.path / HF_INDEX_FILE
         if index.is_file():
-            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            weight_map: dict[str, str] = read_json(index)["weight_map"]
         elif (self.path / HF_SINGLE_FILE).is_file():
-            with safe_open(self.path / HF_SINGLE_FILE, "pt") as handle:
+            with open_safetensors(self.path / HF_SINGLE_FILE) as handle:
                 names = handle.keys()  # a safe_open handle is neither a dict nor iterable
             weight_map = dict.fromkeys(names, HF_SINGLE_FILE)
         else:
@@ -101,7 +119,7 @@ class HFCheckpoint:
 
     def _handle(self, file_name: str):
         if file_name not in self._open:
-            self._open[file_name] = safe_open(self.path / file_name, "pt")
+            self._open[file_name] = open_safetensors(self.path / file_name)
         return self._open[file_name]
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
@@ -204,7 +222,7 @@ class MegatronCheckpoint:
         if not meta_file.is_file():
             raise FileNotFoundError(f"{self.path} is not a megatron-dgrpo checkpoint "
                                     f"(no {METADATA_FILE})")
-        meta = json.loads(meta_file.read_text())
+        meta = read_json(meta_file)
         if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
             raise CheckpointError(f"{meta_file}: unsupported format {meta.get('format')!r} "
                                   f"version {meta.get('format_version')!r}; this code reads "
@@ -236,7 +254,7 @@ class MegatronCheckpoint:
         if file not in self._open:
             if not file.is_file():
                 raise CheckpointError(f"checkpoint shard {file} is missing")
-            self._open[file] = safe_open(file, "pt")
+            self._open[file] = open_safetensors(file)
         handle = self._open[file]
         names = handle.keys()  # a safe_open handle supports no `in`
         if name not in names:

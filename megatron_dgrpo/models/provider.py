@@ -34,8 +34,11 @@ sequence and rotary positions restart at 0 in each (Megatron's THD rotary, TE's 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import random
 
+import numpy as np
 import torch
 
 from megatron_dgrpo.models.config import (
@@ -180,7 +183,7 @@ def initialize_parallel(parallel: ParallelConfig, seed: int = 1234) -> None:
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     parallel.validate()
-    init_default_group(default_backend())
+    init_default_group(default_backend(), parallel.timeout_s)
     if world_size() % parallel.model_parallel_size:
         raise ValueError(f"world size {world_size()} is not a multiple of "
                          f"TP x PP x CP = {parallel.model_parallel_size}")
@@ -189,7 +192,10 @@ def initialize_parallel(parallel: ParallelConfig, seed: int = 1234) -> None:
     adapt_megatron_for_cpu()
     ps.initialize_model_parallel(tensor_model_parallel_size=parallel.tensor_parallel,
                                  pipeline_model_parallel_size=parallel.pipeline_parallel,
-                                 context_parallel_size=parallel.context_parallel)
+                                 context_parallel_size=parallel.context_parallel,
+                                 distributed_timeout_minutes=math.ceil(parallel.timeout_s / 60))
+    random.seed(seed)  # Python's and NumPy's generators too, so that every run of a config
+    np.random.seed(seed % 2**32)  # starts (and checkpoints) the same RNG states
     torch.manual_seed(seed)  # same CPU-initialised master weights on every TP rank
     model_parallel_cuda_manual_seed(seed)
 

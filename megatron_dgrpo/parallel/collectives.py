@@ -10,6 +10,8 @@ noted. Callers never import ``torch.distributed`` for communication.
 
 from __future__ import annotations
 
+import datetime
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,7 +19,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from megatron_dgrpo.errors import RunFailure
+
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+_timeout: datetime.timedelta | None = None  # of the default group, when created here
 
 
 def is_initialized() -> bool:
@@ -153,13 +158,45 @@ def broadcast_object(value: Any, src: int, group=None) -> Any:
 def new_group(ranks: list[int]):
     """A process group over the global ``ranks`` (collective: every rank must call it, with
     the same arguments, in the same order relative to other group creations)."""
-    return dist.new_group(ranks)
+    return dist.new_group(ranks, timeout=_timeout)
 
 
-def init_default_group(backend: str) -> None:
-    """Create the default process group from the torchrun environment, if not yet there."""
+def init_default_group(backend: str, timeout_s: float | None = None) -> None:
+    """Create the default process group from the torchrun environment, if not yet there.
+    ``timeout_s``: how long the start-up rendezvous and every collective (of this group and
+    of those :func:`new_group` makes) wait for the other ranks before raising (torch's
+    default when ``None``)."""
+    global _timeout
     if not is_initialized():
-        dist.init_process_group(backend=backend)
+        _timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
+        dist.init_process_group(backend=backend, timeout=_timeout)
+
+
+class PeerLostError(RunFailure):
+    """A collective failed: another rank died, or stopped answering for longer than the
+    timeout. The message names this rank and the backend's error."""
+
+
+# gloo's transport errors (a reset connection, a timed-out receive) are plain RuntimeErrors
+# whose text names the transport; NCCL's and the rendezvous store's are DistErrors.
+_PEER_FAILURE_MARKERS = ("gloo/transport", "NCCL communicator")
+
+
+def peer_lost_error(exc: BaseException) -> PeerLostError | None:
+    """:class:`PeerLostError` describing ``exc`` if it is a collective's failure caused by
+    another rank (dead, or silent past the timeout), else ``None``."""
+    if isinstance(exc, PeerLostError):
+        return exc
+    text = str(exc)
+    if not (isinstance(exc, dist.DistError) or any(m in text for m in _PEER_FAILURE_MARKERS)):
+        return None
+    rank = world_rank() if is_initialized() else int(os.environ.get("RANK", "0"))
+    size = world_size() if is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+    detail = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+    return PeerLostError(
+        f"rank {rank} of {size} lost contact with the other ranks ({type(exc).__name__}: "
+        f"{detail}); one of them died or hung, its log says why. This rank stops; restarted, "
+        "the run resumes from its last checkpoint")
 
 
 def barrier(group=None) -> None:

@@ -89,6 +89,19 @@ class RolloutBatch:
     def num_generated_tokens(self) -> int:
         return sum(len(r.response_ids) for r in self.rollouts)
 
+    def problem(self, num_prompts: int, n: int) -> str | None:
+        """What is wrong with this batch as the answer to ``num_prompts`` prompts x ``n``
+        samples (missing or extra samples, rows out of prompt order), or ``None``."""
+        got = [r.prompt_index for r in self.rollouts]
+        expected = [i for i in range(num_prompts) for _ in range(n)]
+        if got == expected:
+            return None
+        counts = {i: got.count(i) for i in range(num_prompts) if got.count(i) != n}
+        detail = ", ".join(f"prompt {i}: {c} of {n}" for i, c in counts.items()) or \
+            "out of prompt order"
+        return (f"the engine returned {len(got)} samples for {num_prompts} prompts x {n} "
+                f"({detail})")
+
     @property
     def tokens_per_second(self) -> float:
         return self.num_generated_tokens / self.seconds if self.seconds > 0 else 0.0

@@ -50,6 +50,7 @@ import importlib.util
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -58,6 +59,7 @@ from typing import Any
 
 import torch
 
+from megatron_dgrpo.errors import RunFailure
 from megatron_dgrpo.models.config import ModelConfig
 from megatron_dgrpo.models.mapping import get_mapping
 from megatron_dgrpo.parallel.collectives import world_size
@@ -84,6 +86,59 @@ class TopKScores:
 
 class EngineUnavailableError(RuntimeError):
     """The engine's package is not installed, or the backend cannot run the model."""
+
+
+class EngineDiedError(RunFailure):
+    """The vLLM engine process died (killed, or crashed) while the trainer needed it."""
+
+
+class _Supervised:
+    """``vllm.LLM`` whose method calls raise :class:`EngineDiedError`, naming the call, once
+    its engine-core process is dead, instead of hanging or printing vLLM's traceback.
+
+    vLLM's synchronous multiprocess client notices a dead engine core (its monitor thread
+    sets ``engine_dead``) but leaves a call that is waiting for outputs blocked for ever: its
+    output thread exits without a word. A watch thread here hands such a call an
+    ``EngineDeadError`` through the client's output queue (checked every
+    :attr:`WATCH_S` seconds); later calls fail at once. In-process engines have no engine
+    core to lose and are not watched.
+    """
+
+    WATCH_S = 0.5
+
+    def __init__(self, llm):
+        self._llm = llm
+        client = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        self._resources = getattr(client, "resources", None)
+        outputs = getattr(client, "outputs_queue", None)
+        if self._resources is not None and outputs is not None:
+            threading.Thread(target=self._watch, args=(self._resources, outputs), daemon=True,
+                             name="dgrpo-vllm-engine-watch").start()
+
+    @classmethod
+    def _watch(cls, resources, outputs) -> None:
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        while not resources.engine_dead:
+            time.sleep(cls.WATCH_S)
+        outputs.put_nowait(EngineDeadError())  # wakes a call waiting for outputs
+
+    def __getattr__(self, name: str):
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        value = getattr(self._llm, name)
+        if not callable(value):
+            return value
+
+        def call(*args, **kwargs):
+            if self._resources is not None and self._resources.engine_dead:
+                raise EngineDiedError(f"the vLLM engine process is dead; {name}() not run")
+            try:
+                return value(*args, **kwargs)
+            except EngineDeadError as exc:
+                raise EngineDiedError(f"the vLLM engine process died during {name}() "
+                                      f"(vLLM: {exc})") from exc
+        return call
 
 
 def require_engine_package(module_name: str = "vllm") -> None:
@@ -271,14 +326,15 @@ class VLLMEngine:
                     if value is not None}
         start = time.perf_counter()
         with _scoped_environ(startup_environ):
-            self.llm = LLM(self.model_dir, dtype=dtype, seed=seed, max_model_len=max_model_len,
-                           # no pickles, no repository code
-                           load_format="safetensors", trust_remote_code=False,
-                           skip_tokenizer_init=not has_tokenizer, logprobs_mode=LOGPROBS_MODE,
-                           enforce_eager=self.on_cpu, generation_config="vllm",
-                           enable_sleep_mode=not self.on_cpu,
-                           gpu_memory_utilization=gpu_memory_utilization,
-                           tensor_parallel_size=tensor_parallel_size, **optional)
+            llm = LLM(self.model_dir, dtype=dtype, seed=seed, max_model_len=max_model_len,
+                      # no pickles, no repository code
+                      load_format="safetensors", trust_remote_code=False,
+                      skip_tokenizer_init=not has_tokenizer, logprobs_mode=LOGPROBS_MODE,
+                      enforce_eager=self.on_cpu, generation_config="vllm",
+                      enable_sleep_mode=not self.on_cpu,
+                      gpu_memory_utilization=gpu_memory_utilization,
+                      tensor_parallel_size=tensor_parallel_size, **optional)
+        self.llm = _Supervised(llm)
         self.has_tokenizer = has_tokenizer
         self.cpu_linear = cpu_linear if self.on_cpu else None
         unpack_start = time.perf_counter()
@@ -307,14 +363,19 @@ class VLLMEngine:
         return results[0]
 
     def check_alive(self) -> None:
-        """Raise vLLM's ``EngineDeadError`` if the engine's process has died (engines in a
+        """Raise :class:`EngineDiedError` if the engine's process has died (engines in a
         process of their own; in-process engines have none to lose). vLLM's synchronous
         client notices the death but leaves a ``generate`` already waiting blocked, so a
         caller waiting on one from another thread polls this."""
+        from vllm.v1.engine.exceptions import EngineDeadError
+
         client = self.llm.llm_engine.engine_core
         ensure_alive = getattr(client, "ensure_alive", None)
         if ensure_alive is not None:
-            ensure_alive()
+            try:
+                ensure_alive()
+            except EngineDeadError as exc:
+                raise EngineDiedError(f"the vLLM engine process is dead (vLLM: {exc})") from exc
 
     def reset_prefix_cache(self) -> None:
         """Forget cached KV blocks (they were computed with the previous weights)."""

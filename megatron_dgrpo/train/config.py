@@ -139,6 +139,9 @@ class RolloutConfig:
     engine_tensor_parallel: int = 1  # vLLM workers (GPUs) per engine, see above
     max_num_seqs: int | None = None  # vLLM's concurrent sequences, see above
     verify_decode_tokens: int = 4  # greedy tokens decoded per probe prompt (0: prefill only)
+    # Either engine: a generate call that fails or returns other samples than asked is
+    # attempted again this many times (with a warning), then the run stops naming the error.
+    retries: int = 1
     async_mode: Literal["sync", "one_step", "bounded"] = "sync"  # see above
     max_staleness: int = 2  # async_mode=bounded: the most updates a batch may lag (>= 1)
 
@@ -148,6 +151,8 @@ class RolloutConfig:
         return {"sync": 0, "one_step": 1, "bounded": self.max_staleness}[self.async_mode]
 
     def validate(self) -> None:
+        if self.retries < 0:
+            raise ValueError(f"rollout.retries must be >= 0, got {self.retries}")
         if self.verify_every < 0:
             raise ValueError(f"rollout.verify_every must be >= 0 (0 = never), got {self.verify_every}")
         if self.verify_sequences < 1:
@@ -286,6 +291,9 @@ class RunConfig:
     pack_tokens: int | None = None
     save_every: int = 5
     keep_last: int = 2
+    # A step with a non-finite loss or gradient norm updates nothing and saves nothing; this
+    # many such steps in a row stop the run (train/guards.py).
+    max_skipped_steps: int = 3
     tokenizer: str = ""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     student: ModelSource = field(default_factory=ModelSource)
@@ -330,7 +338,7 @@ class RunConfig:
 
         runtime = runtime or Runtime.detect()
         for name in ("steps", "prompts_per_step", "save_every", "keep_last", "ppo_mini_batches",
-                     "ppo_epochs"):
+                     "ppo_epochs", "max_skipped_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
@@ -574,7 +582,8 @@ class RunConfig:
              f"loss.objective={loss.objective} does not use group advantages"),
             (self.sampling, tuple(f.name for f in fields(SamplingConfig)), not spec.on_policy,
              f"loss.objective={loss.objective} samples no rollouts"),
-            (self.rollout, tuple(f.name for f in fields(RolloutConfig) if f.name != "engine"),
+            (self.rollout, tuple(f.name for f in fields(RolloutConfig)
+                                 if f.name not in ("engine", "retries")),
              self.rollout.engine == "embedded" and not self.uses_vllm_teacher(),
              "rollout.engine=embedded starts no vLLM engine"),
             (self.rollout, ("max_staleness",), self.rollout.async_mode != "bounded",

@@ -38,7 +38,7 @@ from megatron_dgrpo.algorithms.inputs import TokenBatch
 from megatron_dgrpo.algorithms.metrics import LossMetrics
 from megatron_dgrpo.data.chat import load_chat_tokenizer
 from megatron_dgrpo.data.rewards import overlong_penalty
-from megatron_dgrpo.data.longblocks import LongBlocksLoader, scan
+from megatron_dgrpo.data.longblocks import LongBlocksLoader, require_usable_example, scan
 from megatron_dgrpo.data.mix import ExampleStream, Lookahead, TokenShareMixer, reread_source
 from megatron_dgrpo.parallel.collectives import reduce_scalar
 from megatron_dgrpo.parallel.context import (
@@ -49,6 +49,7 @@ from megatron_dgrpo.parallel.context import (
 )
 from megatron_dgrpo.train.batch import MicroBatch, StepBatch, plan_micro_batches, used_lengths
 from megatron_dgrpo.train.config import RunConfig
+from megatron_dgrpo.train.guards import SkippedSteps, generate_with_retries, invalid_rewards
 from megatron_dgrpo.train.optimizer import StudentOptimizer
 from megatron_dgrpo.train.packing import plan_packed_micro_batches
 from megatron_dgrpo.train.rollout_metrics import step_rollout_metrics
@@ -93,6 +94,7 @@ class Trainer:
         self.replica = model_replica() if uses_vllm else None  # engines live on its leader
 
         self.tokenizer = load_chat_tokenizer(config.tokenizer)
+        require_usable_example(config.data, self.tokenizer)  # e.g. every prompt too long
         self.model_config = config.student.model_config()
         require_tokenizer_fits(self.tokenizer, self.model_config, "the student")
         self.student = build_model(self.model_config, config.parallel, config.student.init_from)
@@ -115,6 +117,7 @@ class Trainer:
         self.sequences = self._sequence_source()
         self.prompts = self._example_stream()
         self.step = 0
+        self.skipped = SkippedSteps(config.max_skipped_steps)  # non-finite steps in a row
 
     def _example_stream(self) -> Lookahead:
         """The training examples: ``data`` alone, or mixed with ``short_data`` by token share
@@ -178,11 +181,13 @@ class Trainer:
     def state_dict(self) -> dict:
         """The loop's part of a checkpoint (JSON): the example stream's position and what
         the sequence source has in flight; call on every rank."""
-        return {"prompts": self.prompts.state_dict(), "sequences": self.sequences.state_dict()}
+        return {"prompts": self.prompts.state_dict(), "sequences": self.sequences.state_dict(),
+                "skipped_in_a_row": self.skipped.in_a_row}
 
     def load_state_dict(self, state: dict) -> None:
         self.prompts.load_state_dict(state["prompts"])
         self.sequences.load_state_dict(state.get("sequences", {}))
+        self.skipped.in_a_row = state.get("skipped_in_a_row", 0)
 
     # ---------------------------------------------------------------- one step
 
@@ -249,7 +254,8 @@ class Trainer:
         outcome rewards when on-policy (trained on by grpo/dgrpo, logged for every
         on-policy objective), the overlong penalty included."""
         rewards_config = self.config.rewards
-        batch, metrics = self.sequences.generate(examples, self.step, draw)
+        batch, metrics = generate_with_retries(self.sequences, examples, self.step, draw,
+                                               self.config.rollout.retries)
         if self.objective.on_policy:
             rewards = rewards_config.score_all(batch.responses, batch.references, batch.tasks)
             if rewards_config.overlong == "penalty":
@@ -257,7 +263,11 @@ class Trainer:
                 rewards = [r + rewards_config.overlong_weight
                            * overlong_penalty(n, budget, rewards_config.overlong_buffer)
                            for r, n in zip(rewards, batch.response_lengths)]
-            batch.rewards = torch.tensor(rewards, dtype=torch.float32, device=self.device)
+            # a failed reward (NaN) gives its sample zero weight, counted
+            batch.rewards, invalid = invalid_rewards(
+                torch.tensor(rewards, dtype=torch.float32, device=self.device), batch.group_size)
+            batch.sequences.loss_mask &= ~invalid[:, None]
+            metrics["reward/invalid"] = reduce_scalar(invalid.sum(), "sum", self.dp_group)
         return batch, metrics
 
     def _refill(self, batch: StepBatch) -> tuple[StepBatch, dict[str, float]]:
@@ -350,12 +360,13 @@ class Trainer:
                 used += sum(lengths[row] for micro_batch in plan for row in micro_batch.rows)
                 computed += sum(micro_batch.computed_tokens for micro_batch in plan)
                 loss, loss_metrics = self._accumulate_gradients(plan, part, part_signals)
-                optim.append(self.optim.step(self.step, config.steps))
                 losses.append(reduce_scalar(loss, "sum", self.dp_cp_group))
+                optim.append(self.optim.step(self.step, config.steps, losses[-1]))
                 metrics.append(all_reduce_metrics(loss_metrics, self.dp_cp_group))
         optim_metrics = optim[0] if len(optim) == 1 else {
             "optim/lr": optim[-1]["optim/lr"], "optim/updates": float(len(optim)),
-            "optim/grad_norm": sum(o["optim/grad_norm"] for o in optim) / len(optim)}
+            "optim/grad_norm": sum(o["optim/grad_norm"] for o in optim) / len(optim),
+            "optim/skipped": float(any(o["optim/skipped"] for o in optim))}
         optim_metrics["train/padding_fraction"] = 1 - (reduce_scalar(used, "sum", self.dp_group)
                                                        / reduce_scalar(computed, "sum",
                                                                        self.dp_group))
@@ -366,7 +377,7 @@ class Trainer:
         """Forward and backward of every micro-batch of ``plan``; gradients accumulate in
         DDP's buffers. Returns this rank's loss and its metrics (the same on every pipeline
         stage)."""
-        return self.student_step.accumulate(plan, sequences, signals)
+        return self.student_step.accumulate(plan, sequences, signals, self.step)
 
     def _step_costs(self, batch: StepBatch, started: float, generated: float, scored: float,
                     trained: float) -> dict[str, float]:

@@ -75,15 +75,21 @@ class StudentOptimizer:
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
 
-    def step(self, step: int, total_steps: int) -> dict[str, float]:
+    def step(self, step: int, total_steps: int, loss: float = 0.0) -> dict[str, float]:
         """Reduce the accumulated gradients, set the schedule's learning rate for 1-based
-        ``step`` and update the weights; returns ``optim/lr`` and ``optim/grad_norm``."""
+        ``step`` and update the weights; returns ``optim/lr``, ``optim/grad_norm`` and
+        ``optim/skipped``. ``loss``: the global loss these gradients are of. If it or the
+        gradient norm is not finite (both are the same on every rank), nothing is updated
+        (weights, Adam's moments and step count stay) and ``optim/skipped`` is 1."""
         from megatron.core.distributed import finalize_model_grads
 
         finalize_model_grads([self.ddp])
         grad_norm = global_grad_norm(self.ddp, self.tp_group, self.pp_group)  # before clipping
         lr = self.optim.lr_at(step, total_steps)
+        if not (math.isfinite(grad_norm) and math.isfinite(loss)):
+            self.zero_grad()
+            return {"optim/lr": lr, "optim/grad_norm": grad_norm, "optim/skipped": 1.0}
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
-        return {"optim/lr": lr, "optim/grad_norm": grad_norm}
+        return {"optim/lr": lr, "optim/grad_norm": grad_norm, "optim/skipped": 0.0}

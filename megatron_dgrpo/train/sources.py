@@ -48,14 +48,35 @@ from torch import Tensor
 
 from megatron_dgrpo.data.chat import reply_text
 from megatron_dgrpo.data.longblocks import LongBlocksExample
+from megatron_dgrpo.errors import RunFailure
 from megatron_dgrpo.models.pipeline import StageInput, micro_batch_logp
 from megatron_dgrpo.rollout.engine import RolloutBatch, SamplingConfig
 from megatron_dgrpo.rollout.sequences import SequenceBatch, build_sequences
+from megatron_dgrpo.train import faults
 from megatron_dgrpo.train.batch import MicroBatch, StepBatch, answer_sequences
 from megatron_dgrpo.train.offload import Offloader
 from megatron_dgrpo.train.teacher_cache import TeacherTopKCache
 
 logger = logging.getLogger(__name__)
+
+
+class RolloutError(RunFailure):
+    """A rollout engine failed, or answered with other samples than it was asked for."""
+
+
+def engine_rollouts(engine, prompts: list[list[int]], params, step: int) -> RolloutBatch:
+    """``engine.generate(prompts, params)`` at 1-based ``step``; any failure of the engine
+    becomes :class:`RolloutError` (the trainer retries those, :mod:`.guards`)."""
+    try:
+        if faults.fires("rollout.error", step):
+            raise RuntimeError(f"injected by {faults.VARIABLE}")
+        rollouts = engine.generate(prompts, params)
+    except Exception as exc:  # any engine failure: named, retried, then stops the run
+        raise RolloutError(f"{type(engine).__name__}.generate failed: "
+                           f"{type(exc).__name__}: {exc}") from exc
+    if faults.fires("rollout.short", step):
+        rollouts = RolloutBatch(rollouts.rollouts[:-1], rollouts.seconds)
+    return rollouts
 
 
 def rollout_seed(run_seed: int, step: int, replica: int, draw: int = 0) -> int:
@@ -67,7 +88,12 @@ def rollout_seed(run_seed: int, step: int, replica: int, draw: int = 0) -> int:
 def rollout_step_batch(examples: list[LongBlocksExample], rollouts: RolloutBatch,
                        group_size: int, decode, align: int, device) -> StepBatch:
     """A :class:`StepBatch` of ``rollouts`` (grouped by prompt) of ``examples``;
-    ``decode``: token ids -> text, for rollouts the engine did not detokenize."""
+    ``decode``: token ids -> text, for rollouts the engine did not detokenize. Raises
+    :class:`RolloutError` unless there are exactly ``group_size`` rollouts per example, in
+    order."""
+    problem = rollouts.problem(len(examples), group_size)
+    if problem is not None:
+        raise RolloutError(problem)
     rows = rollouts.rollouts
     sequences = build_sequences([r.prompt_ids for r in rows], [r.response_ids for r in rows],
                                 align=align).to(device)
@@ -148,7 +174,7 @@ class EmbeddedRollouts(Stateless):
     def generate(self, examples: list[LongBlocksExample], step: int,
                  draw: int = 0) -> tuple[StepBatch, dict[str, float]]:
         params = self.sampling.params(rollout_seed(self.run_seed, step, self.replica, draw))
-        rollouts = self.engine.generate([e.prompt_ids for e in examples], params)
+        rollouts = engine_rollouts(self.engine, [e.prompt_ids for e in examples], params, step)
         return rollout_step_batch(examples, rollouts, params.n, self.decode, self.align,
                                   self.device), {}
 

@@ -1,7 +1,7 @@
 """The student's forward and backward over one update's micro-batches, on every pipeline stage.
 
     student_step = StudentStep(config, ddp_student, teacher, vocab_size, temperature)
-    loss, metrics = student_step.accumulate(plan, sequences, signals)   # same on every stage
+    loss, metrics = student_step.accumulate(plan, sequences, signals, step)  # every stage
 
 The micro-batches (:class:`~megatron_dgrpo.train.batch.MicroBatch`, or packs,
 :class:`~megatron_dgrpo.train.packing.PackedMicroBatch`) run through Megatron's schedule
@@ -39,6 +39,7 @@ from megatron_dgrpo.parallel.collectives import broadcast_object, group_rank_and
 from megatron_dgrpo.parallel.fused import loss_from_hidden, loss_token_index
 from megatron_dgrpo.parallel.materialized import loss_from_logits
 from megatron_dgrpo.rollout.sequences import SequenceBatch
+from megatron_dgrpo.train import faults
 from megatron_dgrpo.train.config import RunConfig
 from megatron_dgrpo.train.sources import TeacherSource
 
@@ -63,10 +64,11 @@ class StudentStep:
         self.fused = config.loss_impl == "fused"
         self.tp_group = ps.get_tensor_model_parallel_group()
 
-    def accumulate(self, plan: list, sequences: SequenceBatch,
-                   signals: TokenBatch) -> tuple[Tensor, LossMetrics]:
+    def accumulate(self, plan: list, sequences: SequenceBatch, signals: TokenBatch,
+                   step: int) -> tuple[Tensor, LossMetrics]:
         """Forward and backward of every micro-batch of ``plan`` over ``sequences`` /
-        ``signals`` (this rank's step batch); returns this rank's loss and its metrics."""
+        ``signals`` (this rank's batch of 1-based optimizer step ``step``); returns this
+        rank's loss and its metrics."""
         parts = [micro_batch.sequences(sequences) for micro_batch in plan]
         inputs = [micro_batch.stage_input(part) for micro_batch, part in zip(plan, parts)]
         tokens = [micro_batch.tokens(signals) for micro_batch in plan]
@@ -74,7 +76,8 @@ class StudentStep:
         teacher = self.teacher
         with teacher.active() if teacher is not None else contextlib.nullcontext():
             teacher_outputs = teacher.outputs(inputs, keeps) if teacher is not None else None
-            records = run_micro_batches(self.model, inputs, partial(self._loss, tokens, keeps),
+            loss_of = partial(self._loss, tokens, keeps, step)
+            records = run_micro_batches(self.model, inputs, loss_of,
                                         forward_only=False, prepare=teacher_outputs)
         device = sequences.tokens.device
         loss, metrics = torch.zeros((), device=device), LossMetrics()
@@ -82,8 +85,8 @@ class StudentStep:
             loss, metrics = loss + piece, metrics.merge(piece_metrics)
         return self._from_last_stage(loss, metrics, device)
 
-    def _loss(self, tokens: list[TokenBatch], keeps: list[Tensor], index: int, output: Tensor,
-              teacher_outputs) -> tuple[Tensor, tuple[Tensor, LossMetrics]]:
+    def _loss(self, tokens: list[TokenBatch], keeps: list[Tensor], step: int, index: int,
+              output: Tensor, teacher_outputs) -> tuple[Tensor, tuple[Tensor, LossMetrics]]:
         """Micro-batch ``index``'s loss from the last stage's ``output``; with the record
         ``(loss, metrics)`` (detached)."""
         from megatron_dgrpo.models.provider import (
@@ -104,6 +107,8 @@ class StudentStep:
             piece, metrics = loss_from_logits(
                 config.loss, batch, logits_from_output(self.model, output, self.vocab_size),
                 teacher_outputs, self.tp_group, temperature=self.temperature)
+        if faults.fires("loss.nan", step):  # fault injection (tests/reliability)
+            piece = piece * float("nan")
         return piece, (piece.detach(), metrics)
 
     @staticmethod

@@ -45,7 +45,13 @@ from megatron_dgrpo.parallel.replicas import Replica
 from megatron_dgrpo.rollout.engine import RolloutBatch, SamplingConfig
 from megatron_dgrpo.rollout.verify import RefitVerificationError
 from megatron_dgrpo.train.batch import StepBatch
-from megatron_dgrpo.train.sources import Stateless, rollout_seed, rollout_step_batch
+from megatron_dgrpo.train.sources import (
+    RolloutError,
+    Stateless,
+    engine_rollouts,
+    rollout_seed,
+    rollout_step_batch,
+)
 
 
 class VLLMRollouts(Stateless):
@@ -108,19 +114,25 @@ class VLLMRollouts(Stateless):
         _, metrics = self.serving_engine()
         rollouts = None
         if self.replica.is_leader:
-            rollouts = self.sample(examples, step, draw)
-            if self.config.sleep_level:
+            try:  # the replica's other ranks learn of a failure through the broadcast
+                rollouts = self.sample(examples, step, draw)
+            except RolloutError as exc:
+                rollouts = exc
+            if self.config.sleep_level and not isinstance(rollouts, RolloutError):
                 self.engine.sleep(self.config.sleep_level)
         rollouts = broadcast_object(rollouts, src=self.replica.leader, group=self.replica.group)
+        if isinstance(rollouts, RolloutError):
+            raise RolloutError(f"replica {self.replica.index}: {rollouts}")
         return self.step_batch(examples, rollouts), metrics
 
     def sample(self, examples: list[LongBlocksExample], step: int, draw: int) -> RolloutBatch:
         """The engine's rollouts of ``examples`` at ``step`` / ``draw`` (replica leader only;
-        no collectives, so it may run in a thread of its own)."""
+        no collectives, so it may run in a thread of its own); :class:`RolloutError` when
+        the engine fails."""
         # seeded per prompt of the global batch: the same samples at any data-parallel size
         params = self.sampling.params(rollout_seed(self.seed, step, 0, draw),
                                       prompt_offset=self.replica.index * len(examples))
-        return self.engine.generate([e.prompt_ids for e in examples], params)
+        return engine_rollouts(self.engine, [e.prompt_ids for e in examples], params, step)
 
     def step_batch(self, examples: list[LongBlocksExample],
                    rollouts: RolloutBatch) -> StepBatch:

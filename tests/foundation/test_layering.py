@@ -14,8 +14,8 @@ PACKAGE = Path(__file__).resolve().parents[2] / "megatron_dgrpo"
 # Lowest first; a module may import its own layer and the layers below it (and "data" only
 # where listed). Modules not in a package below sit at the top (commands) and may import
 # anything but testing/.
-BASE = {"megatron_dgrpo", "megatron_dgrpo.config", "megatron_dgrpo.outputs",
-        "megatron_dgrpo.parallel.collectives"}
+BASE = {"megatron_dgrpo", "megatron_dgrpo.config", "megatron_dgrpo.errors",
+        "megatron_dgrpo.outputs", "megatron_dgrpo.parallel.collectives"}
 LAYERS = ["algorithms", "parallel", "models", "rollout", "train"]
 MAY_IMPORT_DATA = {"train"}
 TOP = {"cli", "quickstart", "experiment", "experiment_report", "recipe", "eval_cli", "report",

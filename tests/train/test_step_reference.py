@@ -101,8 +101,8 @@ def _capture(rank, world_size, configs):
         updates.append(record)
         return loss, metrics
 
-    def recording_step(self, step_number, total_steps):
-        out = step(self, step_number, total_steps)
+    def recording_step(self, step_number, total_steps, loss):
+        out = step(self, step_number, total_steps, loss)
         record = updates[-1]
         record["after"] = state(record.pop("student"))
         return out
