@@ -65,12 +65,12 @@ class _Observer:
         self.model, self.step = None, 0
 
     def install(self, stack):
-        from megatron_dgrpo.train import async_rollouts, loop
+        from megatron_dgrpo.train import async_rollouts, student_step
 
         observer = self
         generate, after_step = (async_rollouts.AsyncRollouts.generate,
                                 async_rollouts.AsyncRollouts.after_step)
-        real_loss = loop.loss_from_hidden
+        real_loss = student_step.loss_from_hidden
 
         def spy_generate(source, examples, step, draw=0):
             if observer.model is None:
@@ -97,7 +97,7 @@ class _Observer:
 
         stack.setattr(async_rollouts.AsyncRollouts, "generate", spy_generate)
         stack.setattr(async_rollouts.AsyncRollouts, "after_step", spy_after_step)
-        stack.setattr(loop, "loss_from_hidden", spy_loss)
+        stack.setattr(student_step, "loss_from_hidden", spy_loss)
 
     def _weights(self):
         return [p.detach().clone() for p in self.model.parameters()]
