@@ -24,13 +24,13 @@ import functools
 import os
 import random
 import re
-import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 from reliability_helpers import checkpoint_contents, log_text
 
@@ -71,6 +71,23 @@ def _resumed_step(log: str) -> int | None:
     return int(found[-1]) if found else None
 
 
+def _kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and every process below it, and wait until they are gone. Its process
+    group is not enough: torchrun starts each rank in a session of its own, so a rank would
+    outlive its killed launcher and go on writing checkpoints."""
+    try:
+        root = psutil.Process(pid)
+        tree = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for process in tree:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(tree[1:], timeout=30)  # the root is reaped by its Popen
+
+
 @dataclass
 class Run:
     """One segment of a lineage: the rank processes (forked) or a launcher subprocess."""
@@ -83,10 +100,7 @@ class Run:
         for index, process in enumerate(self.processes):
             if ranks is None or index in ranks:
                 if isinstance(process, subprocess.Popen):
-                    try:
-                        os.killpg(process.pid, signal.SIGKILL)  # torchrun and its ranks
-                    except ProcessLookupError:
-                        pass
+                    _kill_tree(process.pid)  # torchrun and its ranks
                 else:
                     process.kill()
 

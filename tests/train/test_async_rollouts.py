@@ -111,7 +111,7 @@ class _Observer:
         """Per step: the recorded version, and for every version of the run the largest
         gap (nats) between the batch's engine log-probs and that version's, and the worst
         relative error between the recorded engine fingerprint and that version's."""
-        from megatron_dgrpo.models.provider import token_logp
+        from megatron_dgrpo.models.pipeline import token_logp
         from megatron_dgrpo.rollout.verify import fingerprint_norms, trainer_fingerprints
 
         norms = {}
