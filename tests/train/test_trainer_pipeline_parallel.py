@@ -122,8 +122,9 @@ def test_pipeline_parallel_steps_equal_the_unpipelined_step(setup):
 @pytest.mark.multiproc
 @pytest.mark.vllm
 def test_pipeline_parallel_dgrpo_with_vllm_rollouts(setup):
-    """dGRPO (teacher KL, reference anchor) with vLLM rollouts at PP=2 and TP=2 x PP=2, two
-    steps, refit verified after each: = the PP=1 run with vLLM rollouts."""
+    """dGRPO (teacher KL, reference anchor) with vLLM rollouts at PP=2, two steps, refit
+    verified after each: = the PP=1 run with vLLM rollouts. (TP=2 x PP=2 is checked without
+    vLLM above; the refit stream at TP=2 and at PP=2 in tests/rollout.)"""
     def config_at(name, parallel):
         config = _config(setup, name, "dgrpo", parallel, steps=2,
                          sampling={"n": 2, "max_new_tokens": 6, "temperature": 0.8},
@@ -132,8 +133,7 @@ def test_pipeline_parallel_dgrpo_with_vllm_rollouts(setup):
         config["loss"]["ref_kl_coef"] = 0.05
         return config
 
-    runs = [(config_at("dgrpo-pp1", {}), 1), (config_at("dgrpo-pp2", PP2), 2),
-            (config_at("dgrpo-tp2pp2", TP2_PP2), 4)]
+    runs = [(config_at("dgrpo-pp1", {}), 1), (config_at("dgrpo-pp2", PP2), 2)]
     for config, ranks in runs:  # one run per process: vLLM in-process engines
         assert run_distributed(train_runs, ranks, args=([config],)) == [[0]] * ranks
     (expected, _), *layouts = runs
