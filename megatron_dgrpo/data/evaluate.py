@@ -63,13 +63,6 @@ class EvalItem:
     template: str | None = None
 
 
-@dataclass(frozen=True)
-class ScoredItem:
-    item: EvalItem
-    response: str
-    score: float
-
-
 def length_bucket_of(num_tokens: int) -> str:
     """Next power of two at or above ``num_tokens`` as a label, e.g. 3000 -> ``"4k"``."""
     return format_length(1 << max(0, math.ceil(math.log2(max(1, num_tokens)))))
@@ -143,6 +136,15 @@ def generate_batches(prompts: Sequence[Sequence[int]], batches: Iterable[list[in
             raise ValueError(f"generate returned {len(texts)} responses for {len(batch)} prompts")
         responses.update(zip(batch, texts))
     return responses
+
+
+@dataclass(frozen=True)
+class ScoredItem:
+    """A model's ``response`` to ``item`` and its reward ``score`` in [0, 1]."""
+
+    item: EvalItem
+    response: str
+    score: float
 
 
 def score_items(

@@ -1,4 +1,4 @@
-"""Megatron-core ``GPTModel``: built from typed configs, and run to logits or final hidden states.
+"""Megatron-core ``GPTModel``: built from typed configs, and Megatron's parallel state.
 
 Typical use on every rank (``torchrun`` or :func:`megatron_dgrpo.testing.run_distributed`)::
 
@@ -13,22 +13,9 @@ fusion flags that need CUDA are switched off. The model's forward with
 ``labels=None`` returns logits [batch, seq, padded_vocab / tp] on the last pipeline stage
 (columns at and past ``model.vocab_size`` are padding).
 
-Running a model for the loss: :func:`stage_output` runs this rank's pipeline stage as
-``GPTModel.forward`` does (``_preprocess``: embeddings on the first stage, rotary tables;
-``decoder``: this stage's transformer layers, the final RMSNorm on the last) and stops
-before the output layer; on the last stage :func:`hidden_from_output` turns that into the
-``[B, T, H]`` final hidden states of the fused loss and :func:`logits_from_output` into the
-masked logits of the materialised one. :func:`final_hidden_states` is both steps on a
-whole (PP = 1) model; :func:`output_weight` is the weight the output layer multiplies with
-(the embedding table when embeddings are tied); :func:`masked_logits` is the full forward
-with the padding columns masked. All use the live parameters, so gradients accumulate into
-them (and Megatron DDP's ``main_grad`` buffers) exactly as through ``GPTModel.forward``.
-Pipeline schedules over micro-batches: :mod:`megatron_dgrpo.models.pipeline`.
-
-Packed sequences (THD): ``tokens``/``positions`` ``[1, L]`` hold several sequences back to
-back and ``packed`` (:func:`thd_params`) their boundaries; attention stays within each
-sequence and rotary positions restart at 0 in each (Megatron's THD rotary, TE's or
-:class:`~megatron_dgrpo.models.sdpa_attention.SDPACoreAttention`'s segment attention).
+Running a built model (one pipeline stage's output, final hidden states, logits, the
+output weight, packed sequences, Megatron's schedules over micro-batches):
+:mod:`megatron_dgrpo.models.forward`.
 """
 
 from __future__ import annotations
@@ -205,122 +192,3 @@ def destroy_parallel() -> None:
     from megatron.core import parallel_state as ps
 
     ps.destroy_model_parallel()
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The ``GPTModel`` inside a Megatron DDP (or similar ``.module``) wrapper."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model
-
-
-def thd_params(cu_seqlens: torch.Tensor, cu_seqlens_padded: torch.Tensor):
-    """Megatron's ``PackedSeqParams`` (``qkv_format="thd"``) of sequences packed back to back:
-    ``cu_seqlens`` int32 ``[n + 1]`` cumulative real lengths, ``cu_seqlens_padded`` the
-    cumulative lengths after each sequence's alignment padding (where each one starts)."""
-    from megatron.core.packed_seq_params import PackedSeqParams
-
-    longest = int((cu_seqlens_padded[1:] - cu_seqlens_padded[:-1]).max())
-    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
-                           cu_seqlens_q_padded=cu_seqlens_padded,
-                           cu_seqlens_kv_padded=cu_seqlens_padded, max_seqlen_q=longest,
-                           max_seqlen_kv=longest)
-
-
-def stage_output(model: torch.nn.Module, tokens: torch.Tensor, positions: torch.Tensor,
-                 packed=None) -> torch.Tensor:
-    """This pipeline stage's output ``[T_local, B, H]`` (sequence-first, split over TP under
-    sequence parallelism) for ``tokens``/``positions`` ``[B, T]``: the first stage embeds
-    them, later stages read the previous stage's output (Megatron's ``set_input_tensor``);
-    on the last stage it is the final hidden states after the last norm. Training path
-    only: no inference context. ``packed``: :func:`thd_params` for ``[1, L]`` packed rows."""
-    gpt = unwrap(model)
-    if getattr(gpt, "mtp_process", False):
-        raise ValueError("multi-token prediction heads are not supported by the fused loss")
-    decoder_input, rotary_pos_emb, rotary_cos, rotary_sin, offset, _ = gpt._preprocess(
-        input_ids=tokens, position_ids=positions, packed_seq_params=packed)[:6]
-    return gpt.decoder(hidden_states=decoder_input, attention_mask=None,
-                       rotary_pos_emb=rotary_pos_emb, rotary_pos_cos=rotary_cos,
-                       rotary_pos_sin=rotary_sin, sequence_len_offset=offset,
-                       packed_seq_params=packed)
-
-
-def hidden_from_output(model: torch.nn.Module, output: torch.Tensor) -> torch.Tensor:
-    """``[B, T, H]`` final hidden states from the last stage's :func:`stage_output`,
-    replicated over the TP group (gathered back if sequence parallelism split them; the
-    gather's backward only splits, because the fused loss already all-reduces the
-    hidden-state gradient over TP)."""
-    if unwrap(model).config.sequence_parallel:
-        from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
-
-        output = gather_from_sequence_parallel_region(output, tensor_parallel_output_grad=False)
-    return output.transpose(0, 1)  # Megatron is sequence-first: [T, B, H] -> [B, T, H]
-
-
-def logits_from_output(model: torch.nn.Module, output: torch.Tensor,
-                       vocab_size: int) -> torch.Tensor:
-    """``[B, T, V_local]`` logits of this TP rank from the last stage's :func:`stage_output`
-    (the output layer as ``GPTModel.forward`` applies it), the padding columns (ids at and
-    past ``vocab_size``) set to :data:`~megatron_dgrpo.parallel.vocab.PADDED_VOCAB_LOGIT`."""
-    from megatron.core import parallel_state as ps
-
-    from megatron_dgrpo.parallel.vocab import mask_padded_vocab
-
-    gpt = unwrap(model)
-    weight = gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights \
-        else None
-    logits, _ = gpt.output_layer(output, weight=weight)
-    return mask_padded_vocab(logits.transpose(0, 1).contiguous(), vocab_size,
-                             ps.get_tensor_model_parallel_rank())
-
-
-def _whole(model: torch.nn.Module, what: str) -> torch.nn.Module:
-    gpt = unwrap(model)
-    if not (gpt.pre_process and gpt.post_process):
-        raise ValueError(f"{what} needs the whole model on one pipeline stage "
-                         "(parallel.pipeline_parallel=1); with PP > 1 run it through "
-                         "megatron_dgrpo.models.pipeline")
-    return gpt
-
-
-def final_hidden_states(model: torch.nn.Module, tokens: torch.Tensor,
-                        positions: torch.Tensor, packed=None) -> torch.Tensor:
-    """``[B, T, H]`` final hidden states (after the last norm) for ``tokens``/``positions``
-    ``[B, T]`` of a whole (PP = 1) model, replicated over the TP group
-    (:func:`stage_output`, then :func:`hidden_from_output`)."""
-    _whole(model, "final_hidden_states")
-    return hidden_from_output(model, stage_output(model, tokens, positions, packed))
-
-
-def output_weight(model: torch.nn.Module) -> torch.Tensor:
-    """``[V_local, H]``: this TP rank's shard of the output layer's weight (the embedding
-    table when ``share_embeddings_and_output_weights``)."""
-    gpt = unwrap(model)
-    if gpt.share_embeddings_and_output_weights:
-        return gpt.shared_embedding_or_output_weight()
-    return gpt.output_layer.weight
-
-
-def masked_logits(model: torch.nn.Module, tokens: torch.Tensor, positions: torch.Tensor,
-                  vocab_size: int, packed=None) -> torch.Tensor:
-    """``[B, T, V_local]`` logits of this TP rank of a whole (PP = 1) model for
-    ``tokens``/``positions`` ``[B, T]``, the padding columns (ids at and past
-    ``vocab_size``) set to :data:`~megatron_dgrpo.parallel.vocab.PADDED_VOCAB_LOGIT`."""
-    from megatron.core import parallel_state as ps
-
-    from megatron_dgrpo.parallel.vocab import mask_padded_vocab
-
-    _whole(model, "masked_logits")
-    logits = model(tokens, positions, None, packed_seq_params=packed)
-    return mask_padded_vocab(logits, vocab_size, ps.get_tensor_model_parallel_rank())
-
-
-def loss_inputs(model: torch.nn.Module, tokens: torch.Tensor, positions: torch.Tensor,
-                vocab_size: int, fused: bool, packed=None):
-    """What the loss reads from a whole (PP = 1) ``model`` for ``tokens``/``positions``
-    ``[B, T]``: with ``fused``, ``([B, T, H]`` final hidden states, ``[V_local, H]`` output
-    weight) (the logits are formed chunk by chunk inside the loss); otherwise ``[B, T,
-    V_local]`` masked logits (:func:`masked_logits`)."""
-    if fused:
-        return final_hidden_states(model, tokens, positions, packed), output_weight(model)
-    return masked_logits(model, tokens, positions, vocab_size, packed)

@@ -72,10 +72,10 @@ class RefitReport:
     bytes: int
     buckets: int
     seconds: float
-    produce_seconds: float = 0.0
-    load_seconds: float = 0.0
-    finish_seconds: float = 0.0
-    direct: bool = False
+    produce_seconds: float
+    load_seconds: float
+    finish_seconds: float
+    direct: bool
 
     @property
     def gb_per_second(self) -> float:

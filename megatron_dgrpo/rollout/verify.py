@@ -143,7 +143,7 @@ def trainer_token_logprobs(model: torch.nn.Module, config: ModelConfig,
     Megatron's schedule and the last one hands the log-probs to the others)."""
     from megatron.core import parallel_state as ps
 
-    from megatron_dgrpo.models.pipeline import token_logp
+    from megatron_dgrpo.models.forward import token_logp
 
     cp_group, cp_size = ps.get_context_parallel_group(), ps.get_context_parallel_world_size()
     align = sequence_alignment(cp_size, ps.get_tensor_model_parallel_world_size(),

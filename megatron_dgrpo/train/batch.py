@@ -30,7 +30,7 @@ from torch import Tensor
 
 from megatron_dgrpo.algorithms.inputs import TokenBatch
 from megatron_dgrpo.data.longblocks import LongBlocksExample
-from megatron_dgrpo.models.pipeline import StageInput
+from megatron_dgrpo.models.forward import StageInput
 from megatron_dgrpo.parallel.context import cp_all_gather, cp_shard
 from megatron_dgrpo.rollout.sequences import SequenceBatch, build_sequences
 

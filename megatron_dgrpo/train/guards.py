@@ -2,7 +2,7 @@
 dying on the first hiccup:
 
 * :class:`SkippedSteps`: a step whose loss or gradient norm is not finite updates nothing
-  (the optimizer skips it, :class:`~megatron_dgrpo.train.optimizer.StudentOptimizer`); it is
+  (the optimizer skips it, :class:`~megatron_dgrpo.train.update.StudentOptimizer`); it is
   logged with the offending values, and ``max_skipped_steps`` skips in a row stop the run
   (:class:`DivergedError`).
 * :func:`invalid_rewards`: a sample whose reward function raised or returned a non-finite

@@ -4,8 +4,8 @@
               -> rewards -> group advantages                           data/rewards.py, algorithms/
               -> teacher signals for the whole batch (vLLM, cache)     train/sources.py
               -> reference log-probs (no grad)                         train/sources.py
-              -> per micro-batch: teacher outputs, loss, backward      train/student_step.py
-              -> optimizer step                                        train/optimizer.py
+              -> per micro-batch: teacher outputs, loss, backward      train/update.py
+              -> optimizer step                                        train/update.py
               -> the sequence source follows the update (vLLM refit)   train/vllm_rollouts.py
               -> metrics
 
@@ -16,7 +16,7 @@ depend on the split. With context parallelism the CP ranks of a replica hold the
 (:class:`~megatron_dgrpo.train.batch.MicroBatch`); the CP ranks' loss pieces add up to the
 micro-batch's loss. With pipeline parallelism every stage runs its layers of each
 micro-batch through Megatron's schedule and the loss runs on the last stage
-(:mod:`megatron_dgrpo.train.student_step`); with ``pack_sequences`` the micro-batches are
+(:mod:`megatron_dgrpo.train.update`); with ``pack_sequences`` the micro-batches are
 packs of rows (:mod:`megatron_dgrpo.train.packing`). What varies by objective is read from
 its registry entry (:class:`~megatron_dgrpo.algorithms.objectives.Objective`), never from
 its name.
@@ -50,7 +50,6 @@ from megatron_dgrpo.parallel.context import (
 from megatron_dgrpo.train.batch import MicroBatch, StepBatch, plan_micro_batches, used_lengths
 from megatron_dgrpo.train.config import RunConfig
 from megatron_dgrpo.train.guards import SkippedSteps, generate_with_retries, invalid_rewards
-from megatron_dgrpo.train.optimizer import StudentOptimizer
 from megatron_dgrpo.train.packing import plan_packed_micro_batches
 from megatron_dgrpo.train.rollout_metrics import step_rollout_metrics
 from megatron_dgrpo.train.sources import (
@@ -62,7 +61,7 @@ from megatron_dgrpo.train.sources import (
     TeacherSource,
     TokenScorer,
 )
-from megatron_dgrpo.train.student_step import StudentStep
+from megatron_dgrpo.train.update import StudentOptimizer, StudentStep
 
 
 class Trainer:

@@ -6,7 +6,7 @@ used tokens (up to and including its last loss position, :func:`~megatron_dgrpo.
 batch.used_lengths`) one after the other in a single ``[1, L]`` row, Megatron's THD layout
 (``cu_seqlens``: where each sequence starts; each one padded to a multiple of ``align``).
 Attention stays within each sequence and rotary positions restart at 0 in each
-(:func:`~megatron_dgrpo.models.provider.thd_params`), so every per-token result equals the
+(:func:`~megatron_dgrpo.models.forward.thd_params`), so every per-token result equals the
 padded micro-batch's at the same token. Rows are assigned to packs of at most
 ``pack_tokens`` tokens first-fit decreasing (:func:`megatron_dgrpo.data.pack.plan_packs`);
 a row longer than the budget gets a pack of its own, and rows without loss tokens are left
@@ -30,7 +30,7 @@ from torch import Tensor
 
 from megatron_dgrpo.algorithms.inputs import TokenBatch
 from megatron_dgrpo.data.pack import aligned, plan_packs
-from megatron_dgrpo.models.pipeline import StageInput
+from megatron_dgrpo.models.forward import StageInput
 from megatron_dgrpo.rollout.sequences import SequenceBatch
 from megatron_dgrpo.train.batch import used_lengths
 
@@ -100,7 +100,7 @@ class PackedMicroBatch:
     def stage_input(self, part: SequenceBatch) -> StageInput:
         """The model inputs of ``part`` (this pack's :meth:`sequences`) with its THD
         boundaries."""
-        from megatron_dgrpo.models.provider import thd_params
+        from megatron_dgrpo.models.forward import thd_params
 
         device = part.tokens.device
         real = torch.tensor([0, *self.lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)

@@ -49,7 +49,14 @@ from torch import Tensor
 from megatron_dgrpo.data.chat import reply_text
 from megatron_dgrpo.data.longblocks import LongBlocksExample
 from megatron_dgrpo.errors import RunFailure
-from megatron_dgrpo.models.pipeline import StageInput, micro_batch_logp
+from megatron_dgrpo.models.forward import (
+    StageInput,
+    hidden_from_output,
+    loss_inputs,
+    micro_batch_logp,
+    output_weight,
+    run_micro_batches,
+)
 from megatron_dgrpo.rollout.engine import RolloutBatch, SamplingConfig
 from megatron_dgrpo.rollout.sequences import SequenceBatch, build_sequences
 from megatron_dgrpo.train import faults
@@ -269,8 +276,6 @@ class MegatronTeacher(_Stopwatch):
 
     @torch.no_grad()
     def _whole_model(self, item: StageInput, keep: Tensor):
-        from megatron_dgrpo.models.provider import loss_inputs
-
         with self.timed():
             outputs = loss_inputs(self.model, item.tokens, item.positions, self.vocab_size,
                                   self.fused, item.packed)
@@ -281,9 +286,6 @@ class MegatronTeacher(_Stopwatch):
 
     @torch.no_grad()
     def _pipelined(self, inputs: list[StageInput], keeps: list[Tensor]) -> list:
-        from megatron_dgrpo.models.pipeline import run_micro_batches
-        from megatron_dgrpo.models.provider import hidden_from_output, output_weight
-
         def at_loss_positions(index: int, output: Tensor, _prepared) -> tuple[Tensor, Tensor]:
             hidden = hidden_from_output(self.model, output)
             return (hidden.reshape(-1, hidden.shape[-1])[keeps[index]],

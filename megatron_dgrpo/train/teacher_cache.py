@@ -74,7 +74,7 @@ def write_teacher_cache(out_dir: str | os.PathLike, teacher: torch.nn.Module, vo
     no ``[T, V]`` logits). Call on every rank of the teacher's TP group with the same
     examples; rank 0 writes. Returns the cache directory on rank 0, None elsewhere.
     """
-    from megatron_dgrpo.models.provider import final_hidden_states, output_weight
+    from megatron_dgrpo.models.forward import final_hidden_states, output_weight
     from megatron_dgrpo.parallel.vocab import default_chunk_tokens, vocab_parallel_topk
 
     if k < 1:

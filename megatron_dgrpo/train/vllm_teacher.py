@@ -22,7 +22,7 @@ import contextlib
 import torch
 from torch import Tensor
 
-from megatron_dgrpo.models.pipeline import StageInput
+from megatron_dgrpo.models.forward import StageInput
 from megatron_dgrpo.parallel.collectives import broadcast_object
 from megatron_dgrpo.parallel.replicas import Replica
 from megatron_dgrpo.rollout.sequences import SequenceBatch

@@ -90,7 +90,7 @@ def _check_packed(pair, generator):
     DotProductAttention on that sequence alone; padding gets and gives no gradient."""
     from megatron.core.transformer.enums import AttnMaskType
 
-    from megatron_dgrpo.models.provider import thd_params
+    from megatron_dgrpo.models.forward import thd_params
 
     megatron_attention, sdpa_attention = pair
     lengths, starts = [5, 3, 4], [0, 6, 10]

@@ -65,12 +65,12 @@ class _Observer:
         self.model, self.step = None, 0
 
     def install(self, stack):
-        from megatron_dgrpo.train import async_rollouts, student_step
+        from megatron_dgrpo.train import async_rollouts, update
 
         observer = self
         generate, after_step = (async_rollouts.AsyncRollouts.generate,
                                 async_rollouts.AsyncRollouts.after_step)
-        real_loss = student_step.loss_from_hidden
+        real_loss = update.loss_from_hidden
 
         def spy_generate(source, examples, step, draw=0):
             if observer.model is None:
@@ -97,7 +97,7 @@ class _Observer:
 
         stack.setattr(async_rollouts.AsyncRollouts, "generate", spy_generate)
         stack.setattr(async_rollouts.AsyncRollouts, "after_step", spy_after_step)
-        stack.setattr(student_step, "loss_from_hidden", spy_loss)
+        stack.setattr(update, "loss_from_hidden", spy_loss)
 
     def _weights(self):
         return [p.detach().clone() for p in self.model.parameters()]
@@ -111,7 +111,7 @@ class _Observer:
         """Per step: the recorded version, and for every version of the run the largest
         gap (nats) between the batch's engine log-probs and that version's, and the worst
         relative error between the recorded engine fingerprint and that version's."""
-        from megatron_dgrpo.models.pipeline import token_logp
+        from megatron_dgrpo.models.forward import token_logp
         from megatron_dgrpo.rollout.verify import fingerprint_norms, trainer_fingerprints
 
         norms = {}

@@ -68,8 +68,8 @@ def _capture(rank, world_size, configs):
     from megatron_dgrpo.train.config import RunConfig
     from megatron_dgrpo.train.loop import Trainer
     from megatron_dgrpo.train.metrics import read_metrics
-    from megatron_dgrpo.train.optimizer import StudentOptimizer
     from megatron_dgrpo.train.runner import run_training
+    from megatron_dgrpo.train.update import StudentOptimizer
 
     _register_reward()
     updates: list[dict] = []

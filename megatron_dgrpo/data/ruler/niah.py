@@ -34,6 +34,10 @@ def query_phrase(keys: list[str]) -> str:
 
 @dataclass(frozen=True)
 class NeedleTask:
+    """One of RULER's needle-in-a-haystack tasks: the ``haystack`` it hides needles in, the
+    kinds of keys and values (:data:`VALUE_KINDS`), how many keys, values per key and
+    queried keys, and the answer budget in tokens."""
+
     name: str
     haystack: str
     key_kind: str
