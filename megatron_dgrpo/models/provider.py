@@ -1,6 +1,6 @@
 """Megatron-core ``GPTModel``: built from typed configs, and Megatron's parallel state.
 
-Typical use on every rank (``torchrun`` or :func:`megatron_dgrpo.testing.run_distributed`)::
+Typical use on every rank (``torchrun`` or :func:`megatron_dgrpo.parallel.launch.run_distributed`)::
 
     initialize_parallel(parallel, seed=1234)
     model = build_gpt_model(model_config, parallel)     # this rank's stage and TP shard
