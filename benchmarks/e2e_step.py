@@ -22,7 +22,12 @@ Runs, each in a fresh process (so peak memory is its own):
   run in ``.venv-bench`` from ``tools/install_bench.sh``; skipped with a note if absent);
 - ours, dGRPO with a teacher of the student's size (TRL has no teacher-guided objective, so
   this row is compared with TRL's GRPO: the same rollouts and update, plus the teacher's
-  forward and the full-vocabulary KL).
+  forward and the full-vocabulary KL);
+- with ``--async``, ours, GRPO with the vLLM engine in a process of its own sampling the next
+  batch during each step (``rollout.async_mode: one_step``; the warm-up step samples
+  synchronously). Engine and trainer share the same CPUs; the CPU seconds of this row are
+  the trainer's only (the engine's process is not counted), so its per-CPU-second ratio is
+  not comparable and is not printed.
 
 Each run does one warm-up step, then ``--steps`` measured steps, with ``--threads`` torch
 threads (ours: split over ``--tp`` ranks). Reported per run: median seconds per step (the
@@ -71,7 +76,7 @@ from megatron_dgrpo.quickstart import FULL, STUDENT_PRESET, TEACHER_PRESET
 REPO = Path(__file__).resolve().parents[1]
 BENCH_PYTHON = REPO / ".venv-bench" / "bin" / "python"
 # Targets (tokens/s): our GRPO over TRL's GRPO, our dGRPO over TRL's GRPO.
-TARGETS = {"GRPO": 1.5, "dGRPO": 1.2}
+TARGETS = {"GRPO": 1.5, "dGRPO": 1.2, "GRPO async": 2.0}
 REWARD_NAME = "bench_answer_length_parity"
 
 
@@ -137,6 +142,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=1,
                         help="rounds of the three runs on the same assets")
     parser.add_argument("--json", help="write every round's rows and ratios to this file")
+    parser.add_argument("--async", dest="async_grpo", action="store_true",
+                        help="add our GRPO with asynchronous vLLM rollouts (one_step)")
     return resolve_workload(parser.parse_args())
 
 
@@ -210,6 +217,16 @@ def run_config(paths: dict[str, str], args: argparse.Namespace, objective: str,
     }
     if objective == "dgrpo":
         config["teacher"] = {"preset": None, "init_from": paths["teacher"]}
+    return config
+
+
+def async_config(paths: dict[str, str], args: argparse.Namespace, run_dir: str) -> dict:
+    """Our GRPO config with the vLLM engine sampling one step ahead (``one_step``)."""
+    config = run_config(paths, args, "grpo", run_dir)
+    config["rollout"] = {"engine": "vllm", "dtype": "float32", "async_mode": "one_step",
+                         "verify_every": 0}
+    positions = WORKLOADS[args.workload].student.max_position_embeddings
+    config["data"]["max_prompt_tokens"] = positions - args.new_tokens  # vLLM's context bound
     return config
 
 
@@ -340,6 +357,9 @@ def run_all(args: argparse.Namespace, root: Path) -> list[dict[str, dict[str, fl
         RUN_NAMES["ours_dgrpo"]: lambda: run_ours(
             run_config(paths, args, "dgrpo", str(root / "dgrpo")), args),
     }
+    if args.async_grpo:
+        runs[RUN_NAMES["ours_grpo_async"]] = lambda: run_ours(
+            async_config(paths, args, str(root / "grpo")), args)
     rounds = []
     for round_index in range(args.repeats):
         rows = {}
@@ -357,7 +377,7 @@ def run_all(args: argparse.Namespace, root: Path) -> list[dict[str, dict[str, fl
 
 
 RUN_NAMES = {"ours_grpo": "ours GRPO", "trl_grpo": "TRL GRPOTrainer GRPO",
-             "ours_dgrpo": "ours dGRPO"}
+             "ours_dgrpo": "ours dGRPO", "ours_grpo_async": "ours GRPO async (vLLM, one_step)"}
 
 
 def round_ratios(rows: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -372,6 +392,9 @@ def round_ratios(rows: dict[str, dict[str, float]]) -> dict[str, float]:
         ratios[objective] = ours["tokens_per_s"] / trl["tokens_per_s"]
         ratios[f"{objective} per CPU s"] = ((ours["tokens_per_step"] / ours["cpu_s"])
                                             / (trl["tokens_per_step"] / trl["cpu_s"]))
+    async_row = rows.get(RUN_NAMES["ours_grpo_async"])
+    if async_row is not None:
+        ratios["GRPO async"] = async_row["tokens_per_s"] / trl["tokens_per_s"]
     return ratios
 
 
