@@ -110,11 +110,13 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig,
 
 
 def layer_spec(model: ModelConfig, parallel: ParallelConfig, runtime: Runtime | None = None):
-    """TE layer spec when TE and CUDA are usable, the local (torch) spec otherwise, its core
-    attention on PyTorch SDPA (:class:`~megatron_dgrpo.models.sdpa_attention.SDPACoreAttention`)."""
+    """TE layer spec when TE and CUDA are usable, the local (torch) spec otherwise: its core
+    attention on PyTorch SDPA (:class:`~megatron_dgrpo.models.sdpa_attention.SDPACoreAttention`),
+    its self-attention caching rotated keys
+    (:class:`~megatron_dgrpo.models.sdpa_attention.RotatedCacheSelfAttention`)."""
     from megatron.core.models.gpt import gpt_layer_specs
 
-    from megatron_dgrpo.models.sdpa_attention import SDPACoreAttention
+    from megatron_dgrpo.models.sdpa_attention import RotatedCacheSelfAttention, SDPACoreAttention
 
     if parallel.uses_te(runtime):
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
@@ -122,6 +124,7 @@ def layer_spec(model: ModelConfig, parallel: ParallelConfig, runtime: Runtime | 
     spec = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=model.qk_layernorm,
                                                     normalization="RMSNorm")
     attention = spec.submodules.self_attention
+    attention.module = RotatedCacheSelfAttention  # keys rotated once, when cached
     attention.submodules = dataclasses.replace(attention.submodules,
                                                core_attention=SDPACoreAttention)
     return spec

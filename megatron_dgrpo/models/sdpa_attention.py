@@ -23,6 +23,12 @@ segment attends causally within itself (one SDPA call per segment: the cost is
 ``sum len_i^2``, not ``t^2``); alignment padding at a segment's end sees the segment but no
 real token sees it. Not combined with context parallelism.
 
+Decoding with the static KV cache: Megatron's ``SelfAttention`` stores keys before the rotary
+embedding and rotates the whole cache again at every decode step (``O(cache)`` extra work per
+token and layer). :class:`RotatedCacheSelfAttention` rotates each new key once, stores it
+rotated, and rotates only the queries afterwards: the same values (the same operation on
+the same keys), done once.
+
 Masks follow Megatron's convention: ``attention_mask`` is boolean with True = *masked out*,
 broadcastable to ``[b, 1, sq, sk]``, and when given it is the whole mask (causal part
 included). Without one, ``attn_mask_type == causal`` means query ``i`` of ``sq`` sees the
@@ -35,6 +41,11 @@ import math
 
 import torch
 import torch.nn.functional as F
+from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
+    _yarn_get_concentration_factor_from_config,
+)
+from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
@@ -164,3 +175,30 @@ def _gather_context(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         torch.arange((2 * cp - 1 - rank) * chunk, (2 * cp - rank) * chunk, device=device)])
     key_positions = torch.arange(full_key.shape[0], device=device)
     return full_key, full_value, key_positions[None, :] > query_positions[:, None]
+
+
+class RotatedCacheSelfAttention(SelfAttention):
+    """Megatron's ``SelfAttention`` whose static KV cache holds keys already rotated.
+
+    With a static-batching inference context, each new key ``[s, b, groups_local, d]`` (at
+    cache positions ``offset .. offset + s``) is rotated with its positions' rotary
+    embedding before Megatron stores it, and the key rotary embedding handed on is ``None``,
+    so ``forward`` rotates the queries only. Training (no inference context), dynamic
+    batching and flash decoding take Megatron's own path unchanged."""
+
+    def _adjust_key_value_for_inference(self, inference_context, query, key, value,
+                                        rotary_pos_emb, *args, **kwargs):
+        static = (inference_context is not None and inference_context.is_static_batching()
+                  and rotary_pos_emb is not None and not self.config.flash_decode)
+        if not static:
+            return super()._adjust_key_value_for_inference(
+                inference_context, query, key, value, rotary_pos_emb, *args, **kwargs)
+        start = inference_context.sequence_len_offset
+        key = apply_rotary_pos_emb(key, rotary_pos_emb[1][start:start + key.size(0)],
+                                   config=self.config,
+                                   mscale=_yarn_get_concentration_factor_from_config(self.config),
+                                   cp_group=self.pg_collection.cp)
+        query, key, value, (query_emb, _), mask_type, block_table = (
+            super()._adjust_key_value_for_inference(inference_context, query, key, value,
+                                                    rotary_pos_emb, *args, **kwargs))
+        return query, key, value, (query_emb, None), mask_type, block_table

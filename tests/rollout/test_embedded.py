@@ -1,7 +1,10 @@
 """The embedded engine against the model's own full (cache-free) forward, on real TP ranks.
 
 References: greedy decoding by recomputing the whole sequence for one prompt at a time, and
-the teacher-forced log-softmax over prompt + response. Both use the plain forward of the
+the teacher-forced log-softmax over prompt + response. The cached path runs the local spec's
+:class:`~megatron_dgrpo.models.sdpa_attention.RotatedCacheSelfAttention` (keys rotated once,
+when cached), so these references also check it against Megatron's rotation of the
+uncached forward. Both use the plain forward of the
 same Megatron model, without the KV cache, batching or the engine's bookkeeping.
 """
 
@@ -40,6 +43,12 @@ def _engine_checks(rank, world_size, batching):
             p.mul_(4.0)
     engine = EmbeddedEngine(model, vocab_size=config.vocab_size, batching=batching)
     assert engine.padded == (batching == "padded")
+    from megatron.core.transformer.attention import SelfAttention
+
+    from megatron_dgrpo.models.sdpa_attention import RotatedCacheSelfAttention
+
+    attentions = [m for m in model.modules() if isinstance(m, SelfAttention)]
+    assert attentions and all(type(m) is RotatedCacheSelfAttention for m in attentions)
     model.eval()
 
     # Greedy, batched, ragged prompts, KV cache == one-prompt-at-a-time full recompute.
