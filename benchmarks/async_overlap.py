@@ -37,7 +37,7 @@ from e2e_step import (  # noqa: E402  (a sibling script, not a package)
     answer_length_parity,
     prepare_assets,
     resolve_workload,
-    run_config,
+    vllm_config,
 )
 
 MODES = ("sync", "one_step")
@@ -54,16 +54,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--engine-cpu", type=int, default=0)
     parser.add_argument("--json", help="write every round's rows to this file")
     return resolve_workload(parser.parse_args())
-
-
-def mode_config(paths: dict[str, str], args: argparse.Namespace, mode: str, run_dir: str) -> dict:
-    """The e2e GRPO config with the vLLM engine in ``mode`` and ``warmup + steps`` steps."""
-    config = run_config(paths, args, "grpo", run_dir)
-    config["steps"] = args.warmup + args.steps
-    config["data"]["max_prompt_tokens"] = 4096 - args.new_tokens  # vLLM's context bound
-    config["rollout"] = {"engine": "vllm", "dtype": "float32", "async_mode": mode,
-                         "verify_every": 0}
-    return config
 
 
 def pinned_worker(rank: int, world_size: int, config_dict: dict, trainer_cpu: int) -> dict:
@@ -90,15 +80,16 @@ def pinned_worker(rank: int, world_size: int, config_dict: dict, trainer_cpu: in
     return {"steps": records}
 
 
-def run_mode(paths: dict[str, str], args: argparse.Namespace, mode: str, root: Path) -> dict:
-    """One run of ``mode`` in a fresh process; medians of its measured steps."""
+def run_mode(paths: dict[str, str], args: argparse.Namespace, mode: str, run_dir: Path) -> dict:
+    """One run of ``mode`` (``warmup + steps`` steps) in a fresh process; medians of its
+    measured steps."""
     from megatron_dgrpo.parallel.launch import run_distributed
 
-    run_dir = tempfile.mkdtemp(prefix=f"{mode}-", dir=root)
-    os.rmdir(run_dir)
+    config = vllm_config(paths, args, str(run_dir), async_mode=mode)
+    config["steps"] = args.warmup + args.steps
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = str(args.engine_cpu)
-    result = run_distributed(pinned_worker, 1, args=(mode_config(paths, args, mode, run_dir),
-                                                       args.trainer_cpu), timeout_s=3600)[0]
+    result = run_distributed(pinned_worker, 1, args=(config, args.trainer_cpu),
+                             timeout_s=3600)[0]
     measured = result["steps"][args.warmup:]
     return {key: statistics.median(step[key] for step in measured)
             for key in ("step_s", "rollout_s", "refit_s", "train_s")}
@@ -127,7 +118,8 @@ def main() -> None:
         paths = prepare_assets(root, args)
         rounds = []
         for index in range(args.repeats):
-            rows = {mode: run_mode(paths, args, mode, root) for mode in MODES}
+            rows = {mode: run_mode(paths, args, mode, root / f"{mode}-{index}")
+                    for mode in MODES}
             rounds.append({"rows": rows, "ratios": print_round(index, rows)})
     if args.repeats > 1:
         for key in ("speedup", "hidden"):

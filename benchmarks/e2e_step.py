@@ -220,10 +220,12 @@ def run_config(paths: dict[str, str], args: argparse.Namespace, objective: str,
     return config
 
 
-def async_config(paths: dict[str, str], args: argparse.Namespace, run_dir: str) -> dict:
-    """Our GRPO config with the vLLM engine sampling one step ahead (``one_step``)."""
+def vllm_config(paths: dict[str, str], args: argparse.Namespace, run_dir: str,
+                async_mode: str = "one_step") -> dict:
+    """Our GRPO config with vLLM rollouts in ``async_mode`` (default: sampling one step
+    ahead)."""
     config = run_config(paths, args, "grpo", run_dir)
-    config["rollout"] = {"engine": "vllm", "dtype": "float32", "async_mode": "one_step",
+    config["rollout"] = {"engine": "vllm", "dtype": "float32", "async_mode": async_mode,
                          "verify_every": 0}
     positions = WORKLOADS[args.workload].student.max_position_embeddings
     config["data"]["max_prompt_tokens"] = positions - args.new_tokens  # vLLM's context bound
@@ -359,7 +361,7 @@ def run_all(args: argparse.Namespace, root: Path) -> list[dict[str, dict[str, fl
     }
     if args.async_grpo:
         runs[RUN_NAMES["ours_grpo_async"]] = lambda: run_ours(
-            async_config(paths, args, str(root / "grpo")), args)
+            vllm_config(paths, args, str(root / "grpo")), args)
     rounds = []
     for round_index in range(args.repeats):
         rows = {}

@@ -65,6 +65,7 @@ def test_the_verdict_weighs_differences_against_the_seeds_spread():
     assert "did not hold" in lines[-1] and "above: kd, grpo, opd" in lines[-1]
 
 
+@pytest.mark.extended
 @pytest.mark.multiproc
 @pytest.mark.slow
 def test_a_reduced_experiment_runs_end_to_end(tmp_path):

@@ -83,6 +83,7 @@ def test_context_parallel_step_equals_the_unsharded_step(setup):
                                        atol=1e-5, msg=key)
 
 
+@pytest.mark.extended
 @pytest.mark.vllm
 def test_context_parallel_dgrpo_with_vllm_rollouts(setup):
     """dGRPO at CP=2 with a reference anchor and a YaRN student: the engine, refitted after

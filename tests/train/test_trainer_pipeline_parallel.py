@@ -119,6 +119,7 @@ def test_pipeline_parallel_steps_equal_the_unpipelined_step(setup):
     assert all(torch.equal(expected[k], got[k]) for k in expected)
 
 
+@pytest.mark.extended
 @pytest.mark.multiproc
 @pytest.mark.vllm
 def test_pipeline_parallel_dgrpo_with_vllm_rollouts(setup):

@@ -89,6 +89,7 @@ def test_head_dim_unsupported_by_vllm_cpu_is_refused_at_start_up(setup):
         from_dict(RunConfig, config)
 
 
+@pytest.mark.extended
 def test_each_data_parallel_replica_samples_from_its_own_engine(setup):
     """DP=2: one rollout engine per replica (on its leader, in a child process), each
     refitted from and verified against its own replica every step; the teacher is a vLLM
@@ -146,6 +147,7 @@ def test_data_parallel_dgrpo_equals_the_single_replica_run(setup):
     _assert_same_runs(dp2["run_dir"], dp1["run_dir"], steps=2)
 
 
+@pytest.mark.extended
 def test_an_interrupted_vllm_run_resumes_exactly(setup):
     """Resume restarts the engine from the checkpoint's weights; rollout seeds depend on the
     step only, so the resumed run samples, scores and updates exactly as the straight one."""
