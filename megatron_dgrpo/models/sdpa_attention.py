@@ -21,7 +21,10 @@ queries, keys and values are ``[t, heads, d]`` for several sequences back to bac
 padding; the boundaries Megatron's THD rotary embedding restarts positions at). Each
 segment attends causally within itself (one SDPA call per segment: the cost is
 ``sum len_i^2``, not ``t^2``); alignment padding at a segment's end sees the segment but no
-real token sees it. Not combined with context parallelism.
+real token sees it. With context parallelism (Megatron's THD layout: every segment cut into
+``2 * cp`` chunks of its own, rank ``r`` holding chunks ``r`` and ``2 * cp - 1 - r`` of each,
+segment after segment) the keys and values are all-gathered once and each segment's are
+put back in order; its local queries see them by their global positions, as above.
 
 Decoding with the static KV cache: Megatron's ``SelfAttention`` stores keys before the rotary
 embedding and rotates the whole cache again at every decode step (``O(cache)`` extra work per
@@ -123,26 +126,45 @@ class SDPACoreAttention(MegatronModule):
                 attention_mask: torch.Tensor | None, mask_type: AttnMaskType,
                 packed) -> torch.Tensor:
         """Causal attention within each packed segment: ``query [t, heads, d]``, ``key`` /
-        ``value [t, groups, d]`` -> ``[t, heads * d]``."""
-        if packed.qkv_format != "thd" or self.cp_group is not None or attention_mask is not None \
+        ``value [t, groups, d]`` -> ``[t, heads * d]``. With context parallelism ``t`` holds
+        this rank's shard of every segment (the ``cu_seqlens`` count whole segments)."""
+        if packed.qkv_format != "thd" or attention_mask is not None \
                 or mask_type != AttnMaskType.causal:
             raise ValueError("SDPACoreAttention takes packed sequences in THD format, causal, "
-                             "without an explicit mask or context parallelism")
+                             "without an explicit mask")
         bounds = packed.cu_seqlens_q_padded if packed.cu_seqlens_q_padded is not None \
             else packed.cu_seqlens_q
         bounds = bounds.tolist()
         total, heads, head_dim = query.shape
-        if bounds[0] != 0 or bounds[-1] != total:
-            raise ValueError(f"packed segments cover [{bounds[0]}, {bounds[-1]}) of {total} "
+        rank, cp = (0, 1) if self.cp_group is None else group_rank_and_size(self.cp_group)
+        if bounds[0] != 0 or bounds[-1] != total * cp:
+            raise ValueError(f"packed segments cover [{bounds[0]}, {bounds[-1]}) of {total * cp} "
                              f"tokens; they must cover all of them")
+        if cp > 1:
+            if any((stop - start) % (2 * cp) for start, stop in zip(bounds[:-1], bounds[1:])):
+                raise ValueError(f"packed segments of lengths {bounds} (cumulative) must each be "
+                                 f"a multiple of 2 * CP = {2 * cp}")
+            all_keys, all_values = (_GatherShards.apply(t, self.cp_group) for t in (key, value))
         pieces = []
         for start, stop in zip(bounds[:-1], bounds[1:]):
-            if stop > start:  # [s, h, d] -> [1, h, s, d]
-                q, k, v = (t[start:stop].transpose(0, 1)[None] for t in (query, key, value))
-                context = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                                         scale=self.softmax_scale,
-                                                         enable_gqa=heads != key.shape[1])
-                pieces.append(context[0].transpose(0, 1))
+            if stop == start:
+                continue
+            local = slice(start // cp, stop // cp)
+            visible = None
+            if cp == 1:
+                segment_key, segment_value = key[local], value[local]
+            else:  # the whole segment's keys/values from every rank's shard of it
+                segment_key, segment_value = (cp_unshard(list(t[:, local]), seq_dim=0)
+                                              for t in (all_keys, all_values))
+                visible = _visible_keys(rank, cp, (stop - start) // (2 * cp), query.device)
+            # [s, h, d] -> [1, h, s, d]
+            q, k, v = (t.transpose(0, 1)[None] for t in (query[local], segment_key,
+                                                         segment_value))
+            context = F.scaled_dot_product_attention(q, k, v, attn_mask=visible,
+                                                     is_causal=visible is None,
+                                                     scale=self.softmax_scale,
+                                                     enable_gqa=heads != key.shape[1])
+            pieces.append(context[0].transpose(0, 1))
         return torch.cat(pieces).reshape(total, heads * head_dim)
 
 
@@ -161,6 +183,17 @@ class _GatherShards(torch.autograd.Function):
         return grad[group_rank_and_size(ctx.group)[0]], None
 
 
+def _visible_keys(rank: int, cp: int, chunk: int, device) -> torch.Tensor:
+    """``[2 * chunk, 2 * cp * chunk]`` bool, True where CP rank ``rank``'s local query (its
+    load-balanced chunks ``rank`` and ``2 * cp - 1 - rank`` of a sequence cut into ``2 * cp``
+    chunks of ``chunk`` tokens) sees the key: at or before its global position."""
+    query_positions = torch.cat([
+        torch.arange(rank * chunk, (rank + 1) * chunk, device=device),
+        torch.arange((2 * cp - 1 - rank) * chunk, (2 * cp - rank) * chunk, device=device)])
+    key_positions = torch.arange(2 * cp * chunk, device=device)
+    return key_positions[None, :] <= query_positions[:, None]
+
+
 def _gather_context(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, group):
     """Whole-sequence ``key``/``value`` ``[T, b, groups, d]`` from this rank's load-balanced
     shards ``[T / cp, b, groups, d]``, and the mask (True = masked out) ``[T / cp, T]`` that
@@ -168,13 +201,7 @@ def _gather_context(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     rank, cp = group_rank_and_size(group)
     full_key, full_value = (cp_unshard(list(_GatherShards.apply(t, group)), seq_dim=0)
                             for t in (key, value))
-    chunk = query.shape[0] // 2
-    device = query.device
-    query_positions = torch.cat([
-        torch.arange(rank * chunk, (rank + 1) * chunk, device=device),
-        torch.arange((2 * cp - 1 - rank) * chunk, (2 * cp - rank) * chunk, device=device)])
-    key_positions = torch.arange(full_key.shape[0], device=device)
-    return full_key, full_value, key_positions[None, :] > query_positions[:, None]
+    return full_key, full_value, ~_visible_keys(rank, cp, query.shape[0] // 2, query.device)
 
 
 class RotatedCacheSelfAttention(SelfAttention):

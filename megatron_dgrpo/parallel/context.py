@@ -3,6 +3,7 @@
 Load-balanced layout (causal attention costs grow along the sequence, so every rank gets
 one early and one late piece): a sequence of length T is cut into ``2 * cp_size`` equal
 chunks and CP rank ``r`` holds chunks ``r`` and ``2 * cp_size - 1 - r``, concatenated.
+Packed (THD) rows are sharded sequence by sequence the same way (:func:`cp_shard_segments`).
 
 Normalisers: the loss weights of :func:`megatron_dgrpo.algorithms.aggregation.token_weights`
 must be computed from counts over the *global* batch, before it is split into microbatches.
@@ -55,6 +56,32 @@ def cp_unshard(shards: Sequence[Tensor], seq_dim: int = 1) -> Tensor:
         chunks[rank] = shard.narrow(seq_dim, 0, size)
         chunks[2 * cp_size - 1 - rank] = shard.narrow(seq_dim, size, size)
     return torch.cat(chunks, dim=seq_dim)
+
+
+def cp_shard_segments(tensor: Tensor, offsets: Sequence[int], cp_rank: int, cp_size: int,
+                      seq_dim: int = 1) -> Tensor:
+    """This CP rank's part of a packed (THD) ``tensor`` whose sequences lie at
+    ``[offsets[i], offsets[i + 1])`` along ``seq_dim`` (``offsets[-1]`` = its length; every
+    sequence's length a multiple of ``2 * cp_size``): each sequence's own :func:`cp_shard`,
+    back to back, so sequence ``i`` sits at ``[offsets[i] / cp_size, offsets[i + 1] /
+    cp_size)`` of the result (Megatron's THD context-parallel layout)."""
+    if offsets[0] != 0 or offsets[-1] != tensor.shape[seq_dim]:
+        raise ValueError(f"segments [{offsets[0]}, {offsets[-1]}) must cover the "
+                         f"{tensor.shape[seq_dim]} positions along dim {seq_dim}")
+    return torch.cat([cp_shard(tensor.narrow(seq_dim, start, stop - start), cp_rank, cp_size,
+                               seq_dim)
+                      for start, stop in zip(offsets[:-1], offsets[1:])], dim=seq_dim)
+
+
+def cp_unshard_segments(shards: Sequence[Tensor], offsets: Sequence[int],
+                        seq_dim: int = 1) -> Tensor:
+    """Inverse of :func:`cp_shard_segments`: the packed tensor from the shards of ranks
+    ``0..cp_size-1`` (``offsets`` as there, in full-sequence positions)."""
+    cp_size = len(shards)
+    return torch.cat([cp_unshard([shard.narrow(seq_dim, start // cp_size,
+                                               (stop - start) // cp_size) for shard in shards],
+                                 seq_dim=seq_dim)
+                      for start, stop in zip(offsets[:-1], offsets[1:])], dim=seq_dim)
 
 
 def cp_all_gather(shard: Tensor, group, seq_dim: int = 1) -> Tensor:

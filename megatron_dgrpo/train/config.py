@@ -356,13 +356,6 @@ class RunConfig:
         objective, spec = self.loss.objective, self.loss.spec
         if self.parallel.pipeline_parallel > 1:
             self._check_pipeline(spec)
-        if self.pack_sequences and self.parallel.context_parallel > 1:
-            raise ValueError(
-                "pack_sequences with parallel.context_parallel > 1: Megatron's packed (THD) "
-                "layout splits every packed sequence into 2 x CP load-balanced chunks of its "
-                "own, which the local spec's all-gather attention does not implement (and TE's "
-                "THD ring attention is not validated here); pack at CP = 1, or use padded "
-                "micro-batches with CP")
         if self.optim.clip_grad > 0 and not runtime.cuda:
             raise ValueError("optim.clip_grad > 0 needs CUDA (Megatron's clipping asserts CUDA "
                              "tensors); set optim.clip_grad=0 on CPU")

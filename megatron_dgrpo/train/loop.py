@@ -301,7 +301,7 @@ class Trainer:
         groups of ``micro_batch_size``."""
         if self.config.pack_sequences:
             return plan_packed_micro_batches(sequences.loss_mask, self.config.pack_tokens,
-                                             self.align)
+                                             self.align, self.cp_rank, self.cp_size)
         return plan_micro_batches(sequences.loss_mask, self.config.micro_batch_size,
                                   self.align, self.cp_rank, self.cp_size)
 

@@ -15,9 +15,11 @@ out (they add nothing to the loss or its metrics).
 :class:`PackedMicroBatch` has the interface of :class:`~megatron_dgrpo.train.batch.
 MicroBatch`: ``sequences`` / ``tokens`` gather its ``[1, L]`` part of the step batch's
 tensors, ``place`` scatters per-token results back, ``stage_input`` adds the THD
-parameters. Context parallelism is not combined with packing (refused at start-up:
-Megatron's THD layout splits every packed sequence into ``2 x CP`` load-balanced chunks of
-its own, which the local spec's all-gather attention does not implement).
+parameters. With context parallelism (``cp_size > 1``) every sequence of a pack is cut
+into ``2 x CP`` chunks of its own and CP rank ``r`` holds chunks ``r`` and ``2 x CP - 1 - r``
+of each, sequence after sequence (Megatron's THD context-parallel layout,
+:func:`~megatron_dgrpo.parallel.context.cp_shard_segments`); ``align`` is then a multiple
+of ``2 x CP``, and ``place`` gathers the shards back.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from torch import Tensor
 from megatron_dgrpo.algorithms.inputs import TokenBatch
 from megatron_dgrpo.data.pack import aligned, plan_packs
 from megatron_dgrpo.models.forward import StageInput
+from megatron_dgrpo.parallel.collectives import all_gather_tensors
+from megatron_dgrpo.parallel.context import cp_shard_segments, cp_unshard_segments
 from megatron_dgrpo.rollout.sequences import SequenceBatch
 from megatron_dgrpo.train.batch import used_lengths
 
@@ -39,11 +43,19 @@ from megatron_dgrpo.train.batch import used_lengths
 class PackedMicroBatch:
     """Rows ``rows`` of the step batch, row ``rows[i]``'s first ``lengths[i]`` tokens at
     ``[offsets[i], offsets[i] + lengths[i])`` of one packed row, each followed by padding to
-    a multiple of ``align``."""
+    a multiple of ``align``; with ``cp_size > 1``, CP rank ``cp_rank``'s shard of every
+    sequence (``align`` a multiple of ``2 * cp_size``)."""
 
     rows: tuple[int, ...]
     lengths: tuple[int, ...]
     align: int = 1
+    cp_rank: int = 0
+    cp_size: int = 1
+
+    def __post_init__(self):
+        if self.cp_size > 1 and self.align % (2 * self.cp_size):
+            raise ValueError(f"packs over {self.cp_size} CP ranks need an alignment that is a "
+                             f"multiple of {2 * self.cp_size}, got {self.align}")
 
     @cached_property
     def offsets(self) -> tuple[int, ...]:
@@ -59,8 +71,14 @@ class PackedMicroBatch:
 
     @property
     def computed_tokens(self) -> int:
-        """Token positions the forward runs over, alignment padding included."""
+        """Token positions the forward runs over (all CP ranks together), alignment padding
+        included."""
         return self.width
+
+    def _shard(self, tensor: Tensor) -> Tensor:
+        """This CP rank's part of a ``[1, L, ...]`` packed tensor."""
+        return tensor if self.cp_size == 1 else cp_shard_segments(tensor, self.offsets,
+                                                                  self.cp_rank, self.cp_size)
 
     def _layout(self, batch_width: int, device) -> tuple[Tensor, Tensor, Tensor]:
         """``[L]``: flat index into the step batch's ``[B, T]`` tensors, whether the token
@@ -79,22 +97,23 @@ class PackedMicroBatch:
         return flat.index_select(0, index)[None]
 
     def sequences(self, batch: SequenceBatch) -> SequenceBatch:
-        """The pack's ``[1, L]`` sequences: tokens and targets of the rows (0 on padding),
-        positions restarting at 0 per sequence, the loss mask off on padding."""
+        """The pack's ``[1, L / cp_size]`` sequences: tokens and targets of the rows (0 on
+        padding), positions restarting at 0 per sequence, the loss mask off on padding."""
         index, real, position = self._layout(batch.tokens.shape[1], batch.tokens.device)
         part = batch.map(lambda tensor: self._gather(tensor, index))
-        return SequenceBatch(tokens=torch.where(real, part.tokens, 0), positions=position[None],
-                             targets=torch.where(real, part.targets, 0),
-                             loss_mask=part.loss_mask & real)
+        packed = SequenceBatch(tokens=torch.where(real, part.tokens, 0), positions=position[None],
+                               targets=torch.where(real, part.targets, 0),
+                               loss_mask=part.loss_mask & real)
+        return packed.map(self._shard)
 
     def tokens(self, batch: TokenBatch) -> TokenBatch:
-        """The pack's ``[1, L]`` part of every per-token tensor (top-k ones keep their ``K``),
-        the loss mask off on padding."""
+        """The pack's ``[1, L / cp_size]`` part of every per-token tensor (top-k ones keep
+        their ``K``), the loss mask off on padding."""
         index, real, _ = self._layout(batch.loss_mask.shape[1], batch.loss_mask.device)
         part = replace(batch, **{f.name: None if getattr(batch, f.name) is None
-                                 else self._gather(getattr(batch, f.name), index)
+                                 else self._shard(self._gather(getattr(batch, f.name), index))
                                  for f in fields(batch)})
-        part.loss_mask = part.loss_mask & real
+        part.loss_mask = part.loss_mask & self._shard(real[None])
         return part
 
     def stage_input(self, part: SequenceBatch) -> StageInput:
@@ -109,25 +128,30 @@ class PackedMicroBatch:
                                                                   padded.to(device)))
 
     def place(self, out: Tensor, values: Tensor, cp_group=None) -> None:
-        """Write the pack's per-token ``values`` ``[1, L]`` back to the rows of the step
-        batch's ``[B, T]`` tensor ``out`` (``cp_group`` unused: packs are not CP-sharded)."""
+        """Write the pack's per-token ``values`` (this CP rank's ``[1, L / cp_size]``;
+        gathered over ``cp_group``) back to the rows of the step batch's ``[B, T]`` tensor
+        ``out``."""
+        if self.cp_size > 1:
+            values = cp_unshard_segments(all_gather_tensors(values, cp_group), self.offsets)
         index, real, _ = self._layout(out.shape[1], out.device)
         out.view(-1)[index[real]] = values[0][real].to(out.dtype)
 
 
-def plan_packed_micro_batches(loss_mask: Tensor, pack_tokens: int | None,
-                              align: int = 1) -> list[PackedMicroBatch]:
+def plan_packed_micro_batches(loss_mask: Tensor, pack_tokens: int | None, align: int = 1,
+                              cp_rank: int = 0, cp_size: int = 1) -> list[PackedMicroBatch]:
     """The packs of a ``[B, T]`` loss mask's rows: at most ``pack_tokens`` tokens each
     (``None``: one pack of every row), first-fit decreasing; one pack of its own for a row
     longer than that; rows without loss tokens left out (when no row has one, row 0's first
-    token stays, so every rank runs a micro-batch and reports the same metric names)."""
+    token stays, so every rank runs a micro-batch and reports the same metric names). With
+    ``cp_size > 1`` each pack hands out CP rank ``cp_rank``'s shard."""
     lengths = used_lengths(loss_mask)
     rows = [row for row, length in enumerate(lengths) if length > 0]
     if not rows:
-        return [PackedMicroBatch((0,), (1,), align)]
+        return [PackedMicroBatch((0,), (1,), align, cp_rank, cp_size)]
     sizes = [lengths[row] for row in rows]
     budget = pack_tokens or sum(aligned(size, align) for size in sizes)
     packs, too_long = plan_packs(sizes, budget, align)
     packs += [[index] for index in too_long]
-    return [PackedMicroBatch(tuple(rows[i] for i in pack), tuple(sizes[i] for i in pack), align)
+    return [PackedMicroBatch(tuple(rows[i] for i in pack), tuple(sizes[i] for i in pack), align,
+                             cp_rank, cp_size)
             for pack in packs]

@@ -125,3 +125,64 @@ def _check_packed(pair, generator):
 
 def test_sdpa_core_attention_matches_megatron_dot_product_attention():
     assert run_distributed(_check, 1) == [True]
+
+
+def _check_packed_context_parallel(rank, world_size):
+    """Packed sequences (5, 3, 4 tokens, each padded to a multiple of 2 x CP = 4) over two CP
+    ranks: rank r holds chunks r and 3 - r of every sequence. Each rank's outputs and input
+    gradients = its chunks of Megatron's DotProductAttention (CP=1) on each sequence alone."""
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from megatron_dgrpo.models.forward import thd_params
+    from megatron_dgrpo.models.provider import initialize_parallel, transformer_config
+    from megatron_dgrpo.models.sdpa_attention import SDPACoreAttention
+    from megatron_dgrpo.parallel.context import cp_shard_segments
+
+    parallel = ParallelConfig(context_parallel=2, cp_comm_type="allgather")
+    initialize_parallel(parallel, seed=1)
+    causal = AttnMaskType.causal
+    sdpa_attention = SDPACoreAttention(transformer_config(MODEL, parallel), layer_number=1,
+                                       attn_mask_type=causal, attention_type="self")
+    megatron_attention = _attention_pair(transformer_config(MODEL, ParallelConfig()), causal)[0]
+    lengths, offsets = [5, 3, 4], [0, 8, 12, 16]
+    total = offsets[-1]
+    real = torch.zeros(total, dtype=torch.bool)
+    for start, length in zip(offsets, lengths):
+        real[start:start + length] = True
+    packed = thd_params(torch.tensor([0, 5, 8, 12], dtype=torch.int32),
+                        torch.tensor(offsets, dtype=torch.int32))
+    generator = torch.Generator().manual_seed(3)  # the same inputs on both ranks
+    inputs = [t[:, 0].detach() for t in _inputs(total, total, 1, generator)]
+    weights = torch.linspace(-1, 1, total * MODEL.num_attention_heads * MODEL.head_dim,
+                             dtype=torch.float64).view(total, -1) * real[:, None]
+
+    def mine(tensor):  # this rank's THD shard: sequence i's chunks `rank` and `3 - rank`
+        return cp_shard_segments(tensor, offsets, rank, 2, seq_dim=0)
+
+    leaves = [mine(t).clone().requires_grad_() for t in inputs]
+    out = sdpa_attention(*leaves, None, attn_mask_type=causal, packed_seq_params=packed)
+    (out * mine(weights)).sum().backward()
+
+    expected = torch.zeros(total, weights.shape[1], dtype=torch.float64)
+    expected_grads = [torch.zeros_like(t) for t in inputs]
+    for start, stop in zip(offsets[:-1], offsets[1:]):
+        piece = [t[start:stop, None].clone().requires_grad_() for t in inputs]
+        result = megatron_attention(*piece, None, attn_mask_type=causal)[:, 0]
+        (result * weights[start:stop]).sum().backward()
+        expected[start:stop] = result.detach()
+        for grad, leaf in zip(expected_grads, piece):
+            grad[start:stop] = leaf.grad[:, 0]
+    torch.testing.assert_close(out.detach(), mine(expected), rtol=1e-10, atol=1e-10)
+    for leaf, grad in zip(leaves, expected_grads):
+        torch.testing.assert_close(leaf.grad, mine(grad), rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="multiple of 2 \\* CP = 4"):
+        uneven = thd_params(torch.tensor([0, 5, 8], dtype=torch.int32),
+                            torch.tensor([0, 6, 8], dtype=torch.int32))
+        sdpa_attention(*(t[:4] for t in leaves), None, attn_mask_type=causal,
+                       packed_seq_params=uneven)
+    return True
+
+
+@pytest.mark.multiproc
+def test_packed_attention_with_context_parallelism_equals_each_sequence_alone():
+    assert run_distributed(_check_packed_context_parallel, 2) == [True, True]

@@ -3,6 +3,7 @@ pack (first-fit decreasing, a row over the budget alone, rows without loss token
 the THD layout each pack gathers (tokens, restarting positions, loss mask off on alignment
 padding, cu_seqlens), and that per-token results scattered back land on their rows."""
 
+import pytest
 import torch
 
 from megatron_dgrpo.algorithms.inputs import TokenBatch
@@ -70,3 +71,28 @@ def test_a_pack_gathers_the_thd_layout_and_scatters_back():
     kept = torch.zeros_like(batch.loss_mask)
     kept[0, :5], kept[2, :3] = True, True
     assert torch.equal(out, torch.where(kept, values, 0.0))
+
+
+def test_a_pack_over_two_context_parallel_ranks_holds_two_chunks_of_each_sequence():
+    """Megatron's THD context-parallel layout, written out by hand: each sequence (padded to
+    a multiple of 2 x CP = 4) is cut into 4 chunks, rank 0 holds chunks 0 and 3 of each,
+    rank 1 chunks 1 and 2; the shards put back together are the CP=1 pack."""
+    from megatron_dgrpo.parallel.context import cp_unshard_segments
+
+    batch = _batch()
+    whole = PackedMicroBatch(rows=(0, 2), lengths=(5, 3), align=4).sequences(batch)
+    packs = [PackedMicroBatch(rows=(0, 2), lengths=(5, 3), align=4, cp_rank=rank, cp_size=2)
+             for rank in range(2)]
+    shards = [pack.sequences(batch) for pack in packs]
+    # sequence 0 = [1, 2, 20, 21 | 22, 0, 0, 0] (chunks of 2), sequence 1 = [6, 24, 25, 0]
+    assert [s.tokens.tolist() for s in shards] == [[[1, 2, 0, 0, 6, 0]],
+                                                   [[20, 21, 22, 0, 24, 25]]]
+    assert [s.positions.tolist() for s in shards] == [[[0, 1, 6, 7, 0, 3]],
+                                                      [[2, 3, 4, 5, 1, 2]]]
+    for name in ("tokens", "positions", "targets", "loss_mask"):
+        assert torch.equal(cp_unshard_segments([getattr(s, name) for s in shards], (0, 8, 12)),
+                           getattr(whole, name)), name
+    thd = packs[1].stage_input(shards[1]).packed  # boundaries of the whole sequences
+    assert thd.cu_seqlens_q_padded.tolist() == [0, 8, 12]
+    with pytest.raises(ValueError, match="multiple of 4"):
+        PackedMicroBatch(rows=(0,), lengths=(5,), align=2, cp_rank=0, cp_size=2)

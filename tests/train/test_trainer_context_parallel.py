@@ -59,12 +59,15 @@ def _weights(run_dir):
 
 def test_context_parallel_step_equals_the_unsharded_step(setup):
     """KD (teacher forward on the shards too) at CP=2, fused with one sequence per
-    micro-batch and materialized, against CP=1."""
+    micro-batch, materialized, and fused on packed sequences (both rows in one THD pack,
+    each row cut into 2 x CP chunks of its own), against CP=1 with padded micro-batches."""
     sharded = [_config(setup, f"cp2-{impl}", "kd", CONTEXT_PARALLEL, loss_impl=impl,
                        micro_batch_size=micro, loss_chunk_tokens=5)
                for impl, micro in (("fused", 1), ("materialized", None))]
+    sharded.append(_config(setup, "cp2-packed", "kd", CONTEXT_PARALLEL, loss_impl="fused",
+                           pack_sequences=True, loss_chunk_tokens=5))
     reference = _config(setup, "cp1", "kd", {}, loss_impl="fused")
-    assert run_distributed(train_runs, 2, args=(sharded,)) == [[0, 0], [0, 0]]
+    assert run_distributed(train_runs, 2, args=(sharded,)) == [[0] * len(sharded)] * 2
     assert run_distributed(train_runs, 1, args=([reference],)) == [[0]]
     (expected,) = read_metrics(reference["run_dir"])
     expected = _comparable(expected)
@@ -88,7 +91,8 @@ def test_context_parallel_step_equals_the_unsharded_step(setup):
 def test_context_parallel_dgrpo_with_vllm_rollouts(setup):
     """dGRPO at CP=2 with a reference anchor and a YaRN student: the engine, refitted after
     each step, and the trainer's sharded forward agree on the log-probs of the sampled
-    tokens; and the two steps equal the same run at CP=1 (loss, metrics, weights)."""
+    tokens; and the two steps, with padded micro-batches and with packed sequences, equal
+    the same run at CP=1 (loss, metrics, weights)."""
     def config_at(name, parallel):
         config = _config(setup, name, "dgrpo", parallel, steps=2,
                          sampling={"n": 2, "max_new_tokens": 6, "temperature": 0.8},
@@ -102,20 +106,28 @@ def test_context_parallel_dgrpo_with_vllm_rollouts(setup):
         return config
 
     config, unsharded = config_at("cp2-dgrpo-vllm", CONTEXT_PARALLEL), config_at("cp1-dgrpo-vllm", {})
-    assert run_distributed(train_runs, 2, args=([config],)) == [[0], [0]]
+    # the same at CP=2 on packed sequences: student, teacher and reference on THD shards
+    packed = {**config_at("cp2-dgrpo-vllm-packed", CONTEXT_PARALLEL), "pack_sequences": True}
+    assert run_distributed(train_runs, 2, args=([config, packed],)) == [[0, 0], [0, 0]]
     assert run_distributed(train_runs, 1, args=([unsharded],)) == [[0]]
-    for got, expected in zip(read_metrics(config["run_dir"]), read_metrics(unsharded["run_dir"])):
-        got, expected = _comparable(got), _comparable(expected)
-        for key in expected:
-            if not key.startswith(("verify/", "refit/")):
-                assert got[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-6), key
-    got_weights = load_file(f"{config['run_dir']}/checkpoints/step_00000002/model/"
-                            "mp_rank_00_000/model.safetensors")
     expected_weights = load_file(f"{unsharded['run_dir']}/checkpoints/step_00000002/model/"
                                  "mp_rank_00_000/model.safetensors")
-    for key in expected_weights:
-        torch.testing.assert_close(got_weights[key], expected_weights[key], rtol=0, atol=1e-5,
-                                   msg=key)
+    for run in (config, packed):
+        for got, expected in zip(read_metrics(run["run_dir"]),
+                                 read_metrics(unsharded["run_dir"])):
+            got, expected = _comparable(got), _comparable(expected)
+            for key in expected:
+                if not key.startswith(("verify/", "refit/")):
+                    assert got[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-6), \
+                        (run["run_dir"], key)
+        got_weights = load_file(f"{run['run_dir']}/checkpoints/step_00000002/model/"
+                                "mp_rank_00_000/model.safetensors")
+        for key in expected_weights:
+            torch.testing.assert_close(got_weights[key], expected_weights[key], rtol=0,
+                                       atol=1e-5, msg=key)
+    padding = [[r["train/padding_fraction"] for r in read_metrics(run["run_dir"])]
+               for run in (config, packed)]
+    assert all(p < q for p, q in zip(padding[1], padding[0])), padding  # only 2 x CP alignment
     first, second = read_metrics(config["run_dir"])
     for record in (first, second):
         assert record["verify/passed"] == 1.0

@@ -82,11 +82,7 @@ def test_packed_step_equals_padded_step(setup):
                                        atol=1e-5, msg=key)
 
 
-def test_packing_with_context_parallelism_is_refused(setup):
-    config = _config(setup, "never-created", "kd", pack_sequences=True,
-                     parallel={"context_parallel": 2, "cp_comm_type": "allgather"})
-    with pytest.raises(ValueError, match="pack_sequences with parallel.context_parallel > 1"):
-        from_dict(RunConfig, config)
+def test_packing_options_are_checked_at_start_up(setup):
     with pytest.raises(ValueError, match="pack_tokens must be >= 1"):
         from_dict(RunConfig, _config(setup, "never-created", "kd", pack_tokens=0))
     assert not (setup[0] / "never-created").exists()
