@@ -28,8 +28,11 @@ before the call (``VmRSS``): everything the loss and its backward allocate, incl
 gradients of the hidden states and of the output weight, and nothing the inputs already
 occupied. Time is the wall-clock time of that same call (2 CPU threads). Linux only.
 
-``floor`` = output-weight gradient + one chunk of fused logits = ``(V*H + chunk*V) * 4``
-bytes. Ratios in the table are against ``liger_jsd`` measured in the same run.
+``floor`` = what any fused implementation must hold at once: the two gradients it returns
+(output weight ``[V, H]``, hidden states ``[T, H]``) and one chunk of logits ``[chunk, V]``
+(the fused loss's default chunk, ``fused_chunk_tokens``), fp32: ``(V*H + T*H + chunk*V) *
+4`` bytes. (Until 2026-12-01 the floor left out the hidden-state gradient, an output that
+every method allocates: ``T*H*4`` bytes, 64 MiB at T = 16K.) Ratios in the table are against ``liger_jsd`` measured in the same run.
 ``materialized`` is skipped when its estimated peak (``5 * T * V * 4`` bytes) exceeds
 ``--max-gb``.
 
@@ -183,10 +186,10 @@ def _run_case(method: str, tokens: int, vocab: int) -> dict:
 
 
 def _floor_mib(tokens: int, vocab: int) -> float:
-    from megatron_dgrpo.parallel.fused import default_chunk_tokens
+    from megatron_dgrpo.parallel.vocab import fused_chunk_tokens
 
-    chunk = min(tokens, default_chunk_tokens(vocab))
-    return (vocab * HIDDEN + chunk * vocab) * 4 / MIB
+    chunk = min(tokens, fused_chunk_tokens(vocab, HIDDEN))
+    return (vocab * HIDDEN + tokens * HIDDEN + chunk * vocab) * 4 / MIB
 
 
 def _table(results: dict) -> str:

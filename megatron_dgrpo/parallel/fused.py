@@ -11,10 +11,16 @@ output layer (one logits matmul and two gradient matmuls per chunk, no recomputa
 custom backward only scales the accumulated gradients by the incoming gradient.
 
 Logits are reduced in float32 when the models are bf16 (and in float64 for float64 inputs).
-Peak memory beyond the inputs: the output-weight gradient ``[V_local, H]`` (float32), the hidden-state
-gradient ``[M, H]`` and three chunk-sized ``[chunk_tokens, V_local]`` buffers (student
-logits, which become the logits' gradient in place, teacher logits, probabilities). The default chunk holds
-``DEFAULT_CHUNK_ELEMENTS`` (:mod:`.vocab`) logits per model.
+Peak memory beyond the inputs: the output-weight gradient ``[V_local, H]`` (float32), the
+hidden-state gradient ``[M, H]``, two chunk-sized ``[chunk_tokens, V_local]`` buffers
+(student logits, which become the logits' gradient in place, and teacher logits) and one
+block of probabilities: the per-token terms and the logits' gradient are computed over
+blocks of a chunk's rows (``ROW_BLOCK_ELEMENTS`` logits each, :mod:`.vocab`), always in the
+same scratch buffer. The default chunk (:func:`~.vocab.fused_chunk_tokens`) holds
+``FUSED_CHUNK_ELEMENTS`` logits per model, and at most about a third of the weight
+gradient.
+When every token is a loss token the hidden states are used in place (no ``[M, H]``
+copies).
 
 FP8 (``fp8=Fp8LossConfig(...)``, :mod:`megatron_dgrpo.parallel.fp8`): the three GEMMs take
 FP8 operands (E4M3 hidden states and weights, E5M2 or E4M3 logits' gradient, per-tensor or
@@ -29,7 +35,7 @@ each rank passes its own tokens with global aggregation weights; nothing else ch
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
@@ -48,8 +54,9 @@ from megatron_dgrpo.parallel.fp8 import (
 from megatron_dgrpo.parallel.materialized import check_logits_shapes, check_temperature
 from megatron_dgrpo.parallel.vocab import (
     PADDED_VOCAB_LOGIT,
-    default_chunk_tokens,
+    ROW_BLOCK_ELEMENTS,
     first_padded_column,
+    fused_chunk_tokens,
     terms_backward,
     terms_forward,
 )
@@ -113,6 +120,49 @@ def _chunk_logits(layer, hidden: Tensor, compute: torch.dtype, run: _ChunkedRun)
     return logits
 
 
+def _block_rows(local_vocab: int) -> int:
+    """Rows per block of a chunk: ~``ROW_BLOCK_ELEMENTS`` logits."""
+    return max(1, ROW_BLOCK_ELEMENTS // local_vocab)
+
+
+def _row_blocks(rows: int, local_vocab: int) -> list[tuple[int, int]]:
+    """``[first, last)`` row ranges of a chunk's blocks."""
+    step = _block_rows(local_vocab)
+    return [(first, min(first + step, rows)) for first in range(0, rows, step)]
+
+
+def _block_terms(logits: Tensor, teacher_logits: Tensor | None, chunk: TokenBatch,
+                 blocks: list[tuple[int, int]], run: _ChunkedRun, scratch: Tensor):
+    """The chunk's per-token terms, computed block of rows by block of rows (the
+    probabilities of one block at a time, in ``scratch``), and each block's saved state."""
+    pieces, saved = [], []
+    for first, last in blocks:
+        topk = chunk.teacher_topk_indices
+        terms, block_saved = terms_forward(
+            logits[first:last], None if teacher_logits is None else teacher_logits[first:last],
+            chunk.targets[first:last], None if topk is None else topk[first:last],
+            run.kl_direction, run.tp_group, scratch=scratch[:last - first])
+        pieces.append(terms)
+        saved.append(block_saved)
+    if len(pieces) == 1:
+        return pieces[0], saved
+    return StudentTerms(*(None if getattr(pieces[0], f.name) is None
+                          else torch.cat([getattr(p, f.name) for p in pieces])
+                          for f in fields(StudentTerms))), saved
+
+
+def _block_gradients(saved: list, blocks: list[tuple[int, int]],
+                     grad_terms: list[Tensor | None], scratch: Tensor) -> None:
+    """Write each block's logits' gradient over its logits (probabilities recomputed from
+    them in ``scratch``, one block at a time). A function, so that no view of the chunk's
+    buffers outlives it (a lingering view would keep both models' chunk logits alive into
+    the next chunk)."""
+    for (first, last), block_saved in zip(blocks, saved):
+        terms_backward(block_saved, *(None if grad is None else grad[first:last]
+                                      for grad in grad_terms), overwrite_logits=True,
+                       scratch=scratch[:last - first])
+
+
 class _FusedLinearLoss(torch.autograd.Function):
 
     @staticmethod
@@ -128,6 +178,11 @@ class _FusedLinearLoss(torch.autograd.Function):
         student = run.output_layer(student_weight, False, want_grads, compute)
         teacher = (None if run.teacher_hidden is None
                    else run.output_layer(run.teacher_weight, True, False, compute))
+        # one block's probabilities at a time, always in this buffer (allocated once: on
+        # the CPU, freeing and re-allocating blocks of this size fragments glibc's heap)
+        scratch = student_hidden.new_empty(
+            min(_block_rows(student_weight.shape[0]), run.chunk_tokens), student_weight.shape[0],
+            dtype=compute)
         for start in range(0, student_hidden.shape[0], run.chunk_tokens):
             stop = min(start + run.chunk_tokens, student_hidden.shape[0])
             chunk = run.batch.token_slice(start, stop)
@@ -137,12 +192,11 @@ class _FusedLinearLoss(torch.autograd.Function):
             if teacher is not None:
                 teacher_logits = _chunk_logits(teacher, run.teacher_hidden[start:stop], compute,
                                                run)
-            terms, saved, student_exp = terms_forward(logits, teacher_logits, chunk.targets,
-                                                chunk.teacher_topk_indices, run.kl_direction,
-                                                run.tp_group)
-            del teacher_logits
+            blocks = _row_blocks(stop - start, logits.shape[1])
+            terms, saved = _block_terms(logits, teacher_logits, chunk, blocks, run, scratch)
+            del teacher_logits  # the blocks' saved views keep what the backward needs
             if not want_grads:
-                del student_exp, saved, logits
+                del saved, logits
                 loss, chunk_metrics = evaluate(run.config, terms, chunk)
             else:
                 with torch.enable_grad():
@@ -152,12 +206,13 @@ class _FusedLinearLoss(torch.autograd.Function):
                     grads = torch.autograd.grad(loss, used, allow_unused=True)
                 grads = iter(grads)
                 grad_terms = [next(grads) if leaf is not None else None for leaf in leaves]
-                grad_logits = terms_backward(saved, *grad_terms, student_exp=student_exp,
-                                             overwrite_logits=True)
+                _block_gradients(saved, blocks, grad_terms, scratch)
+                del saved
+                grad_logits = logits  # now holds the gradient
                 grad_logits[:, run.padded_from:] = 0.0  # padding logits are constants
                 if run.temperature != 1.0:  # d(z / T) / dz
                     grad_logits /= run.temperature
-                del student_exp, saved, logits
+                del logits
                 student.backward(grad_logits, hidden, grad_hidden[start:stop], grad_weight)
                 del grad_logits
             total = total + loss.detach()
@@ -207,7 +262,8 @@ def loss_from_hidden(config: LossConfig, batch: TokenBatch, student_hidden: Tens
         teacher_hidden: ``[*S, H_teacher]`` teacher hidden states (constant), or ``None``.
         teacher_weight: ``[V_local, H_teacher]`` teacher output-layer shard (constant).
         tp_group: tensor-parallel group of the vocabulary shards (``None``: unsharded).
-        chunk_tokens: tokens per chunk; default :func:`default_chunk_tokens`.
+        chunk_tokens: tokens per chunk; default
+            :func:`~megatron_dgrpo.parallel.vocab.fused_chunk_tokens`.
         vocab_size: the real vocabulary size when the weights carry Megatron's TP padding
             rows: logits of ids at and past it are set to :data:`PADDED_VOCAB_LOGIT` (student
             and teacher) and get no gradient. ``None``: every row is a real token.
@@ -248,23 +304,28 @@ def loss_from_hidden(config: LossConfig, batch: TokenBatch, student_hidden: Tens
     flat = batch.flatten()
     # Tokens outside the loss mask add exactly 0 to the loss and its gradient: only loss
     # tokens go through the output layer.
-    keep = loss_token_index(flat.loss_mask)
+    every_token = bool(flat.loss_mask.all())  # then views, no [M, H] copies
+    keep = None if every_token else loss_token_index(flat.loss_mask)
+
+    def loss_tokens(hidden: Tensor) -> Tensor:
+        flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+        return flat_hidden if keep is None else flat_hidden[keep]
+
     if teacher_hidden is not None:
-        teacher_hidden = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])[keep]
+        teacher_hidden = loss_tokens(teacher_hidden.detach())
     run = _ChunkedRun(
         config=config,
-        batch=flat.token_select(keep),
+        batch=flat if keep is None else flat.token_select(keep),
         teacher_hidden=teacher_hidden,
         teacher_weight=None if teacher_weight is None else teacher_weight.detach(),
         kl_direction=get_objective(config.objective).teacher_kl_direction,
         tp_group=tp_group,
-        chunk_tokens=chunk_tokens or default_chunk_tokens(local_vocab),
+        chunk_tokens=chunk_tokens or fused_chunk_tokens(local_vocab, hidden_size),
         padded_from=first_padded_column(vocab_size, local_vocab, group_rank_and_size(tp_group)[0]),
         temperature=temperature,
         fp8=fp8,
     )
-    loss = _FusedLinearLoss.apply(student_hidden.reshape(-1, hidden_size)[keep], student_weight,
-                                  run)
+    loss = _FusedLinearLoss.apply(loss_tokens(student_hidden), student_weight, run)
     return loss, run.metrics
 
 

@@ -29,7 +29,13 @@ KL_DIRECTIONS = ("reverse", "forward")
 # 128 x TP): far below any real logit, so they carry no probability, yet finite, so that
 # 0 * logit stays 0 in entropy and KL sums. Every path that forms logits masks them so.
 PADDED_VOCAB_LOGIT = -1.0e4
-DEFAULT_CHUNK_ELEMENTS = 2 ** 25  # 128 MiB of fp32 logits per model and chunk
+DEFAULT_CHUNK_ELEMENTS = 2 ** 25  # 128 MiB of fp32 logits per chunk (no-grad scoring)
+# The fused loss's chunks may be twice as large: it keeps two (student and teacher logits)
+# and larger row counts keep its output-layer GEMMs efficient (fused_chunk_tokens).
+FUSED_CHUNK_ELEMENTS = 2 ** 26
+# The fused loss's per-token terms run over blocks of a chunk's rows of this many logits
+# (16 MiB fp32), so that probabilities and other temporaries exist for one block at a time.
+ROW_BLOCK_ELEMENTS = 2 ** 22
 
 
 def first_padded_column(vocab_size: int | None, local_vocab: int, tp_rank: int) -> int:
@@ -61,6 +67,16 @@ def default_chunk_tokens(local_vocab: int) -> int:
     return max(16, DEFAULT_CHUNK_ELEMENTS // local_vocab)
 
 
+def fused_chunk_tokens(local_vocab: int, hidden_size: int) -> int:
+    """The fused loss's default chunk: ``FUSED_CHUNK_ELEMENTS`` logits, and at most
+    ``hidden_size // 3`` tokens, so that a chunk of logits ``[chunk, V_local]`` is at most
+    about a third of the output-weight gradient ``[V_local, H]`` the loss holds anyway (it
+    keeps two chunks: student and teacher logits); never less than one block of
+    ``ROW_BLOCK_ELEMENTS`` logits (for small models, where all of it is small)."""
+    return max(16, min(FUSED_CHUNK_ELEMENTS // local_vocab,
+                       max(hidden_size // 3, ROW_BLOCK_ELEMENTS // local_vocab)))
+
+
 @dataclass
 class SavedForBackward:
     """What the backward needs: the logits (not copied) and per-token scalars ``[N]``."""
@@ -68,7 +84,6 @@ class SavedForBackward:
     student_logits: Tensor
     teacher_logits: Tensor | None
     student_lse: Tensor
-    student_exp_total: Tensor
     teacher_lse: Tensor | None
     entropy: Tensor
     kl: Tensor | None
@@ -90,17 +105,19 @@ def _row_dot(left: Tensor, right: Tensor) -> Tensor:
     return torch.bmm(left.unsqueeze(1), right.unsqueeze(2)).reshape(-1)
 
 
-def _shifted_exp(logits: Tensor, global_max: Tensor, group) -> tuple[Tensor, Tensor, Tensor]:
-    """``exp(z - max)`` ``[N, V_local]`` (unnormalised probabilities: one pass fewer), its
-    full-vocabulary row sum ``[N]`` and the log-sum-exp ``[N]``."""
-    shifted = (logits - global_max[:, None]).exp_()
+def _shifted_exp(logits: Tensor, global_max: Tensor, group,
+                 out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """``exp(z - max)`` ``[N, V_local]`` (unnormalised probabilities: one pass fewer; in
+    ``out`` when given), its full-vocabulary row sum ``[N]`` and the log-sum-exp ``[N]``."""
+    shifted = torch.sub(logits, global_max[:, None], out=out).exp_()
     total = all_reduce(shifted.sum(dim=1), "sum", group)
     return shifted, total, global_max + total.log()
 
 
 def terms_forward(student_logits: Tensor, teacher_logits: Tensor | None, targets: Tensor,
                   topk_indices: Tensor | None, kl_direction: str, group=None,
-                  ) -> tuple[StudentTerms, SavedForBackward, Tensor]:
+                  scratch: Tensor | None = None,
+                  ) -> tuple[StudentTerms, SavedForBackward]:
     """Per-token terms (no autograd) of one vocabulary shard's logits.
 
     Args:
@@ -110,12 +127,12 @@ def terms_forward(student_logits: Tensor, teacher_logits: Tensor | None, targets
         topk_indices: ``[N, K]`` int64 global ids (teacher top-k) or ``None``.
         kl_direction: ``reverse`` (KL(student || teacher)) or ``forward`` (KL(teacher || student)).
         group: the TP process group; ``None`` = unsharded vocabulary.
+        scratch: an ``[N, V_local]`` buffer the probabilities are computed in (no
+            allocation; its contents are overwritten), or ``None``.
 
     Returns:
-        ``(terms, saved, student_exp)``: the terms (``[N]`` / ``[N, K]``), what
-        :func:`terms_backward` needs, and the student's unnormalised probabilities
-        ``exp(z - max)`` ``[N, V_local]`` (pass them back to the backward to skip
-        recomputing them, or drop them).
+        ``(terms, saved)``: the terms (``[N]`` / ``[N, K]``) and what
+        :func:`terms_backward` needs.
     """
     if kl_direction not in KL_DIRECTIONS:
         raise ValueError(f"unknown kl_direction {kl_direction!r}; choose one of {KL_DIRECTIONS}")
@@ -131,10 +148,12 @@ def terms_forward(student_logits: Tensor, teacher_logits: Tensor | None, targets
     target_slot, target_is_local = _local_slots(targets, start, local_vocab)
 
     # Teacher first, so its probabilities are freed before the student's are allocated:
-    # at most three [N, V_local] buffers live at once (both logits and one probability).
+    # at most three [N, V_local] buffers live at once (both logits and one probability,
+    # in `scratch` when given).
     teacher_lse, teacher_sums = None, []
     if has_teacher:
-        teacher_exp, teacher_total, teacher_lse = _shifted_exp(teacher_logits, maxima[1], group)
+        teacher_exp, teacher_total, teacher_lse = _shifted_exp(teacher_logits, maxima[1], group,
+                                                               scratch)
         if not bool(torch.isfinite(teacher_lse).all()):
             raise ValueError("teacher logits contain non-finite values (NaN or inf)")
         teacher_sums.append(torch.where(target_is_local,
@@ -143,7 +162,8 @@ def terms_forward(student_logits: Tensor, teacher_logits: Tensor | None, targets
             teacher_sums += [_row_dot(teacher_exp, teacher_logits) / teacher_total,
                              _row_dot(teacher_exp, student_logits) / teacher_total]
         del teacher_exp
-    student_exp, student_total, student_lse = _shifted_exp(student_logits, maxima[0], group)
+    student_exp, student_total, student_lse = _shifted_exp(student_logits, maxima[0], group,
+                                                           scratch)
     if not bool(torch.isfinite(student_lse).all()):
         raise ValueError("student logits contain non-finite values (NaN or inf)")
 
@@ -173,21 +193,21 @@ def terms_forward(student_logits: Tensor, teacher_logits: Tensor | None, targets
     topk_logp = None if topk_indices is None else stacked[num_sums:].T - student_lse[:, None]
     terms = StudentTerms(logp=target_logit - student_lse, entropy=entropy, teacher_kl=kl,
                          topk_logp=topk_logp, teacher_logp=teacher_logp)
-    saved = SavedForBackward(student_logits, teacher_logits, student_lse, student_total, teacher_lse,
+    saved = SavedForBackward(student_logits, teacher_logits, student_lse, teacher_lse,
                              entropy, kl, kl_direction, target_slot, target_is_local, topk_slot,
                              topk_is_local)
-    return terms, saved, student_exp
+    return terms, saved
 
 
 def terms_backward(saved: SavedForBackward, grad_logp: Tensor | None, grad_entropy: Tensor | None,
                    grad_kl: Tensor | None, grad_topk: Tensor | None,
-                   student_exp: Tensor | None = None, overwrite_logits: bool = False) -> Tensor:
+                   overwrite_logits: bool = False, scratch: Tensor | None = None) -> Tensor:
     """Gradient ``[N, V_local]`` w.r.t. this shard's student logits.
 
     The ``grad_*`` are the (TP-replicated) gradients of the loss w.r.t. the terms
-    (``[N]``, ``[N, K]`` for top-k; ``None`` = 0). ``student_exp`` from
-    :func:`terms_forward`, if given, is reused and overwritten. With ``overwrite_logits``
-    the gradient is built in the saved student logits' storage (no new buffer).
+    (``[N]``, ``[N, K]`` for top-k; ``None`` = 0). With ``overwrite_logits`` the gradient
+    is built in the saved student logits' storage (no new buffer). The probabilities are
+    recomputed from the logits, in ``scratch`` (``[N, V_local]``) when given.
     """
     logits = saved.student_logits
     zeros = torch.zeros_like(saved.student_lse)
@@ -196,14 +216,11 @@ def terms_backward(saved: SavedForBackward, grad_logp: Tensor | None, grad_entro
     g_kl = zeros if grad_kl is None or saved.kl is None else grad_kl
     reverse = saved.kl is not None and saved.kl_direction == "reverse"
     forward = saved.kl is not None and saved.kl_direction == "forward"
-    if student_exp is None:  # normalised probabilities, computed before logits may be overwritten
-        student_exp, row_scale = (logits - saved.student_lse[:, None]).exp_(), 1.0
-    else:
-        row_scale = 1.0 / saved.student_exp_total
+    # probabilities, computed before the logits may be overwritten
+    probs = torch.sub(logits, saved.student_lse[:, None], out=scratch).exp_()
 
     # grad = p * [z * a - g_kl_rev * z_teacher + c] - g_kl_fwd * q + one-hots, with
-    # log p = z - lse folded into a (per-row slope of z) and c (per-row constant); p =
-    # student_exp * row_scale, the scale folded into the per-row coefficients.
+    # log p = z - lse folded into a (per-row slope of z) and c (per-row constant).
     slope = (g_kl if reverse else zeros) - g_entropy
     constant = -g_entropy * saved.entropy - g_logp - slope * saved.student_lse
     if grad_topk is not None:
@@ -212,14 +229,15 @@ def terms_backward(saved: SavedForBackward, grad_logp: Tensor | None, grad_entro
         constant = constant + g_kl * (saved.teacher_lse - saved.kl)
     if forward:
         constant = constant + g_kl
-    slope_column = (slope * row_scale)[:, None]
+    slope_column = slope[:, None]
     grad = logits.mul_(slope_column) if overwrite_logits else logits * slope_column
     if reverse:
-        grad.addcmul_(saved.teacher_logits, (g_kl * row_scale)[:, None], value=-1.0)
-    grad.add_((constant * row_scale)[:, None]).mul_(student_exp)
-    del student_exp
+        grad.addcmul_(saved.teacher_logits, g_kl[:, None], value=-1.0)
+    grad.add_(constant[:, None]).mul_(probs)
+    del probs
     if forward:
-        teacher_probs = (saved.teacher_logits - saved.teacher_lse[:, None]).exp_()
+        teacher_probs = torch.sub(saved.teacher_logits, saved.teacher_lse[:, None],
+                                  out=scratch).exp_()
         grad.addcmul_(teacher_probs, g_kl[:, None], value=-1.0)
         del teacher_probs
     grad.scatter_add_(1, saved.target_slot[:, None],
@@ -234,7 +252,7 @@ class _VocabParallelTerms(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student_logits, teacher_logits, targets, topk_indices, kl_direction, group):
-        terms, saved, _ = terms_forward(student_logits.detach(),
+        terms, saved = terms_forward(student_logits.detach(),
                                         None if teacher_logits is None else teacher_logits.detach(),
                                         targets, topk_indices, kl_direction, group)
         ctx.saved = saved

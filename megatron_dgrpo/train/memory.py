@@ -35,7 +35,8 @@ and final norm ``h`` on the last; the largest stage counts.
   (1F1B), each of ``L / p`` layers.
 * fused loss (:func:`loss_bytes`): output-weight gradient ``V/t x h`` fp32, hidden-state
   gradient ``M x h`` fp32 (``M``: loss tokens on the rank, at most the response budget of
-  the micro-batch), three ``chunk x V/t`` fp32 chunk buffers, the student's and teacher's
+  the micro-batch), two ``chunk x V/t`` fp32 chunk buffers and one block of probabilities
+  (``ROW_BLOCK_ELEMENTS`` fp32), the student's and teacher's
   final hidden states ``tokens / c x h``. Materialised loss: three ``tokens / c x V/t`` fp32
   logits-sized buffers instead of the chunks.
 * teacher forward (no grad): one layer's working set ``tokens / c x (h + (3F + (a + 2g)d) /
@@ -74,7 +75,8 @@ TRAINER_RESERVE_GIB = 2.0  # CUDA context, NCCL buffers, allocator slack (allowa
 ENGINE_GRAPH_GIB = 1.0  # vLLM's CUDA graphs and worker context (allowance)
 ENGINE_PROFILE_TOKENS = 16384  # vLLM's default chunked-prefill budget for offline LLMs
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "float32": 4, "bfloat16": 2}
-CHUNK_ELEMENTS = 2 ** 25  # parallel/vocab.py DEFAULT_CHUNK_ELEMENTS (fused loss chunk)
+CHUNK_ELEMENTS = 2 ** 26  # parallel/vocab.py FUSED_CHUNK_ELEMENTS (fused loss chunk)
+ROW_BLOCK_ELEMENTS = 2 ** 22  # parallel/vocab.py ROW_BLOCK_ELEMENTS (its probability block)
 
 
 @dataclass(frozen=True)
@@ -199,9 +201,13 @@ def loss_bytes(model: ModelConfig, tokens_per_rank: int, loss_tokens: int, tp: i
     hidden = models * tokens_per_rank * h * act
     if not fused:
         return hidden + 3 * tokens_per_rank * local_vocab * 4
-    chunk = chunk_tokens or max(16, CHUNK_ELEMENTS // local_vocab)
+    # parallel/vocab.py fused_chunk_tokens
+    chunk = chunk_tokens or max(16, min(CHUNK_ELEMENTS // local_vocab,
+                                        max(h // 3, ROW_BLOCK_ELEMENTS // local_vocab)))
     chunk = min(chunk, max(loss_tokens, 1))
-    return hidden + local_vocab * h * 4 + loss_tokens * h * 4 + 3 * chunk * local_vocab * 4
+    block = min(chunk, max(1, ROW_BLOCK_ELEMENTS // local_vocab))
+    return (hidden + local_vocab * h * 4 + loss_tokens * h * 4
+            + (2 * chunk + block) * local_vocab * 4)
 
 
 def forward_working_set(model: ModelConfig, tokens_per_rank: int, tp: int) -> int:

@@ -68,6 +68,21 @@ def test_materialized_and_fused_match_the_plain_reference(setting):
 
 
 @pytest.mark.parametrize("setting", sorted(SETTINGS))
+def test_fused_row_blocks_and_a_full_loss_mask_match_the_plain_reference(setting, monkeypatch):
+    """The fused loss takes each chunk's terms over blocks of rows (probabilities recomputed
+    per block in the backward): blocks of 2 rows (of 7-token chunks: 2, 2, 2, 1) must give
+    the reference's loss and gradients; so must a batch whose every token is a loss token
+    (hidden states then used in place, not selected)."""
+    monkeypatch.setattr("megatron_dgrpo.parallel.fused.ROW_BLOCK_ELEMENTS", 2 * 23)
+    config, teacher = SETTINGS[setting]
+    for case in (make_case(seed=11, batch_size=4, seq_len=9, vocab=23),
+                 make_case(seed=12, batch_size=4, seq_len=9, vocab=23, mask_density=1.1,
+                           empty_row=False)):
+        expected = plain_reference(case, config, teacher)
+        assert_matches(run_fused(case, config, teacher, 7), expected, f"{setting} row blocks")
+
+
+@pytest.mark.parametrize("setting", sorted(SETTINGS))
 def test_the_temperature_divides_both_models_logits(setting):
     """The trained policy is softmax(logits / T): loss and gradients equal the plain
     reference on logits / T (student and teacher), fused and materialized."""
