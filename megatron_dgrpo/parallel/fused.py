@@ -15,8 +15,8 @@ Peak memory beyond the inputs: the output-weight gradient ``[V_local, H]`` (floa
 hidden-state gradient ``[M, H]``, two chunk-sized ``[chunk_tokens, V_local]`` buffers
 (student logits, which become the logits' gradient in place, and teacher logits) and one
 block of probabilities: the per-token terms and the logits' gradient are computed over
-blocks of a chunk's rows (``ROW_BLOCK_ELEMENTS`` logits each, :mod:`.vocab`), always in the
-same scratch buffer. The default chunk (:func:`~.vocab.fused_chunk_tokens`) holds
+blocks of a chunk's rows (on the CPU ``ROW_BLOCK_ELEMENTS`` logits each, :mod:`.vocab`; on
+a GPU the block is the whole chunk), always in the same scratch buffer. The default chunk (:func:`~.vocab.fused_chunk_tokens`) holds
 ``FUSED_CHUNK_ELEMENTS`` logits per model, and at most about a third of the weight
 gradient.
 When every token is a loss token the hidden states are used in place (no ``[M, H]``
@@ -120,15 +120,18 @@ def _chunk_logits(layer, hidden: Tensor, compute: torch.dtype, run: _ChunkedRun)
     return logits
 
 
-def _block_rows(local_vocab: int) -> int:
-    """Rows per block of a chunk: ~``ROW_BLOCK_ELEMENTS`` logits."""
-    return max(1, ROW_BLOCK_ELEMENTS // local_vocab)
+def _block_rows(local_vocab: int, chunk_tokens: int, device: torch.device) -> int:
+    """Rows per block of a chunk: ~``ROW_BLOCK_ELEMENTS`` logits on the CPU (where a
+    block's probabilities stay small and in cache); the whole chunk on a GPU, where every
+    block would cost ~20 kernel launches and, under TP, four all-reduces of its own."""
+    if device.type == "cuda":
+        return chunk_tokens
+    return min(chunk_tokens, max(1, ROW_BLOCK_ELEMENTS // local_vocab))
 
 
-def _row_blocks(rows: int, local_vocab: int) -> list[tuple[int, int]]:
+def _row_blocks(rows: int, block_rows: int) -> list[tuple[int, int]]:
     """``[first, last)`` row ranges of a chunk's blocks."""
-    step = _block_rows(local_vocab)
-    return [(first, min(first + step, rows)) for first in range(0, rows, step)]
+    return [(first, min(first + block_rows, rows)) for first in range(0, rows, block_rows)]
 
 
 def _block_terms(logits: Tensor, teacher_logits: Tensor | None, chunk: TokenBatch,
@@ -180,9 +183,9 @@ class _FusedLinearLoss(torch.autograd.Function):
                    else run.output_layer(run.teacher_weight, True, False, compute))
         # one block's probabilities at a time, always in this buffer (allocated once: on
         # the CPU, freeing and re-allocating blocks of this size fragments glibc's heap)
-        scratch = student_hidden.new_empty(
-            min(_block_rows(student_weight.shape[0]), run.chunk_tokens), student_weight.shape[0],
-            dtype=compute)
+        local_vocab = student_weight.shape[0]
+        block_rows = _block_rows(local_vocab, run.chunk_tokens, student_hidden.device)
+        scratch = student_hidden.new_empty(block_rows, local_vocab, dtype=compute)
         for start in range(0, student_hidden.shape[0], run.chunk_tokens):
             stop = min(start + run.chunk_tokens, student_hidden.shape[0])
             chunk = run.batch.token_slice(start, stop)
@@ -192,7 +195,7 @@ class _FusedLinearLoss(torch.autograd.Function):
             if teacher is not None:
                 teacher_logits = _chunk_logits(teacher, run.teacher_hidden[start:stop], compute,
                                                run)
-            blocks = _row_blocks(stop - start, logits.shape[1])
+            blocks = _row_blocks(stop - start, block_rows)
             terms, saved = _block_terms(logits, teacher_logits, chunk, blocks, run, scratch)
             del teacher_logits  # the blocks' saved views keep what the backward needs
             if not want_grads:

@@ -33,8 +33,9 @@ DEFAULT_CHUNK_ELEMENTS = 2 ** 25  # 128 MiB of fp32 logits per chunk (no-grad sc
 # The fused loss's chunks may be twice as large: it keeps two (student and teacher logits)
 # and larger row counts keep its output-layer GEMMs efficient (fused_chunk_tokens).
 FUSED_CHUNK_ELEMENTS = 2 ** 26
-# The fused loss's per-token terms run over blocks of a chunk's rows of this many logits
-# (16 MiB fp32), so that probabilities and other temporaries exist for one block at a time.
+# On the CPU the fused loss's per-token terms run over blocks of a chunk's rows of this many
+# logits (16 MiB fp32), so that probabilities and other temporaries exist for one block at a
+# time (on a GPU a block is the whole chunk: parallel/fused.py).
 ROW_BLOCK_ELEMENTS = 2 ** 22
 
 

@@ -35,8 +35,9 @@ and final norm ``h`` on the last; the largest stage counts.
   (1F1B), each of ``L / p`` layers.
 * fused loss (:func:`loss_bytes`): output-weight gradient ``V/t x h`` fp32, hidden-state
   gradient ``M x h`` fp32 (``M``: loss tokens on the rank, at most the response budget of
-  the micro-batch), two ``chunk x V/t`` fp32 chunk buffers and one block of probabilities
-  (``ROW_BLOCK_ELEMENTS`` fp32), the student's and teacher's
+  the micro-batch), three ``chunk x V/t`` fp32 chunk buffers (student and teacher logits,
+  probabilities: on a GPU the fused loss's probability block is the whole chunk), the
+  student's and teacher's
   final hidden states ``tokens / c x h``. Materialised loss: three ``tokens / c x V/t`` fp32
   logits-sized buffers instead of the chunks.
 * teacher forward (no grad): one layer's working set ``tokens / c x (h + (3F + (a + 2g)d) /
@@ -76,7 +77,7 @@ ENGINE_GRAPH_GIB = 1.0  # vLLM's CUDA graphs and worker context (allowance)
 ENGINE_PROFILE_TOKENS = 16384  # vLLM's default chunked-prefill budget for offline LLMs
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "float32": 4, "bfloat16": 2}
 CHUNK_ELEMENTS = 2 ** 26  # parallel/vocab.py FUSED_CHUNK_ELEMENTS (fused loss chunk)
-ROW_BLOCK_ELEMENTS = 2 ** 22  # parallel/vocab.py ROW_BLOCK_ELEMENTS (its probability block)
+ROW_BLOCK_ELEMENTS = 2 ** 22  # parallel/vocab.py ROW_BLOCK_ELEMENTS (smallest chunk)
 
 
 @dataclass(frozen=True)
@@ -205,9 +206,8 @@ def loss_bytes(model: ModelConfig, tokens_per_rank: int, loss_tokens: int, tp: i
     chunk = chunk_tokens or max(16, min(CHUNK_ELEMENTS // local_vocab,
                                         max(h // 3, ROW_BLOCK_ELEMENTS // local_vocab)))
     chunk = min(chunk, max(loss_tokens, 1))
-    block = min(chunk, max(1, ROW_BLOCK_ELEMENTS // local_vocab))
-    return (hidden + local_vocab * h * 4 + loss_tokens * h * 4
-            + (2 * chunk + block) * local_vocab * 4)
+    # student and teacher logits + the probabilities (on a GPU a block is the whole chunk)
+    return hidden + local_vocab * h * 4 + loss_tokens * h * 4 + 3 * chunk * local_vocab * 4
 
 
 def forward_working_set(model: ModelConfig, tokens_per_rank: int, tp: int) -> int:

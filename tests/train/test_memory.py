@@ -79,8 +79,7 @@ def test_fused_loss_buffers_by_hand():
     local_vocab = 152576 // 8                           # 19072 columns per TP rank
     hidden = 2 * 32768 * 4096 * 2                      # both models' final hidden states, bf16
     grads = local_vocab * 4096 * 4 + 4096 * 4096 * 4   # output weight, hidden states (fp32)
-    block = 2 ** 22 // local_vocab                     # 219 rows of probabilities
-    chunks = (2 * 1024 + block) * local_vocab * 4      # two fp32 chunk buffers + one block
+    chunks = 3 * 1024 * local_vocab * 4                # logits x 2 + probabilities (GPU)
     assert memory.loss_bytes(QWEN3_8B, 32768, 4096, 8, True, 1024, True) == \
         hidden + grads + chunks
     materialised = 2 * 32768 * 4096 * 2 + 3 * 32768 * local_vocab * 4
