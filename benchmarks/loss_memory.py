@@ -32,7 +32,8 @@ occupied. Time is the wall-clock time of that same call (2 CPU threads). Linux o
 (output weight ``[V, H]``, hidden states ``[T, H]``) and one chunk of logits ``[chunk, V]``
 (the fused loss's default chunk, ``fused_chunk_tokens``), fp32: ``(V*H + T*H + chunk*V) *
 4`` bytes. (Until 2026-12-01 the floor left out the hidden-state gradient, an output that
-every method allocates: ``T*H*4`` bytes, 64 MiB at T = 16K.) Ratios in the table are against ``liger_jsd`` measured in the same run.
+every method allocates: ``T*H*4`` bytes, 64 MiB at T = 16K.) Ratios in the table are
+against ``liger_jsd`` measured in the same run.
 ``materialized`` is skipped when its estimated peak (``5 * T * V * 4`` bytes) exceeds
 ``--max-gb``.
 

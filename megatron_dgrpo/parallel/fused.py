@@ -184,7 +184,8 @@ class _FusedLinearLoss(torch.autograd.Function):
         # one block's probabilities at a time, always in this buffer (allocated once: on
         # the CPU, freeing and re-allocating blocks of this size fragments glibc's heap)
         local_vocab = student_weight.shape[0]
-        block_rows = _block_rows(local_vocab, run.chunk_tokens, student_hidden.device)
+        block_rows = _block_rows(local_vocab, min(run.chunk_tokens, student_hidden.shape[0]),
+                                 student_hidden.device)
         scratch = student_hidden.new_empty(block_rows, local_vocab, dtype=compute)
         for start in range(0, student_hidden.shape[0], run.chunk_tokens):
             stop = min(start + run.chunk_tokens, student_hidden.shape[0])

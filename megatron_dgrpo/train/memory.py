@@ -76,8 +76,6 @@ TRAINER_RESERVE_GIB = 2.0  # CUDA context, NCCL buffers, allocator slack (allowa
 ENGINE_GRAPH_GIB = 1.0  # vLLM's CUDA graphs and worker context (allowance)
 ENGINE_PROFILE_TOKENS = 16384  # vLLM's default chunked-prefill budget for offline LLMs
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "float32": 4, "bfloat16": 2}
-CHUNK_ELEMENTS = 2 ** 26  # parallel/vocab.py FUSED_CHUNK_ELEMENTS (fused loss chunk)
-ROW_BLOCK_ELEMENTS = 2 ** 22  # parallel/vocab.py ROW_BLOCK_ELEMENTS (smallest chunk)
 
 
 @dataclass(frozen=True)
@@ -202,9 +200,9 @@ def loss_bytes(model: ModelConfig, tokens_per_rank: int, loss_tokens: int, tp: i
     hidden = models * tokens_per_rank * h * act
     if not fused:
         return hidden + 3 * tokens_per_rank * local_vocab * 4
-    # parallel/vocab.py fused_chunk_tokens
-    chunk = chunk_tokens or max(16, min(CHUNK_ELEMENTS // local_vocab,
-                                        max(h // 3, ROW_BLOCK_ELEMENTS // local_vocab)))
+    from megatron_dgrpo.parallel.vocab import fused_chunk_tokens  # the fused loss's own rule
+
+    chunk = chunk_tokens or fused_chunk_tokens(local_vocab, h)
     chunk = min(chunk, max(loss_tokens, 1))
     # student and teacher logits + the probabilities (on a GPU a block is the whole chunk)
     return hidden + local_vocab * h * 4 + loss_tokens * h * 4 + 3 * chunk * local_vocab * 4
