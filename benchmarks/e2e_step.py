@@ -7,9 +7,10 @@ the same order, G completions per prompt of exactly ``--new-tokens`` tokens each
 token on our side, ``min_new_tokens`` on TRL's), one optimizer step per rollout batch, Adam at
 a constant learning rate, no gradient clipping. ``--workload`` picks the shapes:
 
-- ``quickstart`` (default): the CPU quickstart's step: its student (``tiny-qwen3``) and
-  teacher (``small-qwen3``) architectures, its tokenizer and data (``dgrpo quickstart``'s
-  assets: 64-token documents), 8 prompts x G=4 x 12 new tokens;
+- ``tiny`` (default): the CPU quickstart's step as it was when the table in the README was
+  measured (the quickstart has since moved to shipped 4-layer models on 512-token documents):
+  student ``tiny-qwen3``, teacher ``small-qwen3``, documents of five task families at a
+  64-token target (about 120 tokens measured with the tokenizer), 8 prompts x G=4 x 12 new tokens;
 - ``13m``: a 13M-parameter Qwen3 (student and teacher), 256-token documents, 2 prompts x G=4
   x 32 new tokens: fewer, longer sequences through a model where the matrix products dominate;
 - ``long``: the same 13M-parameter models on prompts of >= 2K tokens (1728-token documents),
@@ -54,7 +55,6 @@ row and ratio to a file).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import resource
@@ -71,7 +71,6 @@ from trl_step import answer_length_parity  # stdlib-only module beside this one
 
 from megatron_dgrpo.models.config import ModelConfig
 from megatron_dgrpo.models.presets import get_preset
-from megatron_dgrpo.quickstart import FULL, STUDENT_PRESET, TEACHER_PRESET
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH_PYTHON = REPO / ".venv-bench" / "bin" / "python"
@@ -89,7 +88,10 @@ class Workload:
     prompts: int
     group: int
     new_tokens: int
-    document_tokens: int  # quickstart: generated with its task mix; else all tasks
+    document_tokens: int
+    tasks: str | None = None  # `dgrpo data synth --tasks` (None: all of them)
+    hops: str | None = None  # `dgrpo data synth --hops` (None: its default)
+    measured_lengths: bool = False  # documents measured with the tokenizer (else approximated)
     min_prompt_tokens: int = 1  # the run refuses data with a shorter prompt
 
 
@@ -99,9 +101,12 @@ MODEL_13M = ModelConfig(num_layers=4, hidden_size=512, ffn_hidden_size=1536,
                         vocab_size=1024, max_position_embeddings=4096,
                         tie_word_embeddings=True, params_dtype="fp32")
 WORKLOADS = {
-    "quickstart": Workload(get_preset(STUDENT_PRESET), get_preset(TEACHER_PRESET),
-                           prompts=FULL.dgrpo_prompts_per_step, group=FULL.group_size,
-                           new_tokens=FULL.max_new_tokens, document_tokens=FULL.document_tokens),
+    # The CPU quickstart's dGRPO step before it moved to shipped 4-layer models on 512-token
+    # documents: tiny-qwen3 student, small-qwen3 teacher, five task families at a 64-token
+    # target.
+    "tiny": Workload(get_preset("tiny-qwen3"), get_preset("small-qwen3"), prompts=8, group=4,
+                     new_tokens=12, document_tokens=64, hops="1", measured_lengths=True,
+                     tasks="multihop,counterfactual,unanswerable,count_items,section_lookup"),
     "13m": Workload(MODEL_13M, MODEL_13M, prompts=2, group=4, new_tokens=32, document_tokens=256),
     "long": Workload(MODEL_13M, MODEL_13M, prompts=1, group=4, new_tokens=64,
                      document_tokens=1728, min_prompt_tokens=2048),
@@ -113,7 +118,7 @@ WORKLOADS = {
 
 def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
     """The options that define the work of a run (also read by ``e2e_profile.py``)."""
-    parser.add_argument("--workload", choices=sorted(WORKLOADS), default="quickstart")
+    parser.add_argument("--workload", choices=sorted(WORKLOADS), default="tiny")
     parser.add_argument("--steps", type=int, default=3, help="measured steps after 1 warm-up")
     parser.add_argument("--prompts", type=int, help="prompts per step (default: the workload's)")
     parser.add_argument("--group", type=int,
@@ -151,25 +156,22 @@ def prepare_assets(root: Path, args: argparse.Namespace) -> dict[str, str]:
     """Tokenizer, data, HF student/teacher and their Megatron checkpoints under ``root``;
     returns their paths by name."""
     from megatron_dgrpo.cli import main as dgrpo
-    from megatron_dgrpo.quickstart import make_assets
     from megatron_dgrpo.testing.tiny_models import write_random_qwen3
 
     workload = WORKLOADS[args.workload]
     paths = {name: str(root / name) for name in ("student_hf", "teacher_hf", "student", "teacher")}
     num_prompts = args.prompts * (args.steps + 1) + 4  # spare: ~1% of rows are validation
-    if args.workload == "quickstart":
-        plan = dataclasses.replace(FULL, train_examples=num_prompts, heldout_examples=1)
-        assets = make_assets(root, plan, args.seed)
-        paths.update(tokenizer=str(assets["tokenizer"]), data=str(assets["train"]))
-    else:
-        paths.update(tokenizer=str(root / "tokenizer"), data=str(root / "data"))
-        commands = (["data", "tokenizer", "--out", paths["tokenizer"],
-                     "--vocab-size", str(workload.student.vocab_size)],
-                    ["data", "synth", "--out", paths["data"], "--num", str(num_prompts),
-                     "--lengths", str(workload.document_tokens), "--seed", str(args.seed)])
-        for command in commands:
-            if dgrpo(command) != 0:
-                raise RuntimeError(f"dgrpo {' '.join(command)} failed")
+    paths.update(tokenizer=str(root / "tokenizer"), data=str(root / "data"))
+    synth = ["data", "synth", "--out", paths["data"], "--num", str(num_prompts),
+             "--lengths", str(workload.document_tokens), "--seed", str(args.seed)]
+    synth += ["--tokenizer", paths["tokenizer"]] if workload.measured_lengths else []
+    synth += ["--tasks", workload.tasks] if workload.tasks else []
+    synth += ["--hops", workload.hops] if workload.hops else []
+    commands = (["data", "tokenizer", "--out", paths["tokenizer"],
+                 "--vocab-size", str(workload.student.vocab_size)], synth)
+    for command in commands:
+        if dgrpo(command) != 0:
+            raise RuntimeError(f"dgrpo {' '.join(command)} failed")
     for role, seed in (("student", args.seed), ("teacher", args.seed + 1)):
         model = getattr(workload, role)
         write_random_qwen3(model, paths[f"{role}_hf"], paths[role], seed, weight_scale=1.0)

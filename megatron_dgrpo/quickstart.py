@@ -1,82 +1,77 @@
-"""``dgrpo quickstart``: the whole method on a laptop-class CPU, no network, no downloaded weights.
+"""``dgrpo quickstart``: dGRPO teaches a student to read, on a laptop-class CPU, offline.
 
-    dgrpo quickstart [--out runs/quickstart] [--short] [--tp 1|2]
+    dgrpo quickstart [--out runs/quickstart] [--seed 0] [--short] [--tp 1|2]
 
-What it does, each phase with progress on the console and its outputs under ``--out``:
+Two CPU cores cannot teach a model to read in 15 minutes, so the quickstart starts from two
+models shipped in ``megatron_dgrpo/assets/quickstart`` (``small-qwen3``, 4 layers, 1M
+parameters, 4 MB each; made by this package's own training code, command and training logs
+beside them, see ``tools/make_quickstart_models.py``): a **teacher** that reads, and a
+**student base** of the same lineage, stopped earlier, that knows the answer format but scores
+no better than answering without the document. Each phase, with progress on the console and
+its outputs under ``--out``:
 
-1. ``assets/tokenizer``: a ChatML byte-level BPE trained on generated text;
-2. ``assets/train``, ``assets/heldout``: LongBlocks-style tasks with verifiable answers
-   (``dgrpo data synth``), the held-out set from another seed;
-3. ``runs/teacher-sft``: the teacher (``small-qwen3``, 4 layers) trained by SFT on the
-   reference answers, so that it is stronger than the student;
-4. ``runs/student-cold-start``: the student (``tiny-qwen3``, 2 layers) after a short SFT
-   warm start, the usual cold start before RL;
-5. ``runs/student-dgrpo``: dGRPO from the cold start, the teacher as the KL anchor, with a
-   checkpoint every ``eval_every`` steps. Rollouts are sampled at temperature 0.6: a 2-layer
-   student samples near-uniform junk at temperature 1 and so never visits the prefixes on
-   which the teacher's guidance matters (e.g. the last token of "unanswerable"). The trained
-   policy is the sampling policy ``softmax(logits / 0.6)`` (``train_temperature: sampling``,
-   the default), for the student, the teacher's KL and the engines' log-probs alike;
-6. ``eval/<model>/heldout``: greedy answers on the held-out set for the teacher and for every
-   student checkpoint (``scores.md``, ``heatmap.png``, ``predictions.jsonl``);
-7. ``report.md``, ``quickstart.json``, ``heldout_reward.png``: held-out reward of the
-   teacher and of the student through dGRPO, and each run's training curves
-   (``runs/*/report/``, from ``dgrpo report``).
+1. ``assets/``: the shipped tokenizer; 1-hop ``multihop`` and ``counterfactual`` retrieval
+   tasks on documents of 512 measured tokens (``dgrpo data synth``), a training set from
+   ``--seed`` and a fixed held-out set (the same for every seed, so that seeds differ only
+   in training);
+2. ``runs/student-dgrpo``: dGRPO from the student base, the teacher as the KL anchor
+   (rollouts, exact-match rewards, group advantages, full-vocabulary KL to the teacher), a
+   checkpoint every ``eval_every`` steps. Rollouts are sampled at temperature 0.6, and the
+   trained policy is that tempered policy (``train_temperature: sampling``);
+3. ``eval/<model>/heldout``: greedy answers on the held-out set for the teacher, the student
+   base (dGRPO step 0, the cold start) and every student checkpoint (``scores.md``,
+   ``heatmap.png``, ``predictions.jsonl``), beside the no-context baseline (the most frequent
+   training answer per task and question template);
+4. ``report.md``, ``quickstart.json``, ``heldout_reward.png``: the held-out table and curve,
+   and the run's training curves (``runs/student-dgrpo/report/``, from ``dgrpo report``).
 
 Every phase is an ordinary command of this package run with a generated config, so the
-quickstart is also a worked example: ``runs/*/config.yaml`` can be re-run with ``dgrpo
-train``. ``--short`` is the same pipeline with a few steps (for tests; it shows the wiring,
-not learning).
+quickstart is also a worked example: ``runs/student-dgrpo/config.yaml`` can be re-run with
+``dgrpo train``. ``--short`` is the same pipeline with a few steps (for tests; it shows the
+wiring, not learning).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-TEACHER_PRESET = "small-qwen3"
-STUDENT_PRESET = "tiny-qwen3"
-# Families and tasks a 1M-parameter model can make progress on in minutes; the long-answer
-# tasks (list_items, event_order) and arithmetic (sum_values) need far more training.
-QUICKSTART_TASKS = ("multihop", "counterfactual", "unanswerable", "count_items", "section_lookup")
+QUICKSTART_ASSETS = Path(__file__).resolve().parent / "assets" / "quickstart"
+READER_PRESET = "small-qwen3"  # the architecture of both shipped models
+STUDENT_BASE, TEACHER = "student-base", "teacher"  # shipped checkpoints under QUICKSTART_ASSETS
+QUICKSTART_TASKS = ("multihop", "counterfactual")  # 1-hop lookup, counterfactual grounding
+HELDOUT_SEED = 1_000_003  # the held-out set is the same for every --seed
 
 
 @dataclass(frozen=True)
 class QuickstartPlan:
     """Sizes of one quickstart; :data:`FULL` is the documented run, :data:`SHORT` the test."""
 
-    vocab_size: int
     document_tokens: int  # length of each generated document (counted with the tokenizer)
     train_examples: int
     heldout_examples: int
-    teacher_sft_steps: int
-    cold_start_steps: int
     dgrpo_steps: int
     eval_every: int  # dGRPO steps between held-out evaluations
-    sft_prompts_per_step: int
-    dgrpo_prompts_per_step: int
+    prompts_per_step: int
     group_size: int  # rollouts per prompt
     temperature: float  # of the rollouts, and of the trained policy softmax(logits / T)
     max_new_tokens: int
-    sft_lr: float
-    dgrpo_lr: float
+    lr: float
     kl_coef: float
 
 
-FULL = QuickstartPlan(vocab_size=1024, document_tokens=64, train_examples=4000,
-                      heldout_examples=96, teacher_sft_steps=300, cold_start_steps=22,
-                      dgrpo_steps=90, eval_every=15, sft_prompts_per_step=16,
-                      dgrpo_prompts_per_step=8, group_size=4, temperature=0.6,
-                      max_new_tokens=12, sft_lr=3e-3, dgrpo_lr=1e-3, kl_coef=1.0)
-SHORT = dataclasses.replace(FULL, train_examples=64, heldout_examples=8, teacher_sft_steps=4,
-                            cold_start_steps=2, dgrpo_steps=2, eval_every=1,
-                            sft_prompts_per_step=4, dgrpo_prompts_per_step=2, group_size=2,
-                            max_new_tokens=4)
+FULL = QuickstartPlan(document_tokens=512, train_examples=2000, heldout_examples=128,
+                      dgrpo_steps=200, eval_every=40, prompts_per_step=8, group_size=4,
+                      temperature=0.6, max_new_tokens=12, lr=1e-3, kl_coef=1.0)
+SHORT = dataclasses.replace(FULL, train_examples=24, heldout_examples=8, dgrpo_steps=2,
+                            eval_every=1, prompts_per_step=2, group_size=2, max_new_tokens=4)
 
 
 def add_quickstart_arguments(parser: argparse.ArgumentParser) -> None:
@@ -86,27 +81,49 @@ def add_quickstart_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a few steps of every phase: checks the wiring in ~2 minutes")
     parser.add_argument("--tp", type=int, default=1, choices=(1, 2),
                         help="tensor-parallel ranks of every phase (default 1: fastest on 2 cores)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the training data and of dGRPO (the held-out set is fixed)")
 
 
 # ------------------------------------------------------------------------ phases
 
 
+def shipped_model(label: str, assets: Path = QUICKSTART_ASSETS) -> Path:
+    """The shipped Megatron checkpoint ``label`` (:data:`STUDENT_BASE` or :data:`TEACHER`),
+    after checking its weight files against ``manifest.json``: a missing file, a Git LFS
+    pointer in place of the weights or any changed byte is refused, naming the file."""
+    manifest_path = assets / "manifest.json"
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"the quickstart's shipped models are missing: no {manifest_path} "
+                                "(a partial checkout? tools/make_quickstart_models.py "
+                                "--install makes them)")
+    entry = json.loads(manifest_path.read_text())["models"][label]
+    for name, expected in entry["sha256"].items():
+        path = assets / label / name
+        if not path.is_file():
+            raise FileNotFoundError(f"shipped model {label}: {path} is missing")
+        actual = hashlib.sha256(path.read_bytes()).hexdigest()
+        if actual != expected:
+            raise ValueError(f"shipped model {label}: {path} does not match manifest.json "
+                             f"(sha256 {actual[:12]}..., expected {expected[:12]}...; "
+                             f"{path.stat().st_size} bytes): a Git LFS pointer or a changed file")
+    return assets / label
+
+
 def make_assets(out: Path, plan: QuickstartPlan, seed: int) -> dict[str, Path]:
-    """The quickstart's tokenizer and train / held-out data under ``out/assets``; their paths
-    by name (also the workload of ``benchmarks/e2e_step.py``)."""
+    """The shipped tokenizer and the train / held-out data under ``out/assets``; their paths
+    by name."""
     from megatron_dgrpo.data.synth import SynthConfig
     from megatron_dgrpo.data.synth.writer import write_synth_dataset
-    from megatron_dgrpo.data.tiny_tokenizer import train_tiny_tokenizer
 
     assets = {"tokenizer": out / "assets" / "tokenizer", "train": out / "assets" / "train",
               "heldout": out / "assets" / "heldout"}
-    train_tiny_tokenizer(assets["tokenizer"], vocab_size=plan.vocab_size)
+    shutil.copytree(QUICKSTART_ASSETS / "tokenizer", assets["tokenizer"])
     common = {"lengths": (plan.document_tokens,), "tasks": QUICKSTART_TASKS, "hops": (1,),
               "tokenizer": str(assets["tokenizer"]), "filler_bank_size": 2000}
     write_synth_dataset(SynthConfig(num_examples=plan.train_examples, seed=seed, **common),
                         assets["train"])
-    write_synth_dataset(SynthConfig(num_examples=plan.heldout_examples, seed=seed + 1_000_003,
+    write_synth_dataset(SynthConfig(num_examples=plan.heldout_examples, seed=HELDOUT_SEED,
                                     **common), assets["heldout"])
     return assets
 
@@ -123,7 +140,7 @@ def _plot_heldout(curve: list[tuple[int, float]], teacher: float, baseline: floa
 
     figure, axis = plt.subplots(figsize=(6, 3.6), layout="constrained")
     axis.plot([s for s, _ in curve], [v for _, v in curve], marker="o", label="student (dGRPO)")
-    axis.axhline(teacher, color="tab:green", linestyle="--", label="teacher (SFT)")
+    axis.axhline(teacher, color="tab:green", linestyle="--", label="teacher (shipped)")
     axis.axhline(baseline, color="tab:gray", linestyle=":", label="no-context baseline")
     axis.set_xlabel("dGRPO step")
     axis.set_ylabel("held-out reward x 100 (greedy)")
@@ -136,10 +153,13 @@ def _plot_heldout(curve: list[tuple[int, float]], teacher: float, baseline: floa
 def _report_markdown(summary: dict[str, Any]) -> str:
     scores = summary["heldout"]
     families = sorted({f for row in scores.values() for f in row if f != "all"})
+    plan = summary["plan"]
     lines = ["# dgrpo quickstart", "",
-             f"Student `{STUDENT_PRESET}`, teacher `{TEACHER_PRESET}`, tensor parallel "
+             f"Student and teacher `{READER_PRESET}` (shipped, "
+             f"`megatron_dgrpo/assets/quickstart`), seed {summary['seed']}, tensor parallel "
              f"{summary['tensor_parallel']}, {summary['plan_name']} plan. Held-out reward "
-             f"(mean reward x 100, greedy, {summary['plan']['heldout_examples']} prompts):", "",
+             f"(mean reward x 100, greedy, {plan['heldout_examples']} prompts, documents of "
+             f"{plan['document_tokens']} measured tokens):", "",
              "| model | all | " + " | ".join(families) + " |",
              "|---|---:|" + "---:|" * len(families)]
     rows = [*scores.items(), ("no-context baseline", summary["baseline"])]
@@ -152,10 +172,10 @@ def _report_markdown(summary: dict[str, Any]) -> str:
               f"{summary['student_before']:.1f} -> {summary['student_after']:.1f} "
               f"(teacher {summary['teacher']:.1f}, no-context baseline "
               f"{summary['baseline']['all']:.1f}: the most frequent training answer per task and "
-              f"question template, no document). Curve: `heldout_reward.png`.", "",
-              "Training curves: `runs/<phase>/report/summary.md` and `curves.png` for "
-              "teacher-sft, student-cold-start, student-dgrpo. Per-model answers: "
-              "`eval/<model>/heldout/predictions.jsonl`.", "",
+              f"question template, no document). One seed: compare seeds before reading a "
+              f"difference of a few points (README). Curve: `heldout_reward.png`.", "",
+              "Training curves: `runs/student-dgrpo/report/summary.md` and `curves.png`. "
+              "Per-model answers: `eval/<model>/heldout/predictions.jsonl`.", "",
               "| phase | seconds |", "|---|---:|"]
     lines += [f"| {phase} | {seconds:.0f} |" for phase, seconds in summary["seconds"].items()]
     return "\n".join(lines) + "\n"
@@ -164,7 +184,8 @@ def _report_markdown(summary: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------ command
 
 
-def run_quickstart(args: argparse.Namespace) -> int:
+def run_quickstart(args: argparse.Namespace, plan: QuickstartPlan | None = None) -> int:
+    """The command (``plan``: sizes other than :data:`FULL` / :data:`SHORT`, for tests)."""
     from rich.console import Console
 
     from megatron_dgrpo.data.chat import IM_END
@@ -172,10 +193,17 @@ def run_quickstart(args: argparse.Namespace) -> int:
     from megatron_dgrpo.parallel.launch import run_distributed
     from megatron_dgrpo.recipe import HeldOut, evaluate_models, model_dir, run_config, train_phase
 
-    plan, plan_name = (SHORT, "short") if args.short else (FULL, "full")
+    if plan is not None:
+        plan_name = "reduced"
+    else:
+        plan, plan_name = (SHORT, "short") if args.short else (FULL, "full")
     console = Console()
     out = Path(args.out)
     refuse_existing(out)
+    if args.seed == HELDOUT_SEED:
+        raise ValueError(f"--seed {HELDOUT_SEED} is the held-out set's seed: the training set "
+                         "would be the held-out set; choose another")
+    teacher, student_base = shipped_model(TEACHER), shipped_model(STUDENT_BASE)
     out.mkdir(parents=True)
     seconds: dict[str, float] = {}
     started = time.perf_counter()
@@ -188,47 +216,28 @@ def run_quickstart(args: argparse.Namespace) -> int:
         seconds[name] = time.perf_counter() - seconds[name]
         console.print(f"[green]{name} done[/] in {seconds[name]:.0f} s")
 
-    phase("data", f"tokenizer, {plan.train_examples} training and {plan.heldout_examples} "
-                  f"held-out tasks ({', '.join(QUICKSTART_TASKS)})")
+    phase("data", f"{plan.train_examples} training and {plan.heldout_examples} held-out tasks "
+                  f"({', '.join(QUICKSTART_TASKS)}) on {plan.document_tokens}-token documents")
     assets = make_assets(out, plan, args.seed)
     done("data")
 
-    runs = out / "runs"
-    sft = {"loss": {"objective": "sft"}, "optim": {"lr": plan.sft_lr},
-           "prompts_per_step": plan.sft_prompts_per_step}
-    teacher_run, cold_run, dgrpo_run = runs / "teacher-sft", runs / "student-cold-start", runs / "student-dgrpo"
-
-    phase("teacher", f"SFT of {TEACHER_PRESET} for {plan.teacher_sft_steps} steps")
-    data = (assets["tokenizer"], assets["train"], args.tp)
-    train_phase(run_config(teacher_run, *data, args.seed, student={"preset": TEACHER_PRESET},
-                           steps=plan.teacher_sft_steps, save_every=plan.teacher_sft_steps,
-                           **sft), args.tp)
-    done("teacher")
-
-    phase("cold start", f"SFT of {STUDENT_PRESET} for {plan.cold_start_steps} steps")
-    train_phase(run_config(cold_run, *data, args.seed + 1, student={"preset": STUDENT_PRESET},
-                           steps=plan.cold_start_steps, save_every=plan.cold_start_steps,
-                           **sft), args.tp)
-    done("cold start")
-
-    teacher_ckpt = model_dir(teacher_run, plan.teacher_sft_steps)
-    cold_ckpt = model_dir(cold_run, plan.cold_start_steps)
-    phase("dgrpo", f"dGRPO of the student for {plan.dgrpo_steps} steps, teacher as the anchor")
+    dgrpo_run = out / "runs" / "student-dgrpo"
+    phase("dgrpo", f"dGRPO of the shipped student base for {plan.dgrpo_steps} steps, the "
+                   f"shipped teacher as the anchor")
     train_phase(run_config(
-        dgrpo_run, *data, args.seed + 2,
-        student={"preset": None, "init_from": str(cold_ckpt)},
-        teacher={"preset": None, "init_from": str(teacher_ckpt)},
+        dgrpo_run, assets["tokenizer"], assets["train"], args.tp, args.seed,
+        student={"preset": None, "init_from": str(student_base)},
+        teacher={"preset": None, "init_from": str(teacher)},
         loss={"objective": "dgrpo", "kl_coef": plan.kl_coef},
         sampling={"n": plan.group_size, "temperature": plan.temperature,
-                  "max_new_tokens": plan.max_new_tokens,
-                  "stop_strings": [IM_END]},
-        optim={"lr": plan.dgrpo_lr}, prompts_per_step=plan.dgrpo_prompts_per_step,
+                  "max_new_tokens": plan.max_new_tokens, "stop_strings": [IM_END]},
+        optim={"lr": plan.lr}, prompts_per_step=plan.prompts_per_step,
         steps=plan.dgrpo_steps, save_every=plan.eval_every), args.tp)
     done("dgrpo")
 
     phase("eval", "greedy answers on the held-out set: teacher, student through dGRPO")
     eval_steps = list(range(plan.eval_every, plan.dgrpo_steps + 1, plan.eval_every))
-    models = [("teacher", str(teacher_ckpt)), ("student-step-0", str(cold_ckpt))]
+    models = [("teacher", str(teacher)), ("student-step-0", str(student_base))]
     models += [(f"student-step-{s}", str(model_dir(dgrpo_run, s))) for s in eval_steps]
     held_out = HeldOut("heldout", str(assets["heldout"]), str(assets["train"]), plan.max_new_tokens)
     scored = run_distributed(evaluate_models, 1, args=(models, str(assets["tokenizer"]),
@@ -241,10 +250,11 @@ def run_quickstart(args: argparse.Namespace) -> int:
 
     curve = [(0, heldout["student-step-0"]["all"])]
     curve += [(s, heldout[f"student-step-{s}"]["all"]) for s in eval_steps]
-    summary = {"plan_name": plan_name, "plan": dataclasses.asdict(plan), "tensor_parallel": args.tp,
-               "heldout": heldout, "baseline": baseline, "teacher": heldout["teacher"]["all"],
-               "student_before": curve[0][1], "student_after": curve[-1][1],
-               "learning": curve[-1][1] > curve[0][1], "curve": curve}
+    summary = {"plan_name": plan_name, "plan": dataclasses.asdict(plan), "seed": args.seed,
+               "tensor_parallel": args.tp, "heldout": heldout, "baseline": baseline,
+               "teacher": heldout["teacher"]["all"], "student_before": curve[0][1],
+               "student_after": curve[-1][1], "learning": curve[-1][1] > curve[0][1],
+               "curve": curve}
     seconds["total"] = time.perf_counter() - started
     summary["seconds"] = seconds
     _plot_heldout(curve, summary["teacher"], baseline["all"], out / "heldout_reward.png")

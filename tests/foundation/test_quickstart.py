@@ -1,5 +1,7 @@
-"""The README's first command, `dgrpo quickstart`, in its short form: every phase runs and the
-report's numbers are the ones its own outputs give when re-scored independently."""
+"""The README's first command, `dgrpo quickstart`, in its short form: every phase runs from the
+shipped models and the report's numbers are the ones its own outputs give when re-scored
+independently. That the shipped teacher reads and that dGRPO teaches the student to read is
+tests/foundation/test_quickstart_learning.py."""
 
 import json
 import statistics
@@ -9,7 +11,8 @@ import yaml
 
 from megatron_dgrpo.cli import main
 from megatron_dgrpo.data.rewards import RewardConfig
-from megatron_dgrpo.quickstart import SHORT
+from megatron_dgrpo.quickstart import (HELDOUT_SEED, QUICKSTART_ASSETS, SHORT, STUDENT_BASE,
+                                       TEACHER)
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 
@@ -21,28 +24,26 @@ def short_run(tmp_path_factory):
     return out, json.loads((out / "quickstart.json").read_text())
 
 
-def test_every_phase_trains_its_steps_and_writes_curves(short_run):
+def test_dgrpo_trains_its_steps_and_writes_curves(short_run):
     out, summary = short_run
-    steps = {"teacher-sft": SHORT.teacher_sft_steps, "student-cold-start": SHORT.cold_start_steps,
-             "student-dgrpo": SHORT.dgrpo_steps}
-    for run, count in steps.items():
-        records = [json.loads(line) for line in (out / "runs" / run / "metrics.jsonl").open()]
-        assert [r["step"] for r in records] == list(range(1, count + 1)), run
-        assert (out / "runs" / run / "report" / "curves.png").stat().st_size > 0
-    dgrpo = [json.loads(line) for line in (out / "runs" / "student-dgrpo" / "metrics.jsonl").open()]
-    assert all(r["policy/kl_teacher"] > 0 for r in dgrpo)  # the teacher is the anchor
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["student-dgrpo"]
+    run = out / "runs" / "student-dgrpo"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").open()]
+    assert [r["step"] for r in records] == list(range(1, SHORT.dgrpo_steps + 1))
+    assert all(r["policy/kl_teacher"] > 0 for r in records)  # the teacher is the anchor
+    assert (run / "report" / "curves.png").stat().st_size > 0
     assert (out / "heldout_reward.png").stat().st_size > 0
     assert summary["plan_name"] == "short"
 
 
-def test_dgrpo_starts_from_the_cold_start_with_the_sft_teacher(short_run):
+def test_dgrpo_starts_from_the_shipped_student_base_with_the_shipped_teacher(short_run):
     out, _ = short_run
     config = yaml.safe_load((out / "runs" / "student-dgrpo" / "config.yaml").read_text())
     assert config["loss"]["objective"] == "dgrpo"
-    assert config["student"]["init_from"].endswith(
-        f"student-cold-start/checkpoints/step_{SHORT.cold_start_steps:08d}/model")
-    assert config["teacher"]["init_from"].endswith(
-        f"teacher-sft/checkpoints/step_{SHORT.teacher_sft_steps:08d}/model")
+    assert config["student"]["init_from"] == str(QUICKSTART_ASSETS / STUDENT_BASE)
+    assert config["teacher"]["init_from"] == str(QUICKSTART_ASSETS / TEACHER)
+    assert (out / "assets" / "tokenizer" / "tokenizer.json").read_bytes() == (
+        QUICKSTART_ASSETS / "tokenizer" / "tokenizer.json").read_bytes()
 
 
 def test_reported_heldout_scores_match_a_rescoring_of_the_predictions(short_run):
@@ -72,3 +73,10 @@ def test_an_existing_output_directory_is_refused_and_kept(short_run, capsys):
     assert main(["quickstart", "--short", "--out", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_the_held_out_seed_is_refused_as_a_training_seed(tmp_path, capsys):
+    out = tmp_path / "qs"
+    assert main(["quickstart", "--seed", str(HELDOUT_SEED), "--out", str(out)]) == 2
+    assert "held-out set's seed" in capsys.readouterr().err
+    assert not out.exists()
