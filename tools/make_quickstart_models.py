@@ -24,7 +24,7 @@ The phases restart their learning-rate schedule because that is how the shipped 
 found, experiment by experiment; they are recorded as they were run, not tidied. ``--install``
 copies the two checkpoints, the tokenizer, every phase's ``config.yaml`` and ``metrics.jsonl``
 and a manifest (SHA-256 of each weight file) into ``megatron_dgrpo/assets/quickstart``.
-About 90 minutes on one core.
+About 75 minutes on one core (copy-lm 32 min, each task phase 9-13 min, data 5 min).
 """
 
 from __future__ import annotations
