@@ -33,15 +33,13 @@ import argparse
 import hashlib
 import json
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from megatron_dgrpo.quickstart import (QUICKSTART_ASSETS, QUICKSTART_TASKS, READER_PRESET,
+                                       STUDENT_BASE, TEACHER)
 
-from megatron_dgrpo.quickstart import (  # noqa: E402
-    QUICKSTART_ASSETS, QUICKSTART_TASKS, READER_PRESET, STUDENT_BASE, TEACHER)
+REPO = Path(__file__).resolve().parents[1]
 
 VOCAB_SIZE = 1024
 COPY_DOCUMENTS, COPY_NAMES, COPY_SEED = 20_000, 30, 0

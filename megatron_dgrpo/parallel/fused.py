@@ -16,9 +16,9 @@ hidden-state gradient ``[M, H]``, two chunk-sized ``[chunk_tokens, V_local]`` bu
 (student logits, which become the logits' gradient in place, and teacher logits) and one
 block of probabilities: the per-token terms and the logits' gradient are computed over
 blocks of a chunk's rows (on the CPU ``ROW_BLOCK_ELEMENTS`` logits each, :mod:`.vocab`; on
-a GPU the block is the whole chunk), always in the same scratch buffer. The default chunk (:func:`~.vocab.fused_chunk_tokens`) holds
-``FUSED_CHUNK_ELEMENTS`` logits per model, and at most about a third of the weight
-gradient.
+a GPU the block is the whole chunk), always in the same scratch buffer. The default chunk
+(:func:`~.vocab.fused_chunk_tokens`) holds ``FUSED_CHUNK_ELEMENTS`` logits per model, and at
+most about a third of the weight gradient.
 When every token is a loss token the hidden states are used in place (no ``[M, H]``
 copies).
 

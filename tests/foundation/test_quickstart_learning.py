@@ -16,7 +16,9 @@ import pytest
 
 from megatron_dgrpo.quickstart import FULL, run_quickstart
 
-pytestmark = [pytest.mark.multiproc, pytest.mark.slow, pytest.mark.timeout(1500)]
+# ~9.5 min alone on 2 cores: the extended tier, so that CI stays well inside 30 minutes
+pytestmark = [pytest.mark.multiproc, pytest.mark.slow, pytest.mark.extended,
+              pytest.mark.timeout(1500)]
 
 REDUCED = dataclasses.replace(FULL, heldout_examples=64, dgrpo_steps=160, eval_every=160)
 MARGIN = 8.0  # points of held-out reward x 100: 5 more right answers of 64

@@ -15,14 +15,10 @@ import yaml
 from megatron_dgrpo.config import from_dict, to_dict
 from megatron_dgrpo.train.config import RunConfig
 
-from megatron_dgrpo.data.synth import SynthConfig
-from megatron_dgrpo.data.synth.writer import write_synth_dataset
 from megatron_dgrpo.parallel.launch import run_distributed
-from megatron_dgrpo.quickstart import (FULL, HELDOUT_SEED, QUICKSTART_ASSETS, QUICKSTART_TASKS,
-                                       STUDENT_BASE, TEACHER, shipped_model)
+from megatron_dgrpo.quickstart import (FULL, QUICKSTART_ASSETS, STUDENT_BASE, TEACHER,
+                                       make_assets, shipped_model)
 from megatron_dgrpo.recipe import HeldOut, evaluate_models
-
-TOKENIZER = QUICKSTART_ASSETS / "tokenizer"
 
 
 def test_shipped_models_match_their_manifest():
@@ -57,19 +53,13 @@ def test_a_damaged_shipped_model_is_refused_naming_the_file(tmp_path, damage):
 @pytest.mark.multiproc
 @pytest.mark.slow
 def test_teacher_reads_and_student_base_scores_the_no_context_baseline(tmp_path):
-    common = {"lengths": (FULL.document_tokens,), "tasks": QUICKSTART_TASKS, "hops": (1,),
-              "tokenizer": str(TOKENIZER), "filler_bank_size": 2000}
-    # the quickstart's held-out set; the baseline is fitted on a training set of another seed
-    write_synth_dataset(SynthConfig(num_examples=FULL.heldout_examples, seed=HELDOUT_SEED,
-                                    **common), tmp_path / "heldout")
-    write_synth_dataset(SynthConfig(num_examples=FULL.train_examples, seed=0, **common),
-                        tmp_path / "train")
-    held_out = HeldOut("heldout", str(tmp_path / "heldout"), str(tmp_path / "train"),
+    assets = make_assets(tmp_path, FULL, seed=0)  # the quickstart's data for seed 0
+    held_out = HeldOut("heldout", str(assets["heldout"]), str(assets["train"]),
                        FULL.max_new_tokens)
     models = [("teacher", str(shipped_model(TEACHER))),
               ("student-base", str(shipped_model(STUDENT_BASE)))]
-    scores = run_distributed(evaluate_models, 1, args=(models, str(TOKENIZER), [held_out],
-                                                       str(tmp_path / "eval")))[0]
+    scores = run_distributed(evaluate_models, 1, args=(models, str(assets["tokenizer"]),
+                                                       [held_out], str(tmp_path / "eval")))[0]
     teacher = scores["teacher"]["heldout"]["families"]
     base = scores["student-base"]["heldout"]["families"]
     baseline = scores["teacher"]["heldout"]["baseline"]
