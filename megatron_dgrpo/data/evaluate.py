@@ -180,7 +180,7 @@ def _bucket_sort_key(label: str) -> tuple[int, str]:
         return (1 << 62, label)
 
 
-def _depth_sort_key(label: str) -> float:
+def depth_sort_key(label: str) -> float:
     return float(label) if label != NO_DEPTH else 2.0
 
 
@@ -223,7 +223,7 @@ class EvalTable:
         }
         self.families = sorted({s.item.family for s in scored})
         self.lengths = sorted({s.item.length_bucket for s in scored}, key=_bucket_sort_key)
-        self.depths = sorted({s.item.depth for s in scored}, key=_depth_sort_key)
+        self.depths = sorted({s.item.depth for s in scored}, key=depth_sort_key)
 
     def score(self, family: str = ALL, length_bucket: str = ALL, depth: str = ALL) -> float | None:
         """Mean score x 100 of a cell, or None if the cell is empty."""

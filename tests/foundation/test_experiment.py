@@ -9,18 +9,20 @@ import sys
 
 import pytest
 
-from megatron_dgrpo.experiment import FULL, METHODS, planned_runs
-from megatron_dgrpo.experiment_report import mean_std, ordering_verdict
+import dataclasses
+
+from megatron_dgrpo.experiment import FULL, METHODS, learning_curves, planned_runs, summarise
+from megatron_dgrpo.experiment_report import mean_std, ordering_verdict, ranking_sentence
 
 
-def test_every_method_sees_the_same_sequences_per_step_from_the_same_cold_start():
+def test_every_method_sees_the_same_sequences_per_step_from_the_same_student():
     runs = planned_runs(FULL, [0, 1], [], "teacher-ckpt", "short")
     assert [r.method for r in runs] == list(METHODS) * 2
     for run in runs:
         sections = run.sections
         per_prompt = sections.get("sampling", {}).get("n", 1)
         assert sections["prompts_per_step"] * per_prompt == FULL.prompts_per_step * FULL.group_size
-        assert run.from_cold_start
+        assert not run.sft_cold_start  # every main run starts from the student base
         needs_teacher = run.method in ("kd", "opd", "dgrpo")
         assert (sections.get("teacher", {}).get("init_from") == "teacher-ckpt") == needs_teacher
     by_method = {r.method: r.sections for r in runs if r.seed == 0}
@@ -34,16 +36,44 @@ def test_ablations_are_dgrpo_variants_without_duplicating_the_main_run():
     runs = planned_runs(FULL, [0], ["beta", "mix", "anchor", "cold"], "t", "short-data")
     variants = {r.method: r for r in runs if r.method not in METHODS}
     assert {m for m in variants if m.startswith("dgrpo_beta")} == {
-        "dgrpo_beta0", "dgrpo_beta0.04", "dgrpo_beta1"}  # 0.5 is the main dgrpo run
+        "dgrpo_beta0", "dgrpo_beta0.04", "dgrpo_beta0.5"}  # 1.0 is the main dgrpo run
     assert variants["dgrpo_beta0"].sections["loss"] == {"objective": "dgrpo", "kl_coef": 0.0}
     assert variants["dgrpo_long0.5"].sections["short_data"] == {"paths": ["short-data"]}
     assert variants["dgrpo_long0.9"].sections["mix"] == {"long_share": 0.9}
+    assert "dgrpo_long1" not in variants  # all long tokens: the main dgrpo run
     assert variants["anchor_reference"].sections["loss"]["kl_coef"] == 0.0
     assert variants["anchor_reference"].sections["loss"]["ref_kl_coef"] == FULL.dgrpo_kl_coef
     assert variants["anchor_both"].sections["loss"]["kl_coef"] == FULL.dgrpo_kl_coef
-    assert not variants["dgrpo_no_cold_start"].from_cold_start
+    assert variants["dgrpo_sft_cold_start"].sft_cold_start
+    assert variants["dgrpo_sft_cold_start"].sections == by_method_dgrpo(runs)
     with pytest.raises(ValueError, match="unknown ablation 'betas'"):
         planned_runs(FULL, [0], ["betas"], "t", "s")
+
+
+def _long(score):
+    return {"long": {"all": score, "families": {"grounding": score}}}
+
+
+def test_held_out_curves_start_from_the_model_each_run_started_from():
+    plan = dataclasses.replace(FULL, method_steps=6, curve_every=3)
+    runs = [r for r in planned_runs(plan, [0, 1], ["cold"], "t", "s")
+            if r.method in ("dgrpo", "dgrpo_sft_cold_start")]
+    initial = {r.name: f"sft-cold-start-s{r.seed}" if r.sft_cold_start else "student_base"
+               for r in runs}
+    along = {"student_base": _long(2.0), "sft-cold-start-s0": _long(10.0),
+             "sft-cold-start-s1": _long(12.0)}
+    along |= {f"{r.name}@3": _long(20.0 + r.seed) for r in runs}
+    final = {"student_base": _long(2.0)} | {r.name: _long(30.0 + r.seed) for r in runs}
+    curves = learning_curves(final, along, runs, plan, initial)
+    assert curves["dgrpo"] == {"0": [2.0, 2.0], "3": [20.0, 21.0], "6": [30.0, 31.0]}
+    assert curves["dgrpo_sft_cold_start"]["0"] == [10.0, 12.0]
+    table = summarise(final, runs)
+    assert table["student_base"]["long"] == {"all": [2.0], "grounding": [2.0]}
+    assert table["dgrpo"]["long"]["all"] == [30.0, 31.0]
+
+
+def by_method_dgrpo(runs):
+    return next(r.sections for r in runs if r.method == "dgrpo")
 
 
 def _table(dgrpo, others):
@@ -63,6 +93,16 @@ def test_the_verdict_weighs_differences_against_the_seeds_spread():
     lines = ordering_verdict(noisy, "long")
     assert "not distinguishable from sft" in lines[0]
     assert "did not hold" in lines[-1] and "above: kd, grpo, opd" in lines[-1]
+    assert ordering_verdict({"dgrpo": {"long": {"all": [1.0]}}}, "long") == []  # nothing to beat
+
+
+def test_an_ablation_is_ranked_beside_the_paper_and_the_seed_spread():
+    table = {"dgrpo": {"long": {"all": [20.0, 24.0]}}, "dgrpo_beta0": {"long": {"all": [5.0, 5.0]}},
+             "dgrpo_beta0.5": {"long": {"all": [30.0, 31.0]}}}
+    sentence = ranking_sentence(table, {"dgrpo": 1.0, "dgrpo_beta0": 0.0, "dgrpo_beta0.5": 0.5},
+                                "beta", "0.5 best, 0 worst")
+    assert "(best first): 0.5: 30.5, 1: 22.0, 0: 5.0; the largest seed std among them is 2.8" \
+        in sentence
 
 
 @pytest.mark.extended
@@ -76,10 +116,14 @@ def test_a_reduced_experiment_runs_end_to_end(tmp_path):
                             timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "experiment.json").read_text())
-    assert set(summary["table"]) >= {*METHODS, "cold_start", "dgrpo_beta0", "dgrpo_beta1"}
+    assert set(summary["table"]) >= {*METHODS, "student_base", "dgrpo_beta0", "dgrpo_beta0.5"}
     for method, sets in summary["table"].items():
         assert set(sets) == {"long", "longer", "short"}, method
         assert all(0 <= v <= 100 for s in sets.values() for v in s["all"])
     report = (out / "report.md").read_text()
     assert "| no-context baseline |" in report and "The paper's ordering" in report
-    assert (out / "scores.png").stat().st_size > 0 and (out / "curves.png").stat().st_size > 0
+    for png in ("scores.png", "curves.png", "heldout_curves.png"):
+        assert (out / png).stat().st_size > 0, png
+    # the held-out curve of every run: the student base at step 0, then each checkpoint
+    assert sorted(summary["curves"]["dgrpo"], key=int) == ["0", "1", "2"]
+    assert summary["curves"]["dgrpo"]["0"] == summary["table"]["student_base"]["long"]["all"]
