@@ -294,13 +294,17 @@ def _teacher_responses(out: Path, assets: dict[str, Path], teacher: str,
 STUDENT_BASE_ROW = "student_base"  # the table's row for the model every main run starts from
 
 
+def _labelled_rows(runs: list[Run]) -> list[tuple[str, str]]:
+    """``(evaluated model label, table row)`` pairs: the student base, then every run."""
+    return [(STUDENT_BASE_ROW, STUDENT_BASE_ROW)] + [(run.name, run.method) for run in runs]
+
+
 def summarise(scores: dict[str, dict[str, dict[str, Any]]], runs: list[Run]
               ) -> dict[str, dict[str, dict[str, list[float]]]]:
     """``{method: {set: {"all" | family: [score per seed]}}}`` from the final models' scores;
     the student base is one row with one value."""
     table: dict[str, dict[str, dict[str, list[float]]]] = {}
-    labelled = [(STUDENT_BASE_ROW, STUDENT_BASE_ROW)] + [(run.name, run.method) for run in runs]
-    for label, method in labelled:
+    for label, method in _labelled_rows(runs):
         for set_name, result in scores[label].items():
             cell = table.setdefault(method, {}).setdefault(set_name, {})
             cell.setdefault("all", []).append(result["all"])
@@ -315,8 +319,7 @@ def depth_table(scores: dict[str, dict[str, dict[str, Any]]], runs: list[Run], s
     from megatron_dgrpo.data.evaluate import ALL
 
     table: dict[str, dict[str, list[float]]] = {}
-    labelled = [(STUDENT_BASE_ROW, STUDENT_BASE_ROW)] + [(run.name, run.method) for run in runs]
-    for label, method in labelled:
+    for label, method in _labelled_rows(runs):
         for depth, value in scores[label][set_name]["depths"][ALL].items():
             table.setdefault(method, {}).setdefault(str(depth), []).append(value)
     return table
