@@ -108,7 +108,8 @@ def add_experiment_arguments(parser: argparse.ArgumentParser) -> None:
                         help="main-table methods, comma-separated (default: all; e.g. "
                              "--methods dgrpo --ablations beta runs the ablation beside dGRPO)")
     parser.add_argument("--teacher", default=None,
-                        help="teacher Megatron checkpoint (default: train one by SFT here)")
+                        help="teacher Megatron checkpoint with the shipped tokenizer's "
+                             "vocabulary (default: the quickstart's shipped teacher)")
     parser.add_argument("--short", action="store_true", help="a few steps of everything (tests)")
     parser.add_argument("--jobs", type=int, default=2,
                         help="training runs at a time (each gets 2 / jobs CPU threads)")

@@ -33,6 +33,7 @@ import pickle
 import queue
 import signal
 import socket
+import time
 import traceback
 from typing import Any, Callable, Sequence
 
@@ -88,6 +89,26 @@ def _worker(rank: int, world_size: int, port: int, backend: str, fn: Callable,
             dist.destroy_process_group()
 
 
+_POLL_S = 2.0  # seconds between checks for ranks that died without reporting
+
+
+def _raise_if_dead_or_late(procs: list, collected: dict[int, Any], deadline: float,
+                           timeout_s: float) -> None:
+    """DistributedWorkerError if a rank that has not reported exited abnormally (a crash,
+    a signal, or a spawn bootstrap error such as a script without a ``__main__`` guard), or
+    if the run is past its deadline."""
+    dead = {r: p.exitcode for r, p in enumerate(procs)
+            if r not in collected and p.exitcode not in (None, 0)}
+    if dead:
+        codes = ", ".join(f"rank {r}: exit code {code}" for r, code in dead.items())
+        raise DistributedWorkerError(
+            f"ranks exited without reporting a result ({codes}); a spawned rank re-imports "
+            "the calling script, which must start its work under "
+            "`if __name__ == '__main__':`")
+    if time.monotonic() > deadline:
+        raise DistributedWorkerError(f"no result from some ranks within {timeout_s:.0f}s")
+
+
 def run_distributed(fn: Callable[..., Any], world_size: int, args: Sequence[Any] = (),
                     backend: str = "gloo", timeout_s: float = 600.0) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned processes.
@@ -108,15 +129,14 @@ def run_distributed(fn: Callable[..., Any], world_size: int, args: Sequence[Any]
     collected: dict[int, Any] = {}
     failures: list[str] = []
     finished = False
+    deadline = time.monotonic() + timeout_s
     try:
-        for _ in range(world_size):
+        while len(collected) + len(failures) < world_size:
             try:
-                rank, ok, value = results.get(timeout=timeout_s)
-            except queue.Empty as exc:  # a rank hung, or died without reporting
-                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
-                raise DistributedWorkerError(
-                    f"no result from some ranks within {timeout_s:.0f}s; "
-                    f"ranks that exited abnormally: {dead}") from exc
+                rank, ok, value = results.get(timeout=_POLL_S)
+            except queue.Empty:
+                _raise_if_dead_or_late(procs, collected, deadline, timeout_s)
+                continue
             if ok:
                 collected[rank] = pickle.loads(value)  # our own child's bytes, not a file
             else:

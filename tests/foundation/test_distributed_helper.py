@@ -34,6 +34,35 @@ def test_a_failing_rank_is_reported_with_its_traceback():
     assert "rank one disagrees" in str(info.value)
 
 
+def _die_on_rank_one(rank, world_size):
+    import os
+
+    if rank == 1:
+        os._exit(3)  # no traceback, no result: a crash or a kill
+    return rank
+
+
+def test_a_rank_that_dies_without_reporting_is_named_with_its_exit_code():
+    with pytest.raises(DistributedWorkerError, match="rank 1: exit code 3"):
+        run_distributed(_die_on_rank_one, 2, timeout_s=600)
+
+
+def test_a_script_without_a_main_guard_fails_instead_of_waiting(tmp_path):
+    """The spawned rank re-imports the script, whose top level starts ranks again: the rank
+    dies in bootstrapping. Before, the caller waited out its whole timeout."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "unguarded.py"
+    script.write_text("from megatron_dgrpo.parallel.launch import run_distributed\n"
+                      "def body(rank, world_size):\n    return rank\n"
+                      "run_distributed(body, 1, timeout_s=3600)\n")
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode != 0
+    assert "__main__" in result.stderr and "rank 0: exit code" in result.stderr
+
+
 def _start_a_long_child(rank, world_size):
     import subprocess
 
