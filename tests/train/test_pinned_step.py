@@ -16,6 +16,13 @@ generator's current output, so the pin guards the training step only. Every opti
 step reads is set explicitly, so a later change of a default does not move it. Re-record
 only for a deliberate change of the step's numerics, and say so in the commit.
 
+The step runs with ``ATEN_CPU_CAPABILITY=avx2``: the pin was recorded on an AVX2 machine,
+and PyTorch's AVX-512 CPU kernels round differently. Metrics agree across the two to ~1e-7
+relative, but Adam's first step (~``lr * g / (|g| + eps)``) amplifies that rounding in the
+elements with near-zero gradients: on an AVX-512 EPYC the weight fingerprints moved by up to
+1.3e-4 relative (measured 2026-12-02; with ``avx2`` forced they match to 1e-6 again). Forcing
+the kernel set keeps the pin machine-independent on x86 without loosening it.
+
 Weights are compared through per-tensor fingerprints: the sum and three fixed random
 projections of each tensor (float64), which move with any change of any element.
 """
@@ -23,6 +30,7 @@ projections of each tensor (float64), which move with any change of any element.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -90,7 +98,8 @@ def run_pinned_step(run_dir: str) -> dict:
 
 
 @pytest.mark.multiproc
-def test_dgrpo_tp2_step_matches_the_recorded_values(tmp_path):
+def test_dgrpo_tp2_step_matches_the_recorded_values(tmp_path, monkeypatch):
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")  # read by the spawned ranks' torch
     expected = json.loads(EXPECTED.read_text())
     got = run_pinned_step(str(tmp_path / "run"))
     assert expected["metrics"].keys() <= got["metrics"].keys()  # later metrics may be added
@@ -107,6 +116,7 @@ def test_dgrpo_tp2_step_matches_the_recorded_values(tmp_path):
 if __name__ == "__main__" and sys.argv[1:] == ["--record"]:
     import tempfile
 
+    os.environ["ATEN_CPU_CAPABILITY"] = "avx2"
     with tempfile.TemporaryDirectory() as tmp:
         EXPECTED.write_text(json.dumps(run_pinned_step(str(Path(tmp) / "run")), indent=1) + "\n")
     print(f"wrote {EXPECTED}")
