@@ -16,8 +16,8 @@ generator's current output, so the pin guards the training step only. Every opti
 step reads is set explicitly, so a later change of a default does not move it. Re-record
 only for a deliberate change of the step's numerics, and say so in the commit.
 
-The step runs with ``ATEN_CPU_CAPABILITY=avx2``: the pin was recorded on an AVX2 machine,
-and PyTorch's AVX-512 CPU kernels round differently. Metrics agree across the two to ~1e-7
+The step runs with ``ATEN_CPU_CAPABILITY=avx2``: the recorded values are reproduced with
+PyTorch's AVX2 CPU kernels, and its AVX-512 kernels round differently. Metrics agree across the two to ~1e-7
 relative, but Adam's first step (~``lr * g / (|g| + eps)``) amplifies that rounding in the
 elements with near-zero gradients: on an AVX-512 EPYC the weight fingerprints moved by up to
 1.3e-4 relative (measured 2026-12-02; with ``avx2`` forced they match to 1e-6 again). Forcing
@@ -94,12 +94,19 @@ def _step(rank, world_size, run_dir):
 def run_pinned_step(run_dir: str) -> dict:
     from megatron_dgrpo.parallel.launch import run_distributed
 
-    return run_distributed(_step, 2, args=(run_dir,))[0]
+    saved = os.environ.get("ATEN_CPU_CAPABILITY")
+    os.environ["ATEN_CPU_CAPABILITY"] = "avx2"  # read by the spawned ranks' torch
+    try:
+        return run_distributed(_step, 2, args=(run_dir,))[0]
+    finally:
+        if saved is None:
+            del os.environ["ATEN_CPU_CAPABILITY"]
+        else:
+            os.environ["ATEN_CPU_CAPABILITY"] = saved
 
 
 @pytest.mark.multiproc
-def test_dgrpo_tp2_step_matches_the_recorded_values(tmp_path, monkeypatch):
-    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")  # read by the spawned ranks' torch
+def test_dgrpo_tp2_step_matches_the_recorded_values(tmp_path):
     expected = json.loads(EXPECTED.read_text())
     got = run_pinned_step(str(tmp_path / "run"))
     assert expected["metrics"].keys() <= got["metrics"].keys()  # later metrics may be added
@@ -116,7 +123,6 @@ def test_dgrpo_tp2_step_matches_the_recorded_values(tmp_path, monkeypatch):
 if __name__ == "__main__" and sys.argv[1:] == ["--record"]:
     import tempfile
 
-    os.environ["ATEN_CPU_CAPABILITY"] = "avx2"
     with tempfile.TemporaryDirectory() as tmp:
         EXPECTED.write_text(json.dumps(run_pinned_step(str(Path(tmp) / "run")), indent=1) + "\n")
     print(f"wrote {EXPECTED}")
