@@ -31,6 +31,12 @@ generated config, see :mod:`megatron_dgrpo.recipe`):
    ``dgrpo``           GRPO with the teacher as the KL anchor (``dgrpo_kl_coef``)
    ==================  ==============================================================
 
+   What a seed changes: the on-policy methods read the prompts in file order and the seed
+   draws their rollouts; the off-policy ones (and the ``cold`` ablation's SFT) sample
+   nothing, so the seed draws the order they read the training set in (``data.
+   shuffle_buffer``, a uniformly random permutation per seed), else their seeds would be
+   the same run;
+
 4. evaluation: greedy answers of every final student on the three held-out sets, and of the
    intermediate checkpoints on ``long`` (the held-out learning curve), beside the
    no-context baseline (fitted on the training tasks), per family and needle depth;
@@ -138,13 +144,15 @@ def method_sections(method: str, plan: ExperimentPlan, teacher: str) -> dict[str
                              "max_new_tokens": plan.max_new_tokens, "stop_strings": ["<|im_end|>"]},
                 "prompts_per_step": plan.prompts_per_step, "optim": {"lr": plan.rl_lr}}
     off_policy = {"prompts_per_step": sequences, "optim": {"lr": plan.sft_lr}}
+    shuffled = {"shuffle_buffer": plan.train_examples}  # the seed's permutation of the set
     if method == "sft":
-        return {**off_policy, "loss": {"objective": "sft"}, "data": {"target": OFF_POLICY_TARGET}}
+        return {**off_policy, "loss": {"objective": "sft"},
+                "data": {**shuffled, "target": OFF_POLICY_TARGET}}
     if method == "sft_reference":
-        return {**off_policy, "loss": {"objective": "sft"}}
+        return {**off_policy, "loss": {"objective": "sft"}, "data": shuffled}
     if method == "kd":
         return {**off_policy, "loss": {"objective": "kd"}, "teacher": teacher_section,
-                "data": {"target": OFF_POLICY_TARGET}}
+                "data": {**shuffled, "target": OFF_POLICY_TARGET}}
     if method == "grpo":
         return {**rollouts, "loss": {"objective": "grpo", "kl_coef": plan.grpo_kl_coef}}
     if method == "opd":

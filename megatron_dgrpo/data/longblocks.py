@@ -73,6 +73,10 @@ class LongBlocksConfig:
     # or one written by `dgrpo data teacher-responses`); rows without it are skipped
     # ("missing <column>"). Rewards always score against the reference answer.
     target: str = "reference"
+    # The order training reads the rows in (data/mix.py): 0 = file order, epoch after epoch;
+    # N >= 2 = each epoch shuffled through a buffer of N examples, seeded by the run's seed and
+    # the epoch (N >= the rows kept: a uniformly random permutation). Evaluation ignores it.
+    shuffle_buffer: int = 0
 
     def validate(self) -> None:
         if not self.paths:
@@ -90,6 +94,9 @@ class LongBlocksConfig:
             )
         if self.batch_rows <= 0:
             raise ValueError(f"longblocks.batch_rows must be positive, got {self.batch_rows}")
+        if self.shuffle_buffer < 0 or self.shuffle_buffer == 1:
+            raise ValueError(f"longblocks.shuffle_buffer must be 0 (file order) or >= 2 (a "
+                             f"buffer of 1 cannot reorder), got {self.shuffle_buffer}")
         if not 0.0 <= self.max_unusable_fraction <= 1.0:
             raise ValueError("longblocks.max_unusable_fraction must be in [0, 1], got "
                              f"{self.max_unusable_fraction}")

@@ -1,8 +1,8 @@
 """The stream of training examples a run draws from: one source, or several mixed by token share.
 
-:class:`ExampleStream` serves one loader's examples in file order, epoch after epoch, and
-resumes from a position (what ``dgrpo train`` reads today). :class:`TokenShareMixer` mixes a
-long-context and a short-context source by token share:
+:class:`ExampleStream` serves one loader's examples epoch after epoch, in file order or
+shuffled (:func:`buffer_shuffled`), and resumes from a position (what ``dgrpo train`` reads).
+:class:`TokenShareMixer` mixes a long-context and a short-context source by token share:
 
 the rule needs no random numbers: the next item comes from the long source whenever the long
 share of tokens drawn so far is at or below ``long_share`` (default 0.9, the paper's best trade-off),
@@ -11,6 +11,13 @@ otherwise from the short source. After N tokens the realized share is within
 yields items from ``position`` on; when it runs out the next epoch starts at position 0 (sources may
 reshuffle per epoch). The whole state is a few integers, returned by :meth:`state_dict` for the
 training checkpoint; :meth:`load_state_dict` resumes exactly where the saved mixer stood.
+
+**Shuffling a stream.** Loaders stream their files, so an epoch is shuffled through a buffer
+(:func:`buffer_shuffled`, the shuffle-buffer scheme of streaming datasets): with a buffer at
+least as large as the epoch every order is equally likely; a smaller one moves each item at
+most a buffer's length earlier. The order of an epoch is a function of (seed, epoch) alone,
+so resuming re-reads the epoch's first ``position`` items of the same order and the state
+stays a few integers.
 """
 
 from __future__ import annotations
@@ -45,16 +52,66 @@ class MixedItem(Generic[T]):
     source: str
 
 
-def reread_source(source: Iterable[T]) -> SourceOpener:
-    """A source opener over a re-iterable ``source`` (e.g. a ``LongBlocksLoader``): every
-    epoch reads it again in its own order, from ``position`` on."""
-    def open_at(epoch: int, position: int) -> Iterator[T]:
-        iterator = iter(source)
+def buffer_shuffled(items: Iterable[T], buffer: int, rng: random.Random) -> Iterator[T]:
+    """``items`` in a random order drawn from ``rng``, holding at most ``buffer`` of them.
+
+    The first ``buffer`` items fill the buffer; each further item takes the place of a
+    uniformly chosen held one, which is yielded; at the end the held items come out in a
+    uniformly random order. With ``buffer`` >= the number of items that is a uniformly random
+    permutation; ``buffer`` <= 1 keeps the order.
+    """
+    held: list[T] = []
+    for item in items:
+        if len(held) < buffer:
+            held.append(item)
+            continue
+        if not held:  # buffer <= 0
+            yield item
+            continue
+        slot = rng.randrange(len(held))
+        yield held[slot]
+        held[slot] = item
+    rng.shuffle(held)
+    yield from held
+
+
+FILE_ORDER = {"shuffle_buffer": 0, "seed": ""}  # the order of a checkpoint that names none
+
+
+class _Reread(Generic[T]):
+    """The opener :func:`reread_source` returns; ``order`` names the order it reads in (what
+    a checkpoint records, so that a resume in another order is refused)."""
+
+    def __init__(self, source: Iterable[T], shuffle_buffer: int, seed: str) -> None:
+        self.source, self.shuffle_buffer, self.seed = source, shuffle_buffer, seed
+        self.order = ({"shuffle_buffer": shuffle_buffer, "seed": seed} if shuffle_buffer > 1
+                      else dict(FILE_ORDER))
+
+    def __call__(self, epoch: int, position: int) -> Iterator[T]:
+        iterator = iter(self.source)
+        if self.shuffle_buffer > 1:
+            iterator = buffer_shuffled(iterator, self.shuffle_buffer,
+                                       random.Random(f"{self.seed}:{epoch}"))
         for _ in range(position):
             next(iterator)
         return iterator
 
-    return open_at
+
+def reread_source(source: Iterable[T], shuffle_buffer: int = 0, seed: str = "") -> SourceOpener:
+    """A source opener over a re-iterable ``source`` (e.g. a ``LongBlocksLoader``): every
+    epoch reads it again, in its own order, or with ``shuffle_buffer`` > 1 in the order
+    :func:`buffer_shuffled` draws from ``random.Random(f"{seed}:{epoch}")``, from
+    ``position`` on."""
+    return _Reread(source, shuffle_buffer, seed)
+
+
+def _check_order(name: str, saved: dict | None, current: dict | None) -> None:
+    """Refuse resuming ``name`` in another order than the checkpoint's (``None``: an opener
+    that does not describe its order)."""
+    if saved is not None and current is not None and saved != current:
+        raise ValueError(f"the {name} data was read in the order {saved} (shuffle_buffer, seed) "
+                         f"when the checkpoint was saved, but is configured as {current}: "
+                         "resume with the checkpoint's data.shuffle_buffer and seed")
 
 
 class ListSource(Generic[T]):
@@ -145,6 +202,7 @@ class TokenShareMixer(Generic[T]):
         return {
             "long_share": self.config.long_share,
             **{name: c.state() for name, c in self._cursors.items()},
+            "order": {name: getattr(c.opener, "order", None) for name, c in self._cursors.items()},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -152,23 +210,29 @@ class TokenShareMixer(Generic[T]):
             raise ValueError(
                 f"mix.long_share is {self.config.long_share} but the checkpoint used {state['long_share']}"
             )
+        saved_orders = state.get("order", {})
         for name in SOURCES:
-            self._cursors[name].restore(state[name])
+            cursor = self._cursors[name]
+            _check_order(name, saved_orders.get(name, FILE_ORDER),
+                         getattr(cursor.opener, "order", None))
+            cursor.restore(state[name])
 
 
 class ExampleStream(Generic[T]):
     """Examples of one re-iterable source (e.g. a
-    :class:`~megatron_dgrpo.data.longblocks.LongBlocksLoader`) in a fixed order, epoch
-    after epoch; resumable.
+    :class:`~megatron_dgrpo.data.longblocks.LongBlocksLoader`), epoch after epoch, in its
+    own order or (``shuffle_buffer`` > 1) shuffled per epoch as :func:`reread_source`
+    does with ``seed``; resumable.
 
     ``position`` counts examples consumed in the current epoch. Resuming re-reads the epoch
-    up to that position (the loader streams; nothing is held in memory).
+    up to that position (the loader streams; only the shuffle buffer is held in memory).
     """
 
-    def __init__(self, source: Iterable[T]):
+    def __init__(self, source: Iterable[T], shuffle_buffer: int = 0, seed: str = ""):
         self.source = source
+        self._open = reread_source(source, shuffle_buffer, seed)
         self.epoch, self.position = 0, 0
-        self._iterator = iter(source)
+        self._iterator = self._open(0, 0)
 
     def take(self, count: int) -> list[T]:
         """The next ``count`` examples (a new epoch starts when the source is exhausted)."""
@@ -181,21 +245,19 @@ class ExampleStream(Generic[T]):
                     raise ValueError("the training data has no usable rows"
                                      + (f" ({summary.format()})" if summary else ""))
                 self.epoch, self.position = self.epoch + 1, 0
-                self._iterator = iter(self.source)
+                self._iterator = self._open(self.epoch, 0)
                 continue
             self.position += 1
             examples.append(example)
         return examples
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position}
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "order": self._open.order}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.position = state["epoch"], 0
-        self._iterator = iter(self.source)
-        for _ in range(state["position"]):
-            next(self._iterator)
-        self.position = state["position"]
+    def load_state_dict(self, state: dict) -> None:
+        _check_order("training", state.get("order", FILE_ORDER), self._open.order)
+        self.epoch, self.position = state["epoch"], state["position"]
+        self._iterator = self._open(self.epoch, self.position)
 
 
 class Lookahead(Generic[T]):

@@ -38,8 +38,19 @@ from megatron_dgrpo.algorithms.inputs import TokenBatch
 from megatron_dgrpo.algorithms.metrics import LossMetrics
 from megatron_dgrpo.data.chat import load_chat_tokenizer
 from megatron_dgrpo.data.rewards import overlong_penalty
-from megatron_dgrpo.data.longblocks import LongBlocksLoader, require_usable_example, scan
-from megatron_dgrpo.data.mix import ExampleStream, Lookahead, TokenShareMixer, reread_source
+from megatron_dgrpo.data.longblocks import (
+    LongBlocksConfig,
+    LongBlocksLoader,
+    require_usable_example,
+    scan,
+)
+from megatron_dgrpo.data.mix import (
+    ExampleStream,
+    Lookahead,
+    MixConfig,
+    TokenShareMixer,
+    reread_source,
+)
 from megatron_dgrpo.parallel.collectives import reduce_scalar
 from megatron_dgrpo.parallel.context import (
     all_reduce_metrics,
@@ -62,6 +73,22 @@ from megatron_dgrpo.train.sources import (
     TokenScorer,
 )
 from megatron_dgrpo.train.update import StudentOptimizer, StudentStep
+
+
+def training_examples(data: LongBlocksConfig, short_data: LongBlocksConfig | None,
+                      mix: MixConfig, seed: int, tokenizer) -> Lookahead:
+    """The run's training examples: ``data`` alone, or mixed with ``short_data`` by token
+    share (``mix``), readable ahead for asynchronous rollouts; each source in file order or
+    shuffled per epoch (its ``shuffle_buffer``), seeded by ``seed`` and the source's name."""
+    long = LongBlocksLoader(data, tokenizer)
+    if short_data is None:
+        return Lookahead(ExampleStream(long, data.shuffle_buffer, f"{seed}:long"))
+    scan(short_data)
+    short = LongBlocksLoader(short_data, tokenizer)
+    return Lookahead(TokenShareMixer(
+        reread_source(long, data.shuffle_buffer, f"{seed}:long"),
+        reread_source(short, short_data.shuffle_buffer, f"{seed}:short"),
+        lambda example: example.num_prompt_tokens, mix))
 
 
 class Trainer:
@@ -114,21 +141,10 @@ class Trainer:
         self.student_step = StudentStep(config, self.optim.ddp, self.teacher, vocab_size,
                                         self.temperature)
         self.sequences = self._sequence_source()
-        self.prompts = self._example_stream()
+        self.prompts = training_examples(config.data, config.short_data, config.mix,
+                                         config.seed, self.tokenizer)
         self.step = 0
         self.skipped = SkippedSteps(config.max_skipped_steps)  # non-finite steps in a row
-
-    def _example_stream(self) -> Lookahead:
-        """The training examples: ``data`` alone, or mixed with ``short_data`` by token share
-        (readable ahead, for asynchronous rollouts)."""
-        config = self.config
-        long = LongBlocksLoader(config.data, self.tokenizer)
-        if config.short_data is None:
-            return Lookahead(ExampleStream(long))
-        scan(config.short_data)
-        short = LongBlocksLoader(config.short_data, self.tokenizer)
-        return Lookahead(TokenShareMixer(reread_source(long), reread_source(short),
-                                         lambda example: example.num_prompt_tokens, config.mix))
 
     @property
     def optimizer(self):

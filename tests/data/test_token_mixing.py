@@ -1,11 +1,21 @@
 """Token-share mixing: proportions, exact resume from state_dict, epochs, validation; reading
-ahead (Lookahead, for asynchronous rollouts)."""
+ahead (Lookahead, for asynchronous rollouts); shuffled streams (buffer, per-epoch seed, resume)."""
 
 import itertools
+import random
+from collections import Counter
 
 import pytest
 
-from megatron_dgrpo.data.mix import ExampleStream, ListSource, Lookahead, MixConfig, TokenShareMixer
+from megatron_dgrpo.data.mix import (
+    ExampleStream,
+    ListSource,
+    Lookahead,
+    MixConfig,
+    TokenShareMixer,
+    buffer_shuffled,
+    reread_source,
+)
 
 
 def make_mixer(share=0.9, seed=0):
@@ -86,3 +96,106 @@ def test_lookahead_peeks_without_consuming_and_saves_the_state_before_the_peek(s
     resumed.load_state_dict(saved)
     assert resumed.take(9) == expected[3:12]
     assert (ahead.long_token_share is None) == (stream == "examples")
+
+
+def test_a_full_shuffle_buffer_draws_every_permutation_equally_often():
+    """The definition of a uniform shuffle: over many seeds, each of the 3! orders of three
+    items appears with frequency 1/6 (binomial std 0.005 at 6000 draws; bound 4 std)."""
+    draws = 6000
+    counts = Counter(tuple(buffer_shuffled("abc", 3, random.Random(seed))) for seed in range(draws))
+    assert set(counts) == set(itertools.permutations("abc"))
+    assert all(abs(n / draws - 1 / 6) < 0.02 for n in counts.values()), counts
+
+
+def test_a_small_shuffle_buffer_moves_each_item_at_most_a_buffer_earlier():
+    """With ``b`` items held, the k-th output is chosen among the first k + b + 1 read, so
+    item i comes out no earlier than position i - b; a buffer of 1 keeps the order."""
+    items = list(range(40))
+    for seed in range(20):
+        order = list(buffer_shuffled(items, 4, random.Random(seed)))
+        assert sorted(order) == items
+        assert all(position >= item - 4 for position, item in enumerate(order))
+    assert list(buffer_shuffled(items, 1, random.Random(0))) == items
+    assert len({tuple(buffer_shuffled(items, 4, random.Random(s))) for s in range(20)}) == 20
+
+
+def test_a_shuffled_stream_reorders_each_epoch_by_seed_and_resumes_exactly():
+    items = list(range(11))
+    stream = ExampleStream(items, shuffle_buffer=11, seed="0:long")
+    epochs = [stream.take(11) for _ in range(3)]
+    assert all(sorted(epoch) == items for epoch in epochs)
+    assert len({tuple(epoch) for epoch in epochs} | {tuple(items)}) == 4  # new order each epoch
+    assert ExampleStream(items, 11, "1:long").take(11) != epochs[0]  # another seed
+    assert ExampleStream(items, 11, "0:long").take(33) == sum(epochs, [])  # reproducible
+    assert ExampleStream(items).take(22) == items + items  # buffer 0: file order
+
+    interrupted = ExampleStream(items, 11, "0:long")
+    head = interrupted.take(15)  # one epoch and 4 of the next
+    resumed = ExampleStream(items, 11, "0:long")
+    resumed.load_state_dict(interrupted.state_dict())
+    assert head + resumed.take(18) == sum(epochs, [])
+
+
+def test_a_mixer_of_shuffled_sources_resumes_exactly():
+    def make():
+        return TokenShareMixer(reread_source(list(range(9)), 9, "3:long"),
+                               reread_source(list(range(100, 105)), 5, "3:short"),
+                               num_tokens=lambda item: 10 if item < 100 else 3,
+                               config=MixConfig(long_share=0.7))
+
+    expected = make().take(40)
+    first_long = [item for item in expected if item < 100][:9]
+    assert sorted(first_long) == list(range(9)) and first_long != list(range(9))
+    interrupted = make()
+    head = interrupted.take(17)
+    resumed = make()
+    resumed.load_state_dict(interrupted.state_dict())
+    assert head + resumed.take(23) == expected
+
+
+def test_training_reads_the_loader_in_the_configured_order(tmp_path, hf_tokenizer_dir, public_row,
+                                                           write_parquet):
+    """``dgrpo train``'s example stream over a real LongBlocks file: file order by default,
+    a seed-specific permutation of the kept rows with ``shuffle_buffer``; a buffer of 1
+    (which cannot reorder) is refused."""
+    from megatron_dgrpo.data.chat import load_chat_tokenizer
+    from megatron_dgrpo.data.longblocks import LongBlocksConfig
+    from megatron_dgrpo.train.loop import training_examples
+
+    tokenizer = load_chat_tokenizer(hf_tokenizer_dir)
+    write_parquet(tmp_path / "rows.parquet", [public_row(i) for i in range(12)])
+    file_order = [f"row-{i}" for i in range(12)]
+
+    def ids(seed, **options):
+        data = LongBlocksConfig(paths=(str(tmp_path),), split="all", **options)
+        return [e.id for e in training_examples(data, None, MixConfig(), seed, tokenizer).take(12)]
+
+    assert ids(0) == ids(1) == file_order
+    shuffled = ids(0, shuffle_buffer=12)
+    assert sorted(shuffled) == sorted(file_order) and shuffled != file_order
+    assert ids(0, shuffle_buffer=12) == shuffled != ids(1, shuffle_buffer=12)
+    for bad in (1, -1):
+        with pytest.raises(ValueError, match="shuffle_buffer"):
+            LongBlocksConfig(paths=(str(tmp_path),), shuffle_buffer=bad).validate()
+
+
+def test_resuming_in_another_order_is_refused_and_old_checkpoints_mean_file_order():
+    items = list(range(8))
+    saved = ExampleStream(items, 8, "0:long")
+    saved.take(3)
+    for other in (ExampleStream(items), ExampleStream(items, 8, "1:long")):
+        with pytest.raises(ValueError, match="shuffle_buffer"):
+            other.load_state_dict(saved.state_dict())
+    old = {"epoch": 0, "position": 3}  # a checkpoint from before streams recorded their order
+    file_order = ExampleStream(items)
+    file_order.load_state_dict(old)
+    assert file_order.take(2) == [3, 4]
+    with pytest.raises(ValueError, match="training data was read in the order"):
+        ExampleStream(items, 8, "0:long").load_state_dict(old)
+
+    def mixer(buffer):
+        return TokenShareMixer(reread_source(items, buffer, "0:long"), reread_source(items),
+                               num_tokens=lambda item: 1)
+
+    with pytest.raises(ValueError, match="the long data"):
+        mixer(0).load_state_dict(mixer(8).state_dict())

@@ -27,7 +27,11 @@ def test_every_method_sees_the_same_sequences_per_step_from_the_same_student():
         assert (sections.get("teacher", {}).get("init_from") == "teacher-ckpt") == needs_teacher
     by_method = {r.method: r.sections for r in runs if r.seed == 0}
     assert by_method["sft"]["data"]["target"] == "response_teacher"
-    assert "data" not in by_method["sft_reference"]  # the reference answers
+    assert "target" not in by_method["sft_reference"]["data"]  # the reference answers
+    for method, sections in by_method.items():  # the seed: rollouts on-policy, order off-policy
+        shuffle = sections.get("data", {}).get("shuffle_buffer", 0)
+        assert (shuffle >= FULL.train_examples) == (method in ("sft", "sft_reference", "kd"))
+        assert shuffle in (0, FULL.train_examples)
     assert by_method["dgrpo"]["loss"]["kl_coef"] == FULL.dgrpo_kl_coef
     assert by_method["grpo"]["loss"]["kl_coef"] == FULL.grpo_kl_coef
 
