@@ -9,15 +9,16 @@ share of tokens drawn so far is at or below ``long_share`` (default 0.9, the pap
 otherwise from the short source. After N tokens the realized share is within
 ``max_item_tokens / N`` of the target. Each source is opened as ``open(epoch, position)`` and
 yields items from ``position`` on; when it runs out the next epoch starts at position 0 (sources may
-reshuffle per epoch). The whole state is a few integers, returned by :meth:`state_dict` for the
-training checkpoint; :meth:`load_state_dict` resumes exactly where the saved mixer stood.
+reshuffle per epoch). The whole state is a few integers and the sources' order records,
+returned by :meth:`state_dict` for the training checkpoint; :meth:`load_state_dict` resumes
+exactly where the saved mixer stood.
 
 **Shuffling a stream.** Loaders stream their files, so an epoch is shuffled through a buffer
 (:func:`buffer_shuffled`, the shuffle-buffer scheme of streaming datasets): with a buffer at
 least as large as the epoch every order is equally likely; a smaller one moves each item at
 most a buffer's length earlier. The order of an epoch is a function of (seed, epoch) alone,
-so resuming re-reads the epoch's first ``position`` items of the same order and the state
-stays a few integers.
+so resuming re-reads the epoch's first ``position`` items of the same order; the state is
+the position and a record of the order (buffer, seed), checked on resume.
 """
 
 from __future__ import annotations
@@ -92,8 +93,11 @@ class _Reread(Generic[T]):
         if self.shuffle_buffer > 1:
             iterator = buffer_shuffled(iterator, self.shuffle_buffer,
                                        random.Random(f"{self.seed}:{epoch}"))
-        for _ in range(position):
-            next(iterator)
+        for read in range(position):
+            if next(iterator, _END) is _END:
+                raise ValueError(f"the checkpoint resumes at example {position} of epoch {epoch}, "
+                                 f"but the data has only {read} now: it changed since the "
+                                 "checkpoint was saved")
         return iterator
 
 

@@ -77,13 +77,15 @@ def test_errors_name_the_problem():
         other.load_state_dict(make_mixer(0.9).state_dict())
 
 
-@pytest.mark.parametrize("stream", ["examples", "mixer"])
+@pytest.mark.parametrize("stream", ["examples", "shuffled", "mixer"])
 def test_lookahead_peeks_without_consuming_and_saves_the_state_before_the_peek(stream):
     """Asynchronous rollouts read the next step's examples ahead: a :class:`Lookahead`
     yields what the bare stream yields whatever it peeks, and its state after a peek
     resumes (into a fresh stream) with the peeked items first."""
     def make():
-        return make_mixer() if stream == "mixer" else ExampleStream(list(range(7)))
+        if stream == "mixer":
+            return make_mixer()
+        return ExampleStream(list(range(7)), *((7, "2:long") if stream == "shuffled" else ()))
 
     expected = make().take(12)
     ahead = Lookahead(make())
@@ -95,7 +97,7 @@ def test_lookahead_peeks_without_consuming_and_saves_the_state_before_the_peek(s
     resumed = Lookahead(make())
     resumed.load_state_dict(saved)
     assert resumed.take(9) == expected[3:12]
-    assert (ahead.long_token_share is None) == (stream == "examples")
+    assert (ahead.long_token_share is None) == (stream != "mixer")
 
 
 def test_a_full_shuffle_buffer_draws_every_permutation_equally_often():
@@ -199,3 +201,14 @@ def test_resuming_in_another_order_is_refused_and_old_checkpoints_mean_file_orde
 
     with pytest.raises(ValueError, match="the long data"):
         mixer(0).load_state_dict(mixer(8).state_dict())
+    old_mixer_state = {key: value for key, value in mixer(0).state_dict().items() if key != "order"}
+    mixer(0).load_state_dict(old_mixer_state)  # file order, as before
+    with pytest.raises(ValueError, match="the long data"):
+        mixer(8).load_state_dict(old_mixer_state)
+
+
+def test_a_checkpoint_past_the_end_of_changed_data_names_the_problem():
+    saved = ExampleStream(list(range(8)), 8, "0:long")
+    saved.take(6)
+    with pytest.raises(ValueError, match="resumes at example 6 of epoch 0, but the data has only 4"):
+        ExampleStream(list(range(4)), 8, "0:long").load_state_dict(saved.state_dict())

@@ -31,7 +31,6 @@ def test_every_method_sees_the_same_sequences_per_step_from_the_same_student():
     for method, sections in by_method.items():  # the seed: rollouts on-policy, order off-policy
         shuffle = sections.get("data", {}).get("shuffle_buffer", 0)
         assert (shuffle >= FULL.train_examples) == (method in ("sft", "sft_reference", "kd"))
-        assert shuffle in (0, FULL.train_examples)
     assert by_method["dgrpo"]["loss"]["kl_coef"] == FULL.dgrpo_kl_coef
     assert by_method["grpo"]["loss"]["kl_coef"] == FULL.grpo_kl_coef
 

@@ -102,13 +102,14 @@ def test_each_objective_trains_at_tp2(setup, objective):
 @pytest.mark.multiproc
 @pytest.mark.parametrize("objective", ["sft", "dgrpo"])
 def test_interrupted_run_resumes_exactly(setup, objective):
-    """SFT reads the data shuffled (``data.shuffle_buffer``: the order is in the checkpoint),
-    dGRPO in file order."""
+    """SFT reads the data shuffled (``data.shuffle_buffer``: the order is in the checkpoint)
+    and crosses an epoch (9 of the 8 examples), dGRPO reads it in file order."""
     straight = _config(setup, objective, f"straight-{objective}", steps=3)
     interrupted = _config(setup, objective, f"interrupted-{objective}", steps=1)
     if objective == "sft":
         for config in (straight, interrupted):
             config["data"]["shuffle_buffer"] = 8  # every example of the set
+            config["prompts_per_step"] = 3
     assert run_distributed(_train, 2, args=(straight,)) == [0, 0]
     assert run_distributed(_train, 2, args=(interrupted,)) == [0, 0]
     assert run_distributed(_train, 2, args=({**interrupted, "steps": 3},)) == [0, 0]
