@@ -111,4 +111,5 @@ def test_the_tool_states_the_runs_that_made_the_shipped_models(tmp_path):
         resolved = to_dict(from_dict(RunConfig, made))
         # the log resolved again: options added since the runs take their defaults (each
         # default keeps the earlier behaviour, e.g. data.shuffle_buffer 0 = file order)
-        assert _without_paths(resolved) == _without_paths(to_dict(from_dict(RunConfig, logged))), phase
+        logged_resolved = to_dict(from_dict(RunConfig, logged))
+        assert _without_paths(resolved) == _without_paths(logged_resolved), phase
