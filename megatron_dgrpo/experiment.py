@@ -33,9 +33,9 @@ generated config, see :mod:`megatron_dgrpo.recipe`):
 
    What a seed changes: the on-policy methods read the prompts in file order and the seed
    draws their rollouts; the off-policy ones (and the ``cold`` ablation's SFT) sample
-   nothing, so the seed draws the order they read the training set in (``data.
-   shuffle_buffer``, a uniformly random permutation per seed), else their seeds would be
-   the same run;
+   nothing, so the seed draws the order they read the training set in
+   (``data.shuffle_buffer``, a uniformly random permutation per seed), else their seeds
+   would be the same run;
 
 4. evaluation: greedy answers of every final student on the three held-out sets, and of the
    intermediate checkpoints on ``long`` (the held-out learning curve), beside the
