@@ -118,19 +118,6 @@ def _check_order(name: str, saved: dict | None, current: dict | None) -> None:
                          "resume with the checkpoint's data.shuffle_buffer and seed")
 
 
-class ListSource(Generic[T]):
-    """A source over an in-memory list, reshuffled every epoch with a seeded permutation."""
-
-    def __init__(self, items: list[T], seed: int = 0, shuffle: bool = True) -> None:
-        self.items, self.seed, self.shuffle = items, seed, shuffle
-
-    def __call__(self, epoch: int, position: int) -> Iterator[T]:
-        order = list(range(len(self.items)))
-        if self.shuffle:
-            random.Random(f"{self.seed}:{epoch}").shuffle(order)
-        return (self.items[i] for i in order[position:])
-
-
 class _Cursor:
     def __init__(self, name: str, opener: SourceOpener) -> None:
         self.name, self.opener = name, opener

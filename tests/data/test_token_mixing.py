@@ -9,7 +9,6 @@ import pytest
 
 from megatron_dgrpo.data.mix import (
     ExampleStream,
-    ListSource,
     Lookahead,
     MixConfig,
     TokenShareMixer,
@@ -22,8 +21,8 @@ def make_mixer(share=0.9, seed=0):
     long_items = [("L", i, 500 + 37 * (i % 11)) for i in range(23)]
     short_items = [("S", i, 40 + 13 * (i % 5)) for i in range(17)]
     return TokenShareMixer(
-        ListSource(long_items, seed),
-        ListSource(short_items, seed + 1),
+        reread_source(long_items, len(long_items), f"{seed}:long"),
+        reread_source(short_items, len(short_items), f"{seed}:short"),
         num_tokens=lambda item: item[2],
         config=MixConfig(long_share=share),
     )
@@ -59,7 +58,7 @@ def test_resume_from_state_dict_continues_exactly():
 
 
 def test_each_epoch_visits_every_item_once_in_a_new_order():
-    source = ListSource(list(range(10)), seed=4)
+    source = reread_source(list(range(10)), 10, "4:long")
     epoch0, epoch1 = list(source(0, 0)), list(source(1, 0))
     assert sorted(epoch0) == sorted(epoch1) == list(range(10))
     assert epoch0 != epoch1
@@ -69,7 +68,7 @@ def test_each_epoch_visits_every_item_once_in_a_new_order():
 def test_errors_name_the_problem():
     with pytest.raises(ValueError, match="long_share"):
         MixConfig(long_share=1.5).validate()
-    empty = TokenShareMixer(ListSource([]), ListSource([1]), num_tokens=lambda x: 1)
+    empty = TokenShareMixer(reread_source([]), reread_source([1]), num_tokens=lambda x: 1)
     with pytest.raises(ValueError, match="long source yields no items"):
         next(empty)
     other = make_mixer(0.5)

@@ -133,6 +133,7 @@ def _assert_same_runs(got_dir, expected_dir, steps):
         torch.testing.assert_close(got_weights[key], value, rtol=0, atol=1e-5, msg=key)
 
 
+@pytest.mark.extended  # 104 s; DP exactness of the loss: tests/parallel/test_data_parallel.py
 def test_data_parallel_dgrpo_equals_the_single_replica_run(setup):
     """DP=2 (one prompt per replica, an engine per replica) = DP=1 (both prompts on one
     engine), two steps: rollouts are seeded per prompt of the global batch, the loss is
