@@ -403,65 +403,77 @@ def megatron_to_hf_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.Pat
 # Live models (one call per rank, after initialize_parallel)
 
 
-def _live_layout() -> tuple[int, int, int, int]:
-    """(tp, tp_rank, pp, pp_rank) of this process."""
+def _live_layout() -> tuple[int, int, int]:
+    """(tp, tp_rank, pipeline stages S = PP x VP) of this process."""
     from megatron.core import parallel_state as ps
 
+    from megatron_dgrpo.models.chunks import pipeline_stages
+
     return (ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank(),
-            ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank())
+            pipeline_stages())
 
 
-def _live_weights(model: torch.nn.Module, config: ModelConfig,
-                  pp_rank: int, pp: int) -> dict[str, tuple[StageParam, torch.Tensor]]:
-    """:func:`.mapping.live_parameters`, failing with CheckpointError."""
+def _live_weights(model: torch.nn.Module, config: ModelConfig, stages: int
+                  ) -> list[tuple[int, dict[str, tuple[StageParam, torch.Tensor]]]]:
+    """``(stage, mapping.live_parameters of its chunk)`` for each chunk of this rank
+    (:mod:`megatron_dgrpo.models.chunks`), failing with CheckpointError."""
+    from megatron_dgrpo.models.chunks import live_stages
+
     try:
-        return mapping.live_parameters(model, config, pp_rank, pp)
+        return [(stage, mapping.live_parameters(chunk, config, stage, stages))
+                for chunk, stage in live_stages(model)]
     except ValueError as exc:
         raise CheckpointError(str(exc)) from exc
 
 
 def load_megatron_checkpoint_into(model: torch.nn.Module, ckpt_dir: str | os.PathLike) -> None:
-    """Fill this rank's shard of a live ``GPTModel`` from a checkpoint of any TP/PP layout.
+    """Fill this rank's shard of a live ``GPTModel`` (or of each chunk of its
+    ``VirtualStages``) from a checkpoint of any TP/PP layout.
 
     Values are cast to the model's parameter dtype. Raises CheckpointError if the model is
     not the checkpoint's architecture and size at this rank's layout.
     """
-    tp, tp_rank, pp, pp_rank = _live_layout()
+    tp, tp_rank, stages = _live_layout()
     source = MegatronCheckpoint(ckpt_dir)
     with torch.no_grad():
-        for name, (param, target) in _live_weights(model, source.config, pp_rank, pp).items():
-            shard = source.rank_shard(param, tp, tp_rank, pp, pp_rank)
-            if target.shape != shard.shape:
-                raise CheckpointError(f"{name}: model has shape {tuple(target.shape)}, "
-                                      f"checkpoint gives {tuple(shard.shape)} at TP={tp}")
-            target.copy_(shard)
+        for stage, weights in _live_weights(model, source.config, stages):
+            for name, (param, target) in weights.items():
+                shard = source.rank_shard(param, tp, tp_rank, stages, stage)
+                if target.shape != shard.shape:
+                    raise CheckpointError(f"{name}: model has shape {tuple(target.shape)}, "
+                                          f"checkpoint gives {tuple(shard.shape)} at TP={tp}")
+                target.copy_(shard)
 
 
 def save_megatron_model(model: torch.nn.Module, config: ModelConfig,
                         out_dir: str | os.PathLike,
                         hf_config: dict[str, Any] | None = None) -> Path:
-    """Write a live model (called on every rank) as a checkpoint at its own TP/PP layout.
+    """Write a live model (called on every rank) as a checkpoint at its own TP/PP layout;
+    with virtual pipeline stages, at ``pipeline_parallel = PP x VP`` (one shard directory
+    per stage, written by the rank that holds it).
 
     One data-parallel (and context-parallel) replica writes; the directory appears only once
     every shard is written. ``hf_config`` (optional) is kept for export to Hugging Face.
     """
     from megatron.core import parallel_state as ps
 
-    tp, tp_rank, pp, pp_rank = _live_layout()
-    info = MegatronCheckpointInfo(config, tp, pp, hf_config)
+    tp, tp_rank, stages = _live_layout()
+    info = MegatronCheckpointInfo(config, tp, stages, hf_config)
 
     def write_shard(tmp: Path) -> None:
         if ps.get_data_parallel_rank(with_context_parallel=True) != 0:
             return
-        weights = _live_weights(model, config, pp_rank, pp)
-        for name, (param, tensor) in weights.items():
-            expected = mapping.shard_shape(param, config, tp)
-            if tuple(tensor.shape) != expected:
-                raise CheckpointError(f"{name} has shape {tuple(tensor.shape)}, expected {expected}")
-        shard_dir = tmp / shard_dir_name(tp_rank, pp_rank)
-        shard_dir.mkdir()
-        save_file({name: tensor.detach().cpu().contiguous() for name, (_, tensor) in weights.items()},
-                  shard_dir / "model.safetensors", metadata={"format": "pt"})
+        for stage, weights in _live_weights(model, config, stages):
+            for name, (param, tensor) in weights.items():
+                expected = mapping.shard_shape(param, config, tp)
+                if tuple(tensor.shape) != expected:
+                    raise CheckpointError(f"{name} has shape {tuple(tensor.shape)}, "
+                                          f"expected {expected}")
+            shard_dir = tmp / shard_dir_name(tp_rank, stage)
+            shard_dir.mkdir()
+            save_file({name: tensor.detach().cpu().contiguous()
+                       for name, (_, tensor) in weights.items()},
+                      shard_dir / "model.safetensors", metadata={"format": "pt"})
 
     def write_metadata(tmp: Path) -> None:
         (tmp / METADATA_FILE).write_text(json.dumps(info.to_json(), indent=2) + "\n")

@@ -27,9 +27,14 @@ and one backward at a time, then the cool-down backwards), each stage sending it
 activations to the next stage and their gradients back, point to point. Micro-batches are
 trimmed to their own width and rows, so stages exchange each tensor's shape first
 (``variable_seq_lengths``, set with the model config in
-:mod:`megatron_dgrpo.models.provider`). Every rank holds one contiguous stage: no virtual
-(interleaved) stages, which the checkpoint mapping, the refit stream and the memory plan do
-not describe.
+:mod:`megatron_dgrpo.models.provider`). With virtual pipeline stages
+(:mod:`megatron_dgrpo.models.chunks`) ``model`` is the rank's chunks and Megatron's
+interleaved schedule runs them: micro-batches go through chunk 0 of every rank, then chunk
+1, ..., in groups of ``PP`` micro-batches (``microbatch_group_size_per_vp_stage``), which
+needs the number of micro-batches to be a multiple of ``PP``; a step with another count is
+topped up with copies of its last micro-batch whose loss is multiplied by zero (forward
+only: whose records are dropped), so the step's loss, gradients and records are exactly
+those of its own micro-batches (at the cost of up to ``PP - 1`` extra micro-batches).
 
 On the last stage, ``on_last_stage(index, output, prepared)`` receives micro-batch
 ``index``'s :func:`stage_output` and ``prepare(index)``'s value, computed there just before
@@ -53,6 +58,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from megatron_dgrpo.models.chunks import model_chunks
 from megatron_dgrpo.parallel.collectives import broadcast_tensor, last_rank
 
 
@@ -98,8 +104,8 @@ def hidden_from_output(model: torch.nn.Module, output: torch.Tensor) -> torch.Te
     """``[B, T, H]`` final hidden states from the last stage's :func:`stage_output`,
     replicated over the TP group (gathered back if sequence parallelism split them; the
     gather's backward only splits, because the fused loss already all-reduces the
-    hidden-state gradient over TP)."""
-    if unwrap(model).config.sequence_parallel:
+    hidden-state gradient over TP). ``model``: the stage's model, or its chunks."""
+    if unwrap(model_chunks(model)[-1]).config.sequence_parallel:
         from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
         output = gather_from_sequence_parallel_region(output, tensor_parallel_output_grad=False)
@@ -115,7 +121,7 @@ def logits_from_output(model: torch.nn.Module, output: torch.Tensor,
 
     from megatron_dgrpo.parallel.vocab import mask_padded_vocab
 
-    gpt = unwrap(model)
+    gpt = unwrap(model_chunks(model)[-1])
     weight = gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights \
         else None
     logits, _ = gpt.output_layer(output, weight=weight)
@@ -124,8 +130,9 @@ def logits_from_output(model: torch.nn.Module, output: torch.Tensor,
 
 
 def _whole(model: torch.nn.Module, what: str) -> torch.nn.Module:
-    gpt = unwrap(model)
-    if not (gpt.pre_process and gpt.post_process):
+    chunks = model_chunks(model)
+    gpt = unwrap(chunks[0])
+    if len(chunks) > 1 or not (gpt.pre_process and gpt.post_process):
         raise ValueError(f"{what} needs the whole model on one pipeline stage "
                          "(parallel.pipeline_parallel=1); with PP > 1 run it through "
                          "run_micro_batches (megatron_dgrpo.models.forward)")
@@ -143,8 +150,9 @@ def final_hidden_states(model: torch.nn.Module, tokens: torch.Tensor,
 
 def output_weight(model: torch.nn.Module) -> torch.Tensor:
     """``[V_local, H]``: this TP rank's shard of the output layer's weight (the embedding
-    table when ``share_embeddings_and_output_weights``)."""
-    gpt = unwrap(model)
+    table when ``share_embeddings_and_output_weights``); of the last chunk when ``model``
+    is a rank's virtual stages."""
+    gpt = unwrap(model_chunks(model)[-1])
     if gpt.share_embeddings_and_output_weights:
         return gpt.shared_embedding_or_output_weight()
     return gpt.output_layer.weight
@@ -200,20 +208,31 @@ def is_last_stage() -> bool:
     return ps.is_pipeline_last_stage()
 
 
-def run_micro_batches(model: torch.nn.Module, inputs: Sequence[StageInput],
+def run_micro_batches(model: torch.nn.Module | Sequence[torch.nn.Module],
+                      inputs: Sequence[StageInput],
                       on_last_stage: Callable[[int, Tensor, Any], Any], *, forward_only: bool,
                       prepare: Callable[[int], Any] | None = None) -> list:
-    """Run ``model`` (this rank's stage, DDP-wrapped for training) over ``inputs`` through
-    Megatron's schedule (see the module docstring); call on every rank of the pipeline
-    with the same number of micro-batches. Returns the records on the last stage, ``[]``
-    on the other stages."""
+    """Run ``model`` (this rank's stage, DDP-wrapped for training; with virtual stages its
+    chunks, a :class:`~megatron_dgrpo.models.chunks.VirtualStages` or a list) over
+    ``inputs`` through Megatron's schedule (see the module docstring); call on every rank
+    of the pipeline with the same number of micro-batches. Returns the records on the last
+    stage, ``[]`` on the other stages."""
+    from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     if not inputs:
         return []
-    last = is_last_stage()
+    chunks, last = model_chunks(model), is_last_stage()
+    count = len(inputs)
+    if len(chunks) > 1:  # the interleaved schedule runs micro-batches in groups of PP
+        pp = ps.get_pipeline_model_parallel_world_size()
+        count = -(-count // pp) * pp
+    real = len(inputs)
 
     def loss_func(index: int, prepared: Any, output: Tensor):
+        if index >= real:  # a top-up copy: no loss, no gradient, no record
+            return output.sum() * 0.0, torch.zeros((), dtype=torch.int, device=output.device), \
+                None
         result = on_last_stage(index, output, prepared)
         loss, record = (output.new_zeros(()), result) if forward_only else result
         # (loss, tokens, record): with calculate_per_token_loss the loss is left as it is
@@ -221,16 +240,20 @@ def run_micro_batches(model: torch.nn.Module, inputs: Sequence[StageInput],
 
     def forward_step(data_iterator, stage_model):
         index = next(data_iterator)
-        prepared = prepare(index) if prepare is not None and last else None
-        item = inputs[index]
+        holds_last = last and unwrap(stage_model).post_process
+        prepared = prepare(index) if prepare is not None and holds_last and index < real \
+            else None
+        item = inputs[min(index, real - 1)]
         output = stage_output(stage_model, item.tokens, item.positions, item.packed)
         return output, partial(loss_func, index, prepared)
 
+    iterators = [iter(range(count)) for _ in chunks]
     records = get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter(range(len(inputs))), model=[model],
-        num_microbatches=len(inputs), seq_length=max(i.tokens.shape[1] for i in inputs),
+        forward_step_func=forward_step,
+        data_iterator=iterators if len(chunks) > 1 else iterators[0], model=chunks,
+        num_microbatches=count, seq_length=max(i.tokens.shape[1] for i in inputs),
         micro_batch_size=max(i.tokens.shape[0] for i in inputs), forward_only=forward_only)
-    return list(records) if last else []
+    return list(records)[:real] if last else []  # in micro-batch order: top-ups last
 
 
 def from_last_stage(tensor: Tensor) -> Tensor:

@@ -26,12 +26,13 @@ def require_tokenizer_fits(tokenizer, config: ModelConfig, model_name: str) -> N
 
 def build_model(config: ModelConfig, parallel: ParallelConfig,
                 init_from: str | os.PathLike | None = None) -> torch.nn.Module:
-    """This rank's ``GPTModel`` of ``config``, with the weights of the Megatron checkpoint
-    ``init_from`` (any TP/PP layout) or Megatron's seeded random initialisation."""
+    """This rank's ``GPTModel`` of ``config`` (with virtual pipeline stages: its
+    :class:`~megatron_dgrpo.models.chunks.VirtualStages`), with the weights of the Megatron
+    checkpoint ``init_from`` (any TP/PP layout) or Megatron's seeded random initialisation."""
     from megatron_dgrpo.models.convert import load_megatron_checkpoint_into
-    from megatron_dgrpo.models.provider import build_gpt_model
+    from megatron_dgrpo.models.provider import build_stage_model
 
-    model = build_gpt_model(config, parallel)
+    model = build_stage_model(config, parallel)
     if init_from is not None:
         load_megatron_checkpoint_into(model, init_from)
     return model

@@ -3,8 +3,11 @@
 Typical use on every rank (``torchrun`` or :func:`megatron_dgrpo.parallel.launch.run_distributed`)::
 
     initialize_parallel(parallel, seed=1234)
-    model = build_gpt_model(model_config, parallel)     # this rank's stage and TP shard
+    model = build_stage_model(model_config, parallel)   # this rank's stage and TP shard
     load_megatron_checkpoint_into(model, ckpt_dir)       # from megatron_dgrpo.models.convert
+
+(``build_stage_model`` is :func:`build_gpt_model` at ``virtual_pipeline_stages = 1``, the
+rank's :class:`~megatron_dgrpo.models.chunks.VirtualStages` with more.)
 
 The Transformer Engine layer spec is used when TE and CUDA are present (and
 ``parallel.use_te`` allows it), Megatron's local (plain torch) spec otherwise. On machines
@@ -21,7 +24,6 @@ output weight, packed sequences, Megatron's schedules over micro-batches):
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import random
 
@@ -62,6 +64,10 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig,
     # number of micro-batches, nor DDP average gradients over the data-parallel ranks.
     # variable_seq_lengths: micro-batches are trimmed to their own width (and rows), so
     # pipeline stages exchange each activation's shape before it.
+    # overlap_p2p_comm with virtual stages: at PP=2 a rank's previous and next stage are the
+    # same peer, and a combined forward + backward exchange (the non-overlapped schedule's
+    # steady state) pairs activations with gradients; the overlapped schedule exchanges
+    # each direction on its own (Megatron-LM issue #750).
     # Fused kernels and CUDA-only synchronisation must stay off on CPU (see parallel/cpu.py).
     cpu_flags = {"gradient_accumulation_fusion": False, "persist_layer_norm": False,
                  "apply_rope_fusion": False, "batch_p2p_sync": False} if on_cpu else {}
@@ -83,6 +89,8 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig,
         attention_dropout=0.0,
         tensor_model_parallel_size=parallel.tensor_parallel,
         pipeline_model_parallel_size=parallel.pipeline_parallel,
+        virtual_pipeline_model_parallel_size=(parallel.virtual_pipeline_stages
+                                              if parallel.virtual_pipeline_stages > 1 else None),
         context_parallel_size=parallel.context_parallel,
         cp_comm_type=parallel.cp_comm_type,
         sequence_parallel=parallel.sequence_parallel,
@@ -92,6 +100,8 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig,
         **(parallel.fp8.megatron_fields() if parallel.fp8 else {}),
         use_cpu_initialization=on_cpu,
         calculate_per_token_loss=True,
+        **({"overlap_p2p_comm": True, "batch_p2p_comm": False}
+           if parallel.virtual_pipeline_stages > 1 else {}),
         **cpu_flags,
     )
     # Set after construction: TransformerConfig refuses variable_seq_lengths beside its
@@ -130,36 +140,57 @@ def layer_spec(model: ModelConfig, parallel: ParallelConfig, runtime: Runtime | 
     return spec
 
 
-def build_gpt_model(model: ModelConfig, parallel: ParallelConfig):
-    """This rank's ``GPTModel``: its pipeline stage, its TP shard (after initialize_parallel)."""
+def build_gpt_model(model: ModelConfig, parallel: ParallelConfig, vp_stage: int | None = None):
+    """This rank's ``GPTModel`` (after initialize_parallel): its TP shard of its pipeline
+    stage, or with virtual stages (``parallel.virtual_pipeline_stages > 1``) of its chunk
+    ``vp_stage`` (pipeline stage ``vp_stage x PP + pp_rank``: embeddings only in the very
+    first, the final norm and output layer only in the very last). Use
+    :func:`build_stage_model` for all of a rank's chunks."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
     if not ps.model_parallel_is_initialized():
         raise RuntimeError("call initialize_parallel(parallel_config) before build_gpt_model")
     if (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
+            ps.get_virtual_pipeline_model_parallel_world_size() or 1,
             ps.get_context_parallel_world_size()) != (
-            parallel.tensor_parallel, parallel.pipeline_parallel, parallel.context_parallel):
+            parallel.tensor_parallel, parallel.pipeline_parallel,
+            parallel.virtual_pipeline_stages, parallel.context_parallel):
         raise ValueError("the initialised model-parallel groups do not match parallel config "
                          f"(TP={parallel.tensor_parallel}, PP={parallel.pipeline_parallel}, "
+                         f"virtual stages={parallel.virtual_pipeline_stages}, "
                          f"CP={parallel.context_parallel})")
+    if (vp_stage is None) != (parallel.virtual_pipeline_stages == 1):
+        raise ValueError("vp_stage is needed exactly when parallel.virtual_pipeline_stages > 1")
     gpt = GPTModel(
         config=transformer_config(model, parallel),
         transformer_layer_spec=layer_spec(model, parallel),
         vocab_size=model.padded_vocab_size(parallel.tensor_parallel),
         max_sequence_length=model.max_position_embeddings,
-        pre_process=ps.is_pipeline_first_stage(),
-        post_process=ps.is_pipeline_last_stage(),
+        pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+        post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
         share_embeddings_and_output_weights=model.tie_word_embeddings,
         position_embedding_type="yarn" if model.yarn_factor else "rope",
         rotary_base=model.rope_base,
         parallel_output=True,
+        vp_stage=vp_stage,
     )
     if Runtime.detect().cuda:
         # Megatron creates some modules of the local spec (its torch norms) on the CPU even
         # without use_cpu_initialization; its own trainer moves the model afterwards too.
         gpt.cuda(torch.cuda.current_device())
     return gpt
+
+
+def build_stage_model(model: ModelConfig, parallel: ParallelConfig) -> torch.nn.Module:
+    """Everything this rank holds of the model: its ``GPTModel``, or with virtual stages a
+    :class:`~megatron_dgrpo.models.chunks.VirtualStages` of its chunks in stage order."""
+    from megatron_dgrpo.models.chunks import VirtualStages
+
+    if parallel.virtual_pipeline_stages == 1:
+        return build_gpt_model(model, parallel)
+    return VirtualStages([build_gpt_model(model, parallel, vp_stage)
+                          for vp_stage in range(parallel.virtual_pipeline_stages)])
 
 
 def initialize_parallel(parallel: ParallelConfig, seed: int = 1234) -> None:
@@ -182,8 +213,13 @@ def initialize_parallel(parallel: ParallelConfig, seed: int = 1234) -> None:
     adapt_megatron_for_cpu()
     ps.initialize_model_parallel(tensor_model_parallel_size=parallel.tensor_parallel,
                                  pipeline_model_parallel_size=parallel.pipeline_parallel,
+                                 virtual_pipeline_model_parallel_size=(
+                                     parallel.virtual_pipeline_stages
+                                     if parallel.virtual_pipeline_stages > 1 else None),
                                  context_parallel_size=parallel.context_parallel,
-                                 distributed_timeout_minutes=math.ceil(parallel.timeout_s / 60))
+                                 # a float: Megatron's groups wait timeout_s, not a
+                                 # rounded-up minute (timedelta(minutes=...) takes one)
+                                 distributed_timeout_minutes=parallel.timeout_s / 60)
     random.seed(seed)  # Python's and NumPy's generators too, so that every run of a config
     np.random.seed(seed % 2**32)  # starts (and checkpoints) the same RNG states
     torch.manual_seed(seed)  # same CPU-initialised master weights on every TP rank

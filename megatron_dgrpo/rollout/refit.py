@@ -3,7 +3,8 @@
 Three pieces, composed by :func:`refit`:
 
 1. :func:`hf_weight_buckets` (every trainer rank of one model replica): walks the
-   parameters of all pipeline stages in table order (:mod:`megatron_dgrpo.models.
+   parameters of all pipeline stages (with virtual stages: all ``PP x VP`` of them, each
+   sent by the rank that holds it) in table order (:mod:`megatron_dgrpo.models.
    mapping`, the same table as checkpoint conversion), packs consecutive parameters of one
    stage into buckets of at most ``bucket_mb`` MB (a larger parameter is a bucket alone),
    all-gathers each bucket's TP shards in one flat collective, merges them into full
@@ -37,6 +38,7 @@ from typing import Any
 import torch
 
 from megatron_dgrpo.models import mapping
+from megatron_dgrpo.models.chunks import live_stages, pipeline_stages, stage_owner
 from megatron_dgrpo.models.config import ModelConfig
 from megatron_dgrpo.models.mapping import StageParam, TPSplit
 from megatron_dgrpo.parallel.collectives import (
@@ -92,8 +94,13 @@ class _Layout:
     tp_rank: int
     pp: int
     pp_rank: int
+    stages: int  # PP x virtual stages; stage s lives on pipeline rank s % PP
     tp_group: Any
-    pp_group_ranks: list[int]  # global ranks of this rank's pipeline group, by stage
+    pp_group_ranks: list[int]  # global ranks of this rank's pipeline group, by pipeline rank
+
+    def owner(self, stage: int) -> int:
+        """The global rank (of this TP rank's pipeline) holding ``stage``."""
+        return self.pp_group_ranks[stage_owner(stage, self.pp)]
 
 
 def _layout() -> _Layout:
@@ -102,16 +109,19 @@ def _layout() -> _Layout:
     pp_group = ps.get_pipeline_model_parallel_group()
     return _Layout(ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank(),
                    ps.get_pipeline_model_parallel_world_size(),
-                   ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_group(),
-                   group_ranks(pp_group))
+                   ps.get_pipeline_model_parallel_rank(), pipeline_stages(),
+                   ps.get_tensor_model_parallel_group(), group_ranks(pp_group))
 
 
-def live_parameters(model: torch.nn.Module, config: ModelConfig,
-                    pp_rank: int, pp: int) -> dict[str, torch.Tensor]:
-    """Local-spec name -> live tensor of this rank's model, checked against the table
-    (ValueError naming any parameter the mapping does not know or misses)."""
-    return {name: tensor for name, (_, tensor)
-            in mapping.live_parameters(model, config, pp_rank, pp).items()}
+def live_parameters(model: torch.nn.Module, config: ModelConfig
+                    ) -> dict[int, dict[str, torch.Tensor]]:
+    """Stage -> local-spec name -> live tensor, for each stage this rank holds (one, or one
+    per chunk with virtual pipeline stages), checked against the table (ValueError naming
+    any parameter the mapping does not know or misses)."""
+    stages = pipeline_stages()
+    return {stage: {name: tensor for name, (_, tensor)
+                    in mapping.live_parameters(chunk, config, stage, stages).items()}
+            for chunk, stage in live_stages(model)}
 
 
 def _plan(config: ModelConfig, layout: _Layout,
@@ -119,10 +129,10 @@ def _plan(config: ModelConfig, layout: _Layout,
     """Buckets as (pipeline stage, parameters); each parameter exported once."""
     itemsize = 2 if config.params_dtype == "bf16" else 4
     buckets: list[tuple[int, list[StageParam]]] = []
-    for stage in range(layout.pp):
+    for stage in range(layout.stages):
         current: list[StageParam] = []
         size = 0
-        for param in mapping.stage_params(config, stage, layout.pp):
+        for param in mapping.stage_params(config, stage, layout.stages):
             if not param.rule.exported:
                 continue
             nbytes = itemsize * math.prod(mapping.megatron_full_shape(param, config))
@@ -172,8 +182,8 @@ def hf_weight_buckets(model: torch.nn.Module, config: ModelConfig,
     Checks the arguments and the live parameters against the mapping table at once
     (ValueError), then returns the iterator.
 
-    Call on every rank of the receiver's model replica, with the unwrapped
-    ``GPTModel`` of the rank's stage; iterate to the end on every rank (the iteration runs
+    Call on every rank of the receiver's model replica, with the rank's unwrapped
+    ``GPTModel`` (or its ``VirtualStages``); iterate to the end on every rank (the iteration runs
     the collectives). Tensors keep the trainer's dtype and device; each bucket holds at most
     ``bucket_mb`` MB of full tensors, or one parameter if that is larger. At TP=1 tensors
     that need no re-layout are views of the live parameters: consume them before the next
@@ -182,27 +192,27 @@ def hf_weight_buckets(model: torch.nn.Module, config: ModelConfig,
     if bucket_mb <= 0:
         raise ValueError(f"refit bucket size must be > 0 MB, got {bucket_mb}")
     layout = _layout()
-    live = live_parameters(model, config, layout.pp_rank, layout.pp)
+    live = live_parameters(model, config)
     return _stream_buckets(live, config, layout, int(bucket_mb * 1e6), receiver)
 
 
-def _stream_buckets(live: dict[str, torch.Tensor], config: ModelConfig, layout: _Layout,
-                    bucket_bytes: int, receiver: int) -> Iterator[Bucket]:
+def _stream_buckets(live: dict[int, dict[str, torch.Tensor]], config: ModelConfig,
+                    layout: _Layout, bucket_bytes: int, receiver: int) -> Iterator[Bucket]:
     """The generator behind :func:`hf_weight_buckets` (arguments already checked)."""
-    like = next(iter(live.values()))
+    like = next(iter(next(iter(live.values())).values()))
     is_receiver = world_rank() == receiver
     in_receiver_pipeline = layout.pp_group_ranks[0] == receiver
     for stage, params in _plan(config, layout, bucket_bytes):
-        if stage == layout.pp_rank:
-            fulls = _gather_full(params, live, config, layout)
+        if stage in live:
+            fulls = _gather_full(params, live[stage], config, layout)
             pairs = [pair for p, full in zip(params, fulls)
                      for pair in mapping.megatron_to_hf(p, full, config)]
             if is_receiver:
                 yield pairs
-            elif stage > 0 and layout.tp_rank == 0 and in_receiver_pipeline:
+            elif layout.pp_rank > 0 and layout.tp_rank == 0 and in_receiver_pipeline:
                 send_tensor(torch.cat([t.reshape(-1) for _, t in pairs]), dst=receiver)
         elif is_receiver:
-            yield _receive(params, config, like, src=layout.pp_group_ranks[stage])
+            yield _receive(params, config, like, src=layout.owner(stage))
 
 
 def _receive(params: list[StageParam], config: ModelConfig, like: torch.Tensor,

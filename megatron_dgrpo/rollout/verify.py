@@ -106,21 +106,22 @@ def trainer_fingerprints(model: torch.nn.Module, config: ModelConfig,
     dict)."""
     from megatron.core import parallel_state as ps
 
+    from megatron_dgrpo.models.chunks import pipeline_stages
     from megatron_dgrpo.rollout.refit import live_parameters
 
     tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
-    pp, pp_rank = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
     group = ps.get_tensor_model_parallel_group()
-    live = live_parameters(model, config, pp_rank, pp)
+    stages = pipeline_stages()
     local: dict[str, torch.Tensor] = {}
     with torch.no_grad():
-        for param in mapping.stage_params(config, pp_rank, pp):
-            if not param.rule.exported:
-                continue
-            full = _full_fingerprint(param.rule.split, live[param.local_name], config,
-                                     tp_rank, tp, group)
-            for name, piece in mapping.megatron_to_hf(param, full, config):
-                local[name] = piece.reshape(-1)
+        for stage, live in live_parameters(model, config).items():
+            for param in mapping.stage_params(config, stage, stages):
+                if not param.rule.exported:
+                    continue
+                full = _full_fingerprint(param.rule.split, live[param.local_name], config,
+                                         tp_rank, tp, group)
+                for name, piece in mapping.megatron_to_hf(param, full, config):
+                    local[name] = piece.reshape(-1)
     leader, group = (replica.leader, replica.group) if replica else (0, None)
     gathered = gather_objects(local if tp_rank == 0 else {}, leader, group)
     if world_rank() != leader:

@@ -32,7 +32,10 @@ and final norm ``h`` on the last; the largest stage counts.
   all of it is divided by ``t``; without, the ``4h`` part is not (Korthikanti et al. 2022,
   flash attention: no ``s^2`` term). For Qwen3-8B this is ``33.5 h`` bytes per token and
   layer (their generic factor: ``34``). Pipeline stages hold ``p`` micro-batches in flight
-  (1F1B), each of ``L / p`` layers.
+  (1F1B), each of ``L / p`` layers. With ``v`` virtual stages per rank the first rank holds
+  ``v p + p - 1`` chunk forwards in flight (Megatron's interleaved warm-up, ``2 (p - 1) +
+  (v - 1) p``, plus one), each of ``L / (p v)`` layers: ``L (1 + (p - 1) / (p v))``
+  layers' worth (Narayanan et al. 2021).
 * fused loss (:func:`loss_bytes`): output-weight gradient ``V/t x h`` fp32, hidden-state
   gradient ``M x h`` fp32 (``M``: loss tokens on the rank, at most the response budget of
   the micro-batch), three ``chunk x V/t`` fp32 chunk buffers (student and teacher logits,
@@ -182,11 +185,17 @@ def activation_elements_per_token(model: ModelConfig, tp: int, sequence_parallel
 
 
 def activation_bytes(model: ModelConfig, tokens_per_rank: int, tp: int, pp: int,
-                     sequence_parallel: bool) -> int:
-    """Saved activations of the micro-batches a stage holds (``p`` in flight, ``L / p``
-    layers each: ``L`` layers' worth), bf16 or fp32 by the model's dtype."""
+                     sequence_parallel: bool, virtual_stages: int = 1) -> int:
+    """Saved activations of the micro-batches the first stage holds (1F1B: ``p`` in flight,
+    ``L / p`` layers each, ``L`` layers' worth; interleaved over ``virtual_stages = v > 1``
+    chunks: ``v p + p - 1`` chunk forwards of ``L / (p v)`` layers), bf16 or fp32 by the
+    model's dtype."""
     per_token = activation_elements_per_token(model, tp, sequence_parallel)
-    layers_in_flight = model.num_layers // pp * pp
+    if virtual_stages == 1:
+        layers_in_flight = model.num_layers // pp * pp
+    else:
+        layers_in_flight = (model.num_layers // (pp * virtual_stages)
+                            * (virtual_stages * pp + pp - 1))
     return math.ceil(layers_in_flight * tokens_per_rank * per_token
                      * DTYPE_BYTES[model.params_dtype])
 
@@ -320,7 +329,8 @@ def plan_memory(config: RunConfig, gpu_bytes: int) -> MemoryPlan:
     training = list(resident) + teacher_terms + engines_training + [
         Term(f"student activations ({rows} x {tokens} tokens / CP {cp}"
              + (", sequence parallel" if parallel.sequence_parallel else "") + ")",
-             activation_bytes(student, tokens_per_rank, tp, pp, parallel.sequence_parallel)),
+             activation_bytes(student, tokens_per_rank, tp, pp, parallel.sequence_parallel,
+                              parallel.virtual_pipeline_stages)),
         Term("loss buffers (" + ("fused, chunked" if config.loss_impl == "fused"
                                  else "materialised logits") + ")",
              loss_bytes(student, tokens_per_rank, loss_tokens, tp,

@@ -3,6 +3,7 @@ every pipeline stage, then the optimizer step.
 
     student_optimizer = StudentOptimizer(model, config.optim)   # Megatron DDP + Adam
     student_step = StudentStep(config, student_optimizer.ddp, teacher, vocab_size, temperature)
+    # student_optimizer.ddp: one DDP-wrapped chunk per virtual pipeline stage (one at VP = 1)
     student_optimizer.zero_grad()
     loss, metrics = student_step.accumulate(plan, sequences, signals, step)  # every stage
     optim_metrics = student_optimizer.step(step, total_steps, loss)  # optim/lr, optim/grad_norm
@@ -11,9 +12,10 @@ every pipeline stage, then the optimizer step.
 (:class:`~megatron_dgrpo.train.batch.MicroBatch`, or packs,
 :class:`~megatron_dgrpo.train.packing.PackedMicroBatch`) run through Megatron's schedule
 (:func:`megatron_dgrpo.models.forward.run_micro_batches`: one after the other at PP = 1,
-1F1B at PP > 1). On the last stage each micro-batch's loss is computed from its final
-hidden states: fused (:func:`~megatron_dgrpo.parallel.fused.loss_from_hidden` over the
-loss positions only) or from materialised logits
+1F1B at PP > 1, the interleaved schedule over the rank's chunks with virtual stages). On
+the last stage each micro-batch's loss is computed from its final hidden states: fused
+(:func:`~megatron_dgrpo.parallel.fused.loss_from_hidden` over the loss positions only) or
+from materialised logits
 (:func:`~megatron_dgrpo.parallel.materialized.loss_from_logits`, PP = 1). The teacher's
 outputs reach the same stage without ``[T, V]`` logits in the fused loss
 (:class:`~megatron_dgrpo.train.sources.MegatronTeacher`: per micro-batch at PP = 1, its
@@ -35,7 +37,9 @@ from each parameter's ``main_grad`` buffer, in float32 at least, before any clip
 Tensor-parallel shards are summed over the TP group and pipeline stages over the PP group;
 parameters replicated on every TP rank (norms) are counted once, and so are tied
 embeddings at PP > 1 (the last stage's copy of the embedding table, marked ``shared`` by
-Megatron, holds the same all-reduced gradient as the first stage's).
+Megatron, holds the same all-reduced gradient as the first stage's). With virtual pipeline
+stages each chunk has its own DDP (and gradient buffer) and the optimizer spans them all,
+as in Megatron's own trainer.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from torch import Tensor
 
 from megatron_dgrpo.algorithms.inputs import TokenBatch
 from megatron_dgrpo.algorithms.metrics import LossMetrics
+from megatron_dgrpo.models.chunks import model_chunks
 from megatron_dgrpo.models.forward import (
     hidden_from_output,
     is_last_stage,
@@ -77,7 +82,8 @@ class StudentStep:
 
     Args:
         config: the run's config (loss, ``loss_impl``, chunking, FP8).
-        model: the DDP-wrapped student (this rank's stage and shard).
+        model: the DDP-wrapped student (this rank's stage and shard; a list of DDP-wrapped
+            chunks with virtual pipeline stages).
         teacher: the run's teacher source, or ``None``.
         vocab_size: the real vocabulary size (ids past it are TP padding).
         temperature: the trained policy's temperature.
@@ -145,14 +151,15 @@ class StudentStep:
         return loss.to(device), metrics.to(device)
 
 
-def global_grad_norm(model: torch.nn.Module, tp_group, pp_group=None) -> float:
+def global_grad_norm(model, tp_group, pp_group=None) -> float:
     """L2 norm (over the whole model: every TP shard and pipeline stage) of the
-    ``main_grad`` buffers of ``model``'s trainable parameters, identical on every rank."""
+    ``main_grad`` buffers of ``model``'s trainable parameters (``model``: a module or a
+    list of chunks), identical on every rank."""
     from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
     from megatron.core.transformer.module import param_is_not_shared
 
     squares = torch.zeros((), dtype=torch.float64, device=collective_device(tp_group))
-    for param in model.parameters():
+    for param in (p for chunk in model_chunks(model) for p in chunk.parameters()):
         grad = getattr(param, "main_grad", None)
         if (param.requires_grad and grad is not None and param_is_not_shared(param)
                 and param_is_not_tensor_parallel_duplicate(param)):
@@ -164,12 +171,14 @@ class StudentOptimizer:
     """Megatron DDP around the student and Megatron's (non-distributed) Adam over it.
 
     Args:
-        model: the student ``GPTModel`` (this rank's shard).
+        model: the student ``GPTModel`` (this rank's shard), or its
+            :class:`~megatron_dgrpo.models.chunks.VirtualStages`.
         optim: the run's ``optim`` section (:class:`megatron_dgrpo.train.config.OptimConfig`).
 
     Attributes:
-        ddp: the DDP-wrapped student: run the training forward through it so gradients land
-            in its ``main_grad`` buffers.
+        ddp: the DDP-wrapped student, one DDP per chunk (a list; one entry without virtual
+            stages): run the training forward through it so gradients land in its
+            ``main_grad`` buffers.
         optimizer: Megatron's optimizer (its ``state_dict`` goes into checkpoints).
     """
 
@@ -184,17 +193,19 @@ class StudentOptimizer:
         self.optim = optim
         self.tp_group = ps.get_tensor_model_parallel_group()
         self.pp_group = ps.get_pipeline_model_parallel_group()
-        self.ddp = DistributedDataParallel(config=model.config, module=model,
-                                           ddp_config=DistributedDataParallelConfig())
+        self.ddp = [DistributedDataParallel(config=chunk.config, module=chunk,
+                                            ddp_config=DistributedDataParallelConfig())
+                    for chunk in model_chunks(model)]
         self.optimizer = get_megatron_optimizer(
             OptimizerConfig(optimizer="adam", lr=optim.lr, weight_decay=optim.weight_decay,
                             adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2,
                             clip_grad=optim.clip_grad, params_dtype=model.config.params_dtype),
-            [self.ddp])
+            self.ddp)
 
     def zero_grad(self) -> None:
         """Clear DDP's gradient buffers and the optimizer's gradients."""
-        self.ddp.zero_grad_buffer()
+        for chunk in self.ddp:
+            chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
 
     def step(self, step: int, total_steps: int, loss: float = 0.0) -> dict[str, float]:
@@ -205,7 +216,7 @@ class StudentOptimizer:
         (weights, Adam's moments and step count stay) and ``optim/skipped`` is 1."""
         from megatron.core.distributed import finalize_model_grads
 
-        finalize_model_grads([self.ddp])
+        finalize_model_grads(self.ddp)
         grad_norm = global_grad_norm(self.ddp, self.tp_group, self.pp_group)  # before clipping
         lr = self.optim.lr_at(step, total_steps)
         if not (math.isfinite(grad_norm) and math.isfinite(loss)):

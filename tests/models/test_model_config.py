@@ -27,6 +27,9 @@ GPU_WITHOUT_TE = Runtime(cuda=True, transformer_engine=False)
     ({"num_layers": 3}, {"pipeline_parallel": 2},
      "num_layers (3) is not divisible by parallel.pipeline_parallel (2)"),
     ({"ffn_hidden_size": 190}, {"tensor_parallel": 4}, "ffn_hidden_size (190)"),
+    ({"num_layers": 6}, {"pipeline_parallel": 2, "virtual_pipeline_stages": 2},
+     "num_layers (6) is not divisible by parallel.pipeline_parallel x virtual_pipeline_stages "
+     "(2 x 2)"),
 ])
 def test_layout_errors_name_the_offending_sizes(model_changes, parallel_changes, message):
     base = {"num_attention_heads": 8, "num_query_groups": 4}
@@ -60,6 +63,8 @@ def test_layout_that_divides_evenly_is_accepted():
       "Transformer Engine")),
     (ParallelConfig(sequence_parallel=True), "sequence_parallel needs tensor_parallel > 1"),
     (ParallelConfig(pipeline_parallel=0), "parallel.pipeline_parallel must be >= 1"),
+    (ParallelConfig(virtual_pipeline_stages=2),
+     "parallel.virtual_pipeline_stages=2 needs pipeline_parallel > 1"),
 ])
 def test_gpu_only_features_are_refused_on_cpu(parallel, message):
     with pytest.raises(ValueError) as err:

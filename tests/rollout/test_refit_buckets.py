@@ -1,10 +1,13 @@
-"""The refit bridge's trainer side at PP=2 and TP=2, against the HF checkpoint bit for bit.
+"""The refit bridge's trainer side at PP=2, PP=2 x VP=2 and TP=2, against the HF checkpoint
+bit for bit.
 
 Real gloo ranks load a Megatron checkpoint converted from a random HF directory, then
 stream :func:`hf_weight_buckets` (no engine involved): global rank 0 must receive every HF
 tensor exactly once, equal to the checkpoint's tensor bit for bit (pipeline stages other
 than its own arrive point-to-point, TP shards are all-gathered), in buckets bounded by
-``bucket_mb``; every other rank must yield nothing.
+``bucket_mb``; every other rank must yield nothing. With two virtual stages per rank (the
+4 layers in 4 stages, rank 0 holding stages 0 and 2) the stream interleaves the ranks'
+chunks; the model loads from a checkpoint written at PP=2, re-sharded on load.
 """
 
 import json
@@ -38,7 +41,8 @@ def _write_random_hf(config: ModelConfig, directory, seed: int):
     return directory
 
 
-LAYOUTS = {"pp2": (1, 2), "tp2": (2, 1)}  # (TP, PP), each on the same two ranks
+# (TP, PP, VP), each on the same two ranks
+LAYOUTS = {"pp2": (1, 2, 1), "pp2vp2": (1, 2, 2), "tp2": (2, 1, 1)}
 
 
 def _stream_buckets(rank, world_size, checkpoints):
@@ -50,19 +54,20 @@ def _stream_buckets(rank, world_size, checkpoints):
         load_megatron_checkpoint_into,
     )
     from megatron_dgrpo.models.provider import (
-        build_gpt_model,
+        build_stage_model,
         destroy_parallel,
         initialize_parallel,
     )
     from megatron_dgrpo.rollout.refit import hf_weight_buckets
 
     streamed = {}
-    for layout, (tp, pp) in LAYOUTS.items():
-        parallel = ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp)
+    for layout, (tp, pp, vp) in LAYOUTS.items():
+        parallel = ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp,
+                                  virtual_pipeline_stages=vp)
         initialize_parallel(parallel, seed=1)
         for case, (hf_dir, ckpt_dir) in checkpoints[layout].items():
             config = HFCheckpoint(hf_dir).config
-            model = build_gpt_model(config, parallel)
+            model = build_stage_model(config, parallel)
             load_megatron_checkpoint_into(model, ckpt_dir)
             streamed[layout, case] = [
                 [(name, tensor.clone()) for name, tensor in bucket]
@@ -81,7 +86,7 @@ def streamed(tmp_path_factory):
                for seed, (case, config) in enumerate(CONFIGS.items())}
     checkpoints = {layout: {case: (str(hf_dir), str(hf_to_megatron_checkpoint(
         hf_dir, root / case / layout, tensor_parallel=tp, pipeline_parallel=pp)))
-        for case, hf_dir in hf_dirs.items()} for layout, (tp, pp) in LAYOUTS.items()}
+        for case, hf_dir in hf_dirs.items()} for layout, (tp, pp, _) in LAYOUTS.items()}
     return hf_dirs, run_distributed(_stream_buckets, 2, args=(checkpoints,))
 
 

@@ -64,6 +64,13 @@ def test_activations_by_hand():
     assert memory.activation_bytes(QWEN3_8B, 32768, 8, 1, True) == 36 * 32768 * 8576 * 2
     # PP=2 holds 2 micro-batches of 18 layers (1F1B): the same bytes
     assert memory.activation_bytes(QWEN3_8B, 32768, 8, 2, True) == 36 * 32768 * 8576 * 2
+    # interleaved, PP=2 x VP=2: rank 0 warms up 2 (p - 1) + (v - 1) p = 4 chunk forwards
+    # and holds one more in the steady state, 5 chunks of 36 / 4 = 9 layers
+    assert memory.activation_bytes(QWEN3_8B, 32768, 8, 2, True, virtual_stages=2) == \
+        45 * 32768 * 8576 * 2
+    # PP=4 x VP=3: 2 x 3 + 2 x 4 + 1 = 15 chunk forwards of 3 layers
+    assert memory.activation_bytes(QWEN3_8B, 32768, 8, 4, True, virtual_stages=3) == \
+        45 * 32768 * 8576 * 2
 
 
 def test_kv_cache_by_hand():

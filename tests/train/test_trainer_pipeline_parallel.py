@@ -1,4 +1,5 @@
-"""`dgrpo train` with pipeline parallelism on real gloo ranks: PP=2 and TP=2 x PP=2.
+"""`dgrpo train` with pipeline parallelism on real gloo ranks: PP=2, TP=2 x PP=2, and
+virtual (interleaved) stages: PP=2 x VP=2.
 
 Reference: the same run on one rank (PP=1). Student and teacher start from the same
 checkpoints (random Qwen3 models converted at TP=1 PP=1 and loaded at each layout, since
@@ -6,7 +7,10 @@ random initialisation differs by layout), so after one step the loss, the metric
 gradient norm (summed over the stages) and the updated weights (read back through the
 re-sharding checkpoint reader) must equal the PP=1 step's. Two micro-batches per step, so
 Megatron's 1F1B schedule runs warm-up and cool-down with micro-batches of different
-widths. KD runs the teacher's own pipeline ahead of the student's; dGRPO samples with vLLM
+widths. With two virtual stages per rank (4 layers cut into 4 stages, rank 0 holding
+stages 0 and 2) Megatron's interleaved schedule runs the chunks; a step of one
+micro-batch is topped up to PP = 2 with a zero-weighted copy, and must still equal the
+PP=1 step. KD runs the teacher's own pipeline ahead of the student's; dGRPO samples with vLLM
 (the embedded engine is PP=1 only), anchors to a frozen reference (log-probs through the
 pipeline) and verifies every refit at PP=2 (the probe's forward through the pipeline). An
 interrupted PP=2 run resumes exactly.
@@ -25,6 +29,7 @@ from megatron_dgrpo.train.metrics import read_metrics
 
 NON_DETERMINISTIC = ("time/", "throughput/", "memory/")
 PP2 = {"pipeline_parallel": 2}
+PP2_VP2 = {"pipeline_parallel": 2, "virtual_pipeline_stages": 2}
 TP2_PP2 = {"tensor_parallel": 2, "pipeline_parallel": 2}
 CP2_PP2 = {"context_parallel": 2, "cp_comm_type": "allgather", "pipeline_parallel": 2}
 TOLERANCE = 1e-3  # nats, engine vs trainer (fp32 agree to ~1e-5)
@@ -36,8 +41,9 @@ def setup(make_synth_setup):
     from megatron_dgrpo.testing.tiny_models import write_random_qwen3
 
     root, tokenizer_dir, vocab = make_synth_setup("pp-train", num=8, seed=17)
+    # 4 layers each, so that PP=2 x VP=2 cuts them into 4 stages of one layer
     for name, preset, seed in (("student", "tiny-qwen3", 3), ("teacher", "small-qwen3", 4)):
-        config = dataclasses.replace(get_preset(preset), vocab_size=vocab)
+        config = dataclasses.replace(get_preset(preset), vocab_size=vocab, num_layers=4)
         write_random_qwen3(config, root / f"{name}-hf", root / name, seed=seed, weight_scale=1.0)
     return root, tokenizer_dir
 
@@ -86,45 +92,59 @@ def _assert_same_run(got_dir, expected_dir, steps=1, skip=()):
 
 @pytest.mark.multiproc
 def test_pipeline_parallel_steps_equal_the_unpipelined_step(setup):
-    """SFT and KD (the teacher's pipeline) at PP=2 and TP=2 x PP=2, KD at CP=2 x PP=2 and
-    KD with packed sequences at PP=2, = PP=1; a PP=2 run stopped after step 1 and restarted
-    ends as the uninterrupted one, bit for bit."""
+    """SFT and KD (the teacher's pipeline) at PP=2, PP=2 x VP=2 and TP=2 x PP=2, KD at
+    CP=2 x PP=2, KD with packed sequences at PP=2 and KD at VP=2 with one micro-batch
+    (topped up), = PP=1; PP=2 and PP=2 x VP=2 runs stopped after step 1 and restarted end
+    as the uninterrupted ones, bit for bit."""
     objectives = ("sft", "kd")
     reference = [_config(setup, f"{o}-pp1", o, {}) for o in objectives]
     pp2 = [_config(setup, f"{o}-pp2", o, PP2) for o in objectives]
+    vp2 = [_config(setup, f"{o}-pp2vp2", o, PP2_VP2) for o in objectives]
+    vp2_topped_up = _config(setup, "kd-pp2vp2-one-micro-batch", "kd", PP2_VP2,
+                            micro_batch_size=4)
     tp2_pp2 = [_config(setup, f"{o}-tp2pp2", o, TP2_PP2) for o in objectives]
     cp2_pp2 = _config(setup, "kd-cp2pp2", "kd", CP2_PP2)
     packed_pp2 = _config(setup, "kd-packed-pp2", "kd", PP2, pack_sequences=True,
                          pack_tokens=700, micro_batch_size=None)  # ~2 rows per pack
-    straight = _config(setup, "kd-pp2-straight", "kd", PP2, steps=2)
-    interrupted = _config(setup, "kd-pp2-interrupted", "kd", PP2, steps=1)
-    resumed = {**interrupted, "steps": 2}
+    resume_pairs = []
+    for name, parallel in (("pp2", PP2), ("pp2vp2", PP2_VP2)):
+        straight = _config(setup, f"kd-{name}-straight", "kd", parallel, steps=2)
+        interrupted = _config(setup, f"kd-{name}-interrupted", "kd", parallel, steps=1)
+        resume_pairs.append((straight, interrupted, {**interrupted, "steps": 2}))
+    two_ranks = pp2 + vp2 + [vp2_topped_up, packed_pp2] + [c for p in resume_pairs for c in p]
     assert run_distributed(train_runs, 1, args=(reference,)) == [[0, 0]]
-    assert run_distributed(train_runs, 2, args=(pp2 + [packed_pp2, straight, interrupted,
-                                                    resumed],)) == [[0] * 6] * 2
+    assert run_distributed(train_runs, 2, args=(two_ranks,)) == [[0] * len(two_ranks)] * 2
     assert run_distributed(train_runs, 4, args=(tp2_pp2 + [cp2_pp2],)) == [[0] * 3] * 4
-    for expected, *layouts in zip(reference, pp2, tp2_pp2):
+    for expected, *layouts in zip(reference, pp2, vp2, tp2_pp2):
         for got in layouts:
             _assert_same_run(got["run_dir"], expected["run_dir"])
+    # one micro-batch of 4 rows is padded to its longest row, two of 2 rows to theirs
+    _assert_same_run(vp2_topped_up["run_dir"], reference[1]["run_dir"],
+                     skip=("train/padding_fraction",))
     # CP pads each micro-batch to a multiple of 2 x CP, packs have none: the padding differs
     for got in (cp2_pp2, packed_pp2):
         _assert_same_run(got["run_dir"], reference[1]["run_dir"], skip=("train/padding_fraction",))
     assert read_metrics(packed_pp2["run_dir"])[0]["train/padding_fraction"] == 0
     assert read_metrics(reference[1]["run_dir"])[0]["policy/kl_teacher_forward"] > 0
+    # the interleaved layout's checkpoint: one shard per stage (PP x VP = 4), rank 0's
+    # chunks as stages 0 and 2
+    vp_model = MegatronCheckpoint(f"{vp2[0]['run_dir']}/checkpoints/step_00000001/model")
+    assert vp_model.info.pipeline_parallel == 4
 
-    assert [_comparable(r) for r in read_metrics(interrupted["run_dir"])] == \
-        [_comparable(r) for r in read_metrics(straight["run_dir"])]
-    expected, got = _weights(straight["run_dir"], 2), _weights(interrupted["run_dir"], 2)
-    assert expected.keys() == got.keys()
-    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    for straight, interrupted, _ in resume_pairs:
+        assert [_comparable(r) for r in read_metrics(interrupted["run_dir"])] == \
+            [_comparable(r) for r in read_metrics(straight["run_dir"])]
+        expected, got = _weights(straight["run_dir"], 2), _weights(interrupted["run_dir"], 2)
+        assert expected.keys() == got.keys()
+        assert all(torch.equal(expected[k], got[k]) for k in expected)
 
 
 @pytest.mark.extended
 @pytest.mark.multiproc
 @pytest.mark.vllm
 def test_pipeline_parallel_dgrpo_with_vllm_rollouts(setup):
-    """dGRPO (teacher KL, reference anchor) with vLLM rollouts at PP=2, two steps, refit
-    verified after each: = the PP=1 run with vLLM rollouts. (TP=2 x PP=2 is checked without
+    """dGRPO (teacher KL, reference anchor) with vLLM rollouts at PP=2 and PP=2 x VP=2, two
+    steps, refit verified after each: = the PP=1 run with vLLM rollouts. (TP=2 x PP=2 is checked without
     vLLM above; the refit stream at TP=2 and at PP=2 in tests/rollout.)"""
     def config_at(name, parallel):
         config = _config(setup, name, "dgrpo", parallel, steps=2,
@@ -134,7 +154,8 @@ def test_pipeline_parallel_dgrpo_with_vllm_rollouts(setup):
         config["loss"]["ref_kl_coef"] = 0.05
         return config
 
-    runs = [(config_at("dgrpo-pp1", {}), 1), (config_at("dgrpo-pp2", PP2), 2)]
+    runs = [(config_at("dgrpo-pp1", {}), 1), (config_at("dgrpo-pp2", PP2), 2),
+            (config_at("dgrpo-pp2vp2", PP2_VP2), 2)]
     for config, ranks in runs:  # one run per process: vLLM in-process engines
         assert run_distributed(train_runs, ranks, args=([config],)) == [[0]] * ranks
     (expected, _), *layouts = runs
