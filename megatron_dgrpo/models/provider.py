@@ -50,6 +50,11 @@ def validate_for_runtime(model: ModelConfig, parallel: ParallelConfig,
     validate_layout(model, parallel)
 
 
+def _megatron_virtual_size(parallel: ParallelConfig) -> int | None:
+    """Megatron's ``virtual_pipeline_model_parallel_size``: None without virtual stages."""
+    return parallel.virtual_pipeline_stages if parallel.virtual_pipeline_stages > 1 else None
+
+
 def transformer_config(model: ModelConfig, parallel: ParallelConfig,
                        runtime: Runtime | None = None):
     """The Megatron ``TransformerConfig`` for ``model`` laid out as ``parallel``."""
@@ -89,8 +94,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig,
         attention_dropout=0.0,
         tensor_model_parallel_size=parallel.tensor_parallel,
         pipeline_model_parallel_size=parallel.pipeline_parallel,
-        virtual_pipeline_model_parallel_size=(parallel.virtual_pipeline_stages
-                                              if parallel.virtual_pipeline_stages > 1 else None),
+        virtual_pipeline_model_parallel_size=_megatron_virtual_size(parallel),
         context_parallel_size=parallel.context_parallel,
         cp_comm_type=parallel.cp_comm_type,
         sequence_parallel=parallel.sequence_parallel,
@@ -214,8 +218,7 @@ def initialize_parallel(parallel: ParallelConfig, seed: int = 1234) -> None:
     ps.initialize_model_parallel(tensor_model_parallel_size=parallel.tensor_parallel,
                                  pipeline_model_parallel_size=parallel.pipeline_parallel,
                                  virtual_pipeline_model_parallel_size=(
-                                     parallel.virtual_pipeline_stages
-                                     if parallel.virtual_pipeline_stages > 1 else None),
+                                     _megatron_virtual_size(parallel)),
                                  context_parallel_size=parallel.context_parallel,
                                  # a float: Megatron's groups wait timeout_s, not a
                                  # rounded-up minute (timedelta(minutes=...) takes one)

@@ -20,7 +20,11 @@ from megatron_dgrpo.parallel.launch import free_port
 from megatron_dgrpo.testing.cli_processes import kill_group
 from megatron_dgrpo.train.metrics import read_metrics
 
-pytestmark = [pytest.mark.reliability, pytest.mark.vllm, pytest.mark.multiproc]
+# Extended tier (90 s): in the default run, tests/train/test_async_rollouts.py stops a run on a
+# dying engine with EngineDiedError named, and tests/reliability/test_peer_timeout.py and the
+# kill-resume lineages stop the surviving ranks with PeerLostError.
+pytestmark = [pytest.mark.reliability, pytest.mark.vllm, pytest.mark.multiproc,
+              pytest.mark.extended]
 
 LIMIT_S = 60.0
 
